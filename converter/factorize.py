@@ -1,0 +1,105 @@
+"""The PiSSA split of one weight matrix (or a batch of same-shaped ones): tensors in, tensors out.
+
+With ``W [out, in]`` in float32, ``U S Vh`` its top-r SVD and ``s`` the LoRA scaling
+(``alpha / r``, or ``alpha / √r`` with rsLoRA), PEFT's convention is::
+
+    lora_B = U_r · diag(√(S_r / s))        [out, r]
+    lora_A = diag(√(S_r / s)) · Vh_r       [r, in]
+    W_res  = W − s · lora_B @ lora_A       (cast back to the residual dtype)
+
+so that ``W_res + s · B A = W``. We form ``W_res`` from the adapter *as stored* (after casting it
+to the adapter dtype), so the pair reproduces W up to the rounding of the residual dtype alone,
+whatever the adapter dtype. Conv1D layers (GPT-2) store ``Wᵀ``: pass ``fan_in_fan_out=True`` and
+the residual comes back in the stored orientation; the adapter is always in nn.Linear orientation.
+
+Statistics recorded per matrix:
+- ``energy``: the adapter's share of ``‖W‖_F²``, i.e. ``Σ_{i≤r} S_i² / ‖W‖_F²`` (for an exact SVD
+  this is the best possible; tests divide it by the exact top-r share to get the *captured* ratio).
+- ``rel_error``: ``‖W − (W_res + s·B A)‖_F / ‖W‖_F`` computed after every cast, in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from converter.svd import SvdOptions, top_r_svd
+
+
+def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling: ``alpha / r`` or, with rsLoRA, ``alpha / √r``."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+@dataclass(frozen=True)
+class PissaSplit:
+    """Result of :func:`pissa_split` (batched like the input)."""
+
+    lora_A: torch.Tensor  # [.., r, in], adapter dtype
+    lora_B: torch.Tensor  # [.., out, r], adapter dtype
+    residual: torch.Tensor  # stored orientation and residual dtype
+    energy: torch.Tensor  # [..] float64
+    rel_error: torch.Tensor  # [..] float64
+
+
+def pissa_split(
+    weight: torch.Tensor,
+    *,
+    rank: int,
+    scaling: float,
+    svd: SvdOptions,
+    seeds: list[int] | None = None,
+    fan_in_fan_out: bool = False,
+    adapter_dtype: torch.dtype = torch.float32,
+    residual_dtype: torch.dtype | None = None,
+) -> PissaSplit:
+    """Split ``weight`` into a PiSSA adapter and residual.
+
+    Args:
+        weight: ``[out, in]`` (``[in, out]`` if ``fan_in_fan_out``), or a batch ``[b, ...]`` of those.
+        rank: adapter rank ``r``; must be ``<= min(out, in)``.
+        scaling: LoRA scaling ``s`` (see :func:`lora_scaling`).
+        svd: how the top-r SVD is computed.
+        seeds: per-matrix seeds of the randomized sketch.
+        fan_in_fan_out: the stored tensor is ``Wᵀ`` (transformers' Conv1D).
+        adapter_dtype: dtype of lora_A / lora_B.
+        residual_dtype: dtype of the residual (default: ``weight.dtype``).
+
+    Raises:
+        ValueError: rank out of range, or a non-finite weight (callers name the tensor).
+    """
+    residual_dtype = residual_dtype or weight.dtype
+    w = weight.to(svd.torch_dtype)
+    if fan_in_fan_out:
+        w = w.transpose(-2, -1)
+    out_f, in_f = w.shape[-2], w.shape[-1]
+    if not 1 <= rank <= min(out_f, in_f):
+        raise ValueError(f"rank {rank} is out of range for a [{out_f}, {in_f}] matrix")
+    if not torch.isfinite(w).all():
+        raise ValueError("weight contains NaN or Inf")
+
+    u, s, vh = top_r_svd(w, rank, svd, seeds)
+    root = torch.sqrt(s / scaling)  # [.., r]
+    lora_b = (u * root.unsqueeze(-2)).to(adapter_dtype)
+    lora_a = (root.unsqueeze(-1) * vh).to(adapter_dtype)
+
+    # The residual is taken against the adapter as stored, so only its own cast rounds.
+    delta = scaling * (lora_b.to(w.dtype) @ lora_a.to(w.dtype))
+    res = (w - delta).to(residual_dtype)
+
+    norm_sq = w.square().sum(dim=(-2, -1))
+    energy = (s.double().square().sum(dim=-1) / norm_sq.double()).clamp(max=1.0)
+    recon = res.to(w.dtype) + delta
+    rel_error = torch.linalg.matrix_norm(w - recon).double() / norm_sq.double().sqrt()
+
+    if fan_in_fan_out:
+        res = res.transpose(-2, -1)
+    return PissaSplit(
+        lora_A=lora_a.contiguous(),
+        lora_B=lora_b.contiguous(),
+        residual=res.contiguous(),
+        energy=energy,
+        rel_error=rel_error,
+    )

