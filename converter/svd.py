@@ -56,9 +56,48 @@ def _orth(x: torch.Tensor) -> torch.Tensor:
 
 
 def exact_top_r(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` triple from a full thin SVD (``torch.linalg.svd(full_matrices=False)``)."""
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    return u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    """Exact top-``rank`` triple, batched: the eigenpairs of the small Gram matrix in float64.
+
+    For ``W [m, n]`` with ``m <= n``: ``G = W Wᵀ = U S² Uᵀ``; the top-``rank`` eigenpairs of G (LAPACK
+    ``syevr`` computes only those) give ``U_r`` and ``S_r``, and ``Vh_r = S_r⁻¹ U_rᵀ W``. For ``m > n``
+    the same on ``WᵀW``. In float64 the eigenvector error is about ``1e-16 · σ₁² / gap``, far below
+    float32 rounding, while the cost is one Gram product plus a partial eigensolve instead of a full
+    SVD (about 2–3× less on CPU). When ``σ_r`` is tiny relative to ``σ₁`` (rank-deficient W), the
+    division is ill-conditioned and we fall back to a full ``torch.linalg.svd`` in float64.
+    Results are returned in ``w``'s dtype.
+    """
+    if w.dim() > 2:
+        parts = [exact_top_r(x, rank) for x in w.reshape(-1, *w.shape[-2:])]
+        batch = w.shape[:-2]
+        return tuple(  # type: ignore[return-value]
+            torch.stack([p[i] for p in parts]).reshape(*batch, *parts[0][i].shape) for i in range(3)
+        )
+    m, n = w.shape
+    wd = w.to(torch.float64)
+    if w.device.type != "cpu" or rank > min(m, n) // 2:
+        u, s, vh = torch.linalg.svd(wd, full_matrices=False)
+        return u[:, :rank].to(w.dtype), s[:rank].to(w.dtype), vh[:rank].to(w.dtype)
+    from scipy.linalg import eigh
+
+    tall = m > n
+    gram = (wd.T @ wd) if tall else (wd @ wd.T)
+    k = gram.shape[0]
+    evals, evecs = eigh(
+        gram.numpy(), subset_by_index=[k - rank, k - 1], driver="evr", overwrite_a=True, check_finite=False
+    )
+    evals = torch.from_numpy(evals[::-1].copy()).clamp_min(0)
+    vecs = torch.from_numpy(evecs[:, ::-1].copy())
+    s = evals.sqrt()
+    if s[-1] <= 1e-6 * s[0] or not torch.isfinite(s).all():
+        u, s, vh = torch.linalg.svd(wd, full_matrices=False)
+        return u[:, :rank].to(w.dtype), s[:rank].to(w.dtype), vh[:rank].to(w.dtype)
+    if tall:  # vecs are V_r [n, r]; U_r = W V_r / S_r
+        u = (wd @ vecs) / s
+        vh = vecs.T
+    else:  # vecs are U_r [m, r]; Vh_r = U_rᵀ W / S_r
+        u = vecs
+        vh = (vecs.T @ wd) / s.unsqueeze(-1)
+    return u.to(w.dtype), s.to(w.dtype), vh.contiguous().to(w.dtype)
 
 
 def randomized_top_r(

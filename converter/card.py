@@ -1,0 +1,91 @@
+"""The bundle's model card (README.md), rendered from its pissa.json record alone.
+
+Deterministic (no timings or dates), so a resumed or re-run conversion writes the same bytes, and
+``pissa push`` can regenerate it from the record.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import yaml
+
+
+def _energy_table(matrices: list[dict[str, Any]]) -> str:
+    """Mean / worst adapter energy share per layer type (q_proj, ...)."""
+    groups: dict[str, list[float]] = {}
+    for m in matrices:
+        groups.setdefault(m["name"].rsplit(".", 1)[-1], []).append(float(m["energy"]))
+    lines = ["| layer | matrices | mean energy share | worst |", "|---|---:|---:|---:|"]
+    for name, values in sorted(groups.items()):
+        lines.append(f"| {name} | {len(values)} | {statistics.fmean(values):.4f} | {min(values):.4f} |")
+    return "\n".join(lines)
+
+
+def render_model_card(record: dict[str, Any], *, repo_id: str | None = None) -> str:
+    """Markdown model card with a YAML header (base_model, library_name: peft, tags: [pissa]).
+
+    Args:
+        record: the bundle's pissa.json.
+        repo_id: where the bundle is (or will be) published, used in the loading snippet.
+    """
+    source = record.get("source", {})
+    opts = record.get("options", {})
+    adapter = record.get("adapter", {})
+    meta: dict[str, Any] = {"library_name": "peft", "tags": ["pissa", "peft", "lora"]}
+    if source.get("kind") == "hub" and source.get("repo_id"):
+        meta["base_model"] = source["repo_id"]
+    if record.get("license"):
+        meta["license"] = record["license"]
+    where = repo_id or "PATH_OR_REPO_OF_THIS_BUNDLE"
+    base = record.get("base_model", "the source model")
+    header = yaml.safe_dump(meta, sort_keys=True).strip()
+    matrices = record.get("matrices", [])
+    return f"""---
+{header}
+---
+
+# PiSSA bundle of `{base}`
+
+This folder is a [PiSSA](https://arxiv.org/abs/2404.02948) bundle made by `pissa convert`: every target
+weight `W` was split into a trainable rank-{adapter.get("r")} adapter holding its principal components
+(`pissa_init/`) and a frozen residual `W_res = W − scaling·B A` (the model files here). The pair
+reproduces the original model up to the residual dtype's rounding.
+
+## Load and fine-tune
+
+```python
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+model = AutoModelForCausalLM.from_pretrained("{where}")
+model = PeftModel.from_pretrained(model, "{where}", subfolder="pissa_init", is_trainable=True)
+```
+
+or `pissa train {where} --data DATA.jsonl --out RUN`. To serve the result on the ORIGINAL base with
+vLLM, export it first (`pissa export RUN --out ADAPTER`): the adapter in `pissa_init/` only makes sense
+on this residual model.
+
+## Conversion
+
+| option | value |
+|---|---|
+| rank | {adapter.get("r")} |
+| lora_alpha | {adapter.get("lora_alpha")} |
+| rslora | {adapter.get("use_rslora")} |
+| scaling | {adapter.get("scaling")} |
+| targets | {", ".join(adapter.get("target_modules", []))} |
+| svd | {opts.get("svd")} (niter {opts.get("niter")}, oversample {opts.get("oversample")}, seed {opts.get("seed")}) |
+| residual dtype | {record.get("residual_dtype") or "as source"} |
+| adapter dtype | {adapter.get("dtype")} |
+| matrices | {len(matrices)} |
+
+## Captured spectral energy
+
+Share of each matrix's squared Frobenius norm held by the adapter (`Σ_{{i≤r}} σ_i² / ‖W‖²`).
+
+{_energy_table(matrices) if matrices else "(no matrices)"}
+
+Made with pissa-pipeline {record.get("tool", {}).get("version", "")}.
+"""

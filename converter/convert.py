@@ -1,0 +1,416 @@
+"""``pissa convert``: the driver. Plans, runs the shards (here, in workers, or on torchrun ranks),
+then assembles the bundle and renames it into place.
+
+Work happens in ``<OUT parent>/.<OUT name>.partial/``: shard outputs and their markers accumulate
+there, so an interrupted run resumes with ``resume=True`` (a shard is kept only if its files still
+match the checksums in its marker, and only if the options and source are those of the first run).
+The finished bundle appears at OUT by one rename; OUT never holds a half-written bundle.
+
+Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), rank ``k`` converts the shards
+``i`` with ``i % WORLD_SIZE == k``; rank 0 then assembles the bundle. The result is the same bundle
+as a single-process run, bit for bit for the tensors (every matrix is factored with one BLAS
+thread, see :mod:`converter.shard`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import statistics
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converter import bundle as B
+from converter.card import render_model_card
+from converter.checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
+from converter.factorize import lora_scaling
+from converter.options import ConvertOptions
+from converter.shard import PARTS, ShardJob, convert_shard, part_is_complete, sha256_file
+from converter.sources import ResolvedSource, resolve_source
+from converter.svd import SvdOptions
+from converter.targets import linear_layers, peft_target_modules, select_targets
+from pissa import __version__
+from pissa.errors import InvalidOptionsError, OutputExistsError, TargetError
+
+log = logging.getLogger(__name__)
+
+PLAN = ".plan.json"
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What a conversion did (the CLI prints it as a summary table)."""
+
+    out: Path
+    matrices: int
+    mean_energy: float
+    min_energy: float
+    max_rel_error: float
+    seconds: float
+    output_bytes: int
+    shards_total: int
+    shards_reused: int
+    record: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def output_name(source_file: str) -> str:
+    """Residual file name for a source weight file (pickle shards become safetensors)."""
+    if source_file.endswith(".safetensors"):
+        return source_file
+    stem = source_file[: -len(".bin")] if source_file.endswith(".bin") else source_file
+    return stem.replace("pytorch_model", "model") + ".safetensors"
+
+
+def staging_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(str(out))
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        if resume and (out / B.RECORD).exists():
+            return  # already finished: resume is a no-op
+        raise OutputExistsError(str(out))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    ckpt: Checkpoint
+    source: ResolvedSource
+    jobs: tuple[ShardJob, ...]
+    targets: tuple[Any, ...]
+    target_modules: list[str]
+    fan_in_fan_out: bool
+    residual_dtype: str | None
+    fingerprint: dict[str, Any]
+
+
+def _plan(source: ResolvedSource, options: ConvertOptions, staging: Path) -> _Plan:
+    """Open the checkpoint, choose targets, check ranks and dtypes: every problem at once."""
+    ckpt = open_checkpoint(source.folder, allow_pickle=options.allow_pickle)
+    all_linear = linear_layers(ckpt)
+    targets = select_targets(all_linear, options.targets)
+    problems = []
+    for t in targets:
+        info = ckpt.tensors[t.key]
+        if not info.is_float:
+            problems.append(f"{t.key} has dtype {info.dtype}, not a float: dequantize the checkpoint first")
+        out_f, in_f = t.out_in
+        if options.rank > min(out_f, in_f):
+            problems.append(f"--rank {options.rank} exceeds min(out, in) = {min(out_f, in_f)} of {t.key} {[out_f, in_f]}")
+    if problems:
+        raise TargetError(
+            "targets cannot be converted", problems, fix="lower --rank, or leave these layers out with --targets"
+        )
+    fans = {t.fan_in_fan_out for t in targets}
+    if len(fans) > 1:
+        raise InvalidOptionsError(
+            "mixed layer orientations", ["targets mix Conv1D and Linear layers"], fix="convert them separately"
+        )
+    residual_dtype = options.dtype or source.default_dtype
+    threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
+    svd = SvdOptions(method=options.svd, niter=options.niter, oversample=options.oversample)  # type: ignore[arg-type]
+    scaling = lora_scaling(options.lora_alpha, options.rank, options.rslora)
+    jobs = tuple(
+        ShardJob(
+            source_folder=str(ckpt.folder),
+            source_file=f,
+            output_file=output_name(f),
+            fmt=ckpt.fmt,
+            targets=tuple(t for t in targets if t.file == f),
+            rank=options.rank,
+            scaling=scaling,
+            svd=svd,
+            seed=options.seed,
+            residual_dtype=residual_dtype,
+            adapter_dtype=options.adapter_dtype,
+            device=options.device,
+            threads=threads,
+            staging=str(staging),
+        )
+        for f in ckpt.weight_files
+    )
+    fingerprint = {
+        "options": _result_options(options),
+        "source": {f: [ckpt.file_bytes(f), int((ckpt.folder / f).stat().st_mtime)] for f in ckpt.weight_files},
+    }
+    return _Plan(
+        ckpt, source, jobs, tuple(targets), peft_target_modules(targets, all_linear),
+        fans.pop(), residual_dtype, fingerprint,
+    )
+
+
+def _result_options(options: ConvertOptions) -> dict[str, Any]:
+    """Options that decide the bundle's content (not how it was computed: workers, threads, device)."""
+    record = options.to_record()
+    for k in ("workers", "threads", "device", "extra"):
+        record.pop(k, None)
+    return record
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world size) under torchrun / accelerate launch, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _prepare_staging(staging: Path, plan: _Plan, resume: bool) -> None:
+    if staging.exists() and resume:
+        try:
+            previous = json.loads((staging / PLAN).read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != plan.fingerprint:
+            log.warning("partial work in %s was made with other options or source: starting over", staging)
+            shutil.rmtree(staging)
+    elif staging.exists():
+        shutil.rmtree(staging)
+    (staging / PARTS).mkdir(parents=True, exist_ok=True)
+    B.write_json(staging / PLAN, plan.fingerprint)
+
+
+def _run_jobs(jobs: list[ShardJob], workers: int, show_progress: bool) -> None:
+    """Convert ``jobs`` here or in ``workers`` processes, with one bytes-weighted progress bar."""
+    from tqdm.auto import tqdm
+
+    total = sum(t.out_in[0] * t.out_in[1] * 4 for j in jobs for t in j.targets)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="factoring", disable=not show_progress or total == 0)
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                convert_shard(job, progress=bar.update)
+            return
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
+            futures = {pool.submit(convert_shard, job): job for job in jobs}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    fut.result()  # re-raises the worker's error
+                    job = futures[fut]
+                    bar.update(sum(t.out_in[0] * t.out_in[1] * 4 for t in job.targets))
+    finally:
+        bar.close()
+
+
+def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, started: float) -> dict[str, Any]:
+    """Assemble adapter, index, copied files, card and pissa.json in staging."""
+    import torch
+    from safetensors import safe_open
+
+    from converter.shard import _save_checked
+
+    ckpt = plan.ckpt
+    parts = [json.loads(j.marker.read_text()) for j in plan.jobs]
+    adapter_dir = staging / B.ADAPTER_DIR
+    adapter_dir.mkdir(exist_ok=True)
+    adapter: dict[str, torch.Tensor] = {}
+    for job in plan.jobs:
+        with safe_open(str(job.adapter_part), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                adapter[key] = f.get_tensor(key)
+    _save_checked(adapter, adapter_dir / B.ADAPTER_WEIGHTS, {"format": "pt"})
+    B.write_json(
+        adapter_dir / B.ADAPTER_CONFIG,
+        B.adapter_config(
+            rank=options.rank,
+            alpha=options.lora_alpha,
+            rslora=options.rslora,
+            target_modules=plan.target_modules,
+            fan_in_fan_out=plan.fan_in_fan_out,
+            base_model_name_or_path=None,
+        ),
+    )
+
+    # The index keeps the source's split; file names change only for pickle sources.
+    if len(plan.jobs) > 1 or (ckpt.folder / SAFETENSORS_INDEX).exists():
+        weight_map = {}
+        total = 0
+        for part in parts:
+            for key, (dtype, shape) in part["tensors"].items():
+                weight_map[key] = part["output_file"]
+                n = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+                for d in shape:
+                    n *= d
+                total += n
+        metadata = {**ckpt.index_metadata, "total_size": total}
+        B.write_json(staging / SAFETENSORS_INDEX, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
+
+    for name in ckpt.extra_files:
+        if name == "config.json" and plan.residual_dtype:
+            config = dict(ckpt.config)
+            config["torch_dtype" if "torch_dtype" in config else "dtype"] = plan.residual_dtype
+            config.pop("quantization_config", None)
+            B.write_json(staging / name, config)
+        else:
+            shutil.copyfile(ckpt.folder / name, staging / name)
+
+    matrices = sorted((m for p in parts for m in p["matrices"]), key=lambda m: m["key"])
+    source_files = {p["source_file"]: p["source_sha256"] for p in parts}
+    source_files.update({name: sha256_file(ckpt.folder / name) for name in ckpt.extra_files})
+    record: dict[str, Any] = {
+        "format": B.FORMAT,
+        "format_version": B.FORMAT_VERSION,
+        "tool": {"name": "pissa-pipeline", "version": __version__, "torch": torch.__version__},
+        "base_model": plan.source.base_model,
+        "source": {"kind": plan.source.kind, **plan.source.record, "files": dict(sorted(source_files.items()))},
+        "license": _source_license(ckpt.folder),
+        "options": _result_options(options),
+        "residual_dtype": plan.residual_dtype,
+        "adapter": {
+            "path": B.ADAPTER_DIR,
+            "r": options.rank,
+            "lora_alpha": options.lora_alpha,
+            "use_rslora": options.rslora,
+            "scaling": lora_scaling(options.lora_alpha, options.rank, options.rslora),
+            "target_modules": plan.target_modules,
+            "fan_in_fan_out": plan.fan_in_fan_out,
+            "dtype": options.adapter_dtype,
+        },
+        "matrices": matrices,
+    }
+    (staging / B.CARD).write_text(render_model_card(record))
+    files = {}
+    for path in sorted(staging.rglob("*")):
+        rel = path.relative_to(staging).as_posix()
+        if path.is_file() and not rel.startswith((PARTS, PLAN)) and rel != B.RECORD:
+            files[rel] = sha256_file(path)
+    record["files"] = files
+    record["timings"] = {
+        "total_seconds": round(time.perf_counter() - started, 3),
+        "shard_seconds": {p["source_file"]: p["seconds"] for p in parts},
+        "execution": {"workers": options.workers, "threads": options.threads, "device": options.device},
+    }
+    B.write_json(staging / B.RECORD, record)
+    return record
+
+
+def _source_license(folder: Path) -> str | None:
+    """``license`` from the source's model card YAML header, if any."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return None
+    text = card.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    import yaml
+
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Move the finished bundle into place in one rename (replacing OUT when overwriting)."""
+    shutil.rmtree(staging / PARTS, ignore_errors=True)
+    (staging / PLAN).unlink(missing_ok=True)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def report_from_record(out: Path, record: dict[str, Any], shards_reused: int = 0) -> ConvertReport:
+    matrices = record["matrices"]
+    energies = [m["energy"] for m in matrices] or [float("nan")]
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return ConvertReport(
+        out=out,
+        matrices=len(matrices),
+        mean_energy=statistics.fmean(energies),
+        min_energy=min(energies),
+        max_rel_error=max((m["rel_error"] for m in matrices), default=0.0),
+        seconds=record.get("timings", {}).get("total_seconds", 0.0),
+        output_bytes=size,
+        shards_total=len(record.get("timings", {}).get("shard_seconds", {})),
+        shards_reused=shards_reused,
+        record=record,
+    )
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    options: ConvertOptions | None = None,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> ConvertReport:
+    """Convert ``source`` into a PiSSA bundle at ``out``.
+
+    Args:
+        source: a local model folder, a ``.gguf`` file, or a hub id (``hub:ORG/NAME`` or ``ORG/NAME``).
+        out: the bundle folder to create.
+        options: rank, targets, SVD, dtypes, parallelism (:class:`ConvertOptions`).
+        overwrite: replace a non-empty ``out``.
+        resume: continue an interrupted conversion of the same source with the same options.
+        progress: show a progress bar.
+
+    Returns:
+        A :class:`ConvertReport` (also readable later from ``out/pissa.json``).
+
+    Raises:
+        InvalidOptionsError, OutputExistsError, SourceNotFoundError, CorruptCheckpointError,
+        UnsupportedCheckpointError, TargetError, NonFiniteWeightError, OutputWriteError.
+    """
+    started = time.perf_counter()
+    options = (options or ConvertOptions()).validate()
+    out = Path(out).expanduser().absolute()
+    _check_out(out, overwrite, resume)
+    if resume and (out / B.RECORD).exists() and not overwrite:
+        log.info("%s is already complete", out)
+        return report_from_record(out, B.read_record(out), shards_reused=-1)
+    source_resolved = resolve_source(str(source), revision=options.revision)
+    staging = staging_path(out)
+    plan = _plan(source_resolved, options, staging)
+    rank, world = _dist()
+    if rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _prepare_staging(staging, plan, resume)
+    _barrier(world)
+
+    mine = [j for i, j in enumerate(plan.jobs) if i % world == rank]
+    todo = [j for j in mine if not (resume and part_is_complete(j))]
+    reused = len(mine) - len(todo)
+    if reused:
+        log.info("resuming: %d of %d shard(s) already converted", reused, len(mine))
+    _run_jobs(todo, options.workers, progress and rank == 0)
+    _barrier(world)
+
+    record: dict[str, Any]
+    if rank == 0:
+        record = _finalize(plan, options, staging, out, started)
+        _install(staging, out)
+    _barrier(world)
+    if rank != 0:
+        record = B.read_record(out)
+    return report_from_record(out, record, shards_reused=reused)

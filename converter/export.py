@@ -1,0 +1,534 @@
+"""``pissa export``: a trained PiSSA adapter → a standard LoRA adapter (or merged model) for the original base.
+
+Driver only: it finds the trained adapter and its bundle, checks that they belong together, calls the
+maths of :mod:`converter.export_math` layer by layer, writes the result into a temporary folder,
+reloads and compares what it wrote, and renames it into place.
+
+Exactness: the residual model satisfies ``W_res + s·B₀A₀ = W`` (to the residual dtype's rounding), so
+the fine-tuned model ``W_res + s·B′A′`` equals ``W + ΔW`` with ``ΔW = s·(B′A′ − B₀A₀)``. The exact
+export writes ΔW as a rank-2r LoRA; ``--rank K`` writes its best rank-K approximation and records
+each layer's relative error; ``--merge`` writes ``W_res + s·B′A′`` as full weights in the bundle's (=
+the source's) tensor names, dtypes and shard layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converter.export_math import (
+    VLLM_LORA_RANKS,
+    delta_svd,
+    exact_delta_factors,
+    exported_alpha,
+    pick_auto_rank,
+    truncate_delta,
+)
+from pissa.errors import ExportError, InvalidOptionsError
+from training.artifacts import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    RUN_RECORD,
+    TRAINING_RECORD,
+    Bundle,
+    is_adapter_dir,
+    is_bundle,
+    load_adapter,
+    move_into_place,
+    open_bundle,
+    prepare_output,
+    read_json,
+    sha256_file,
+    write_json,
+)
+
+logger = logging.getLogger(__name__)
+
+EXPORT_RECORD = "pissa_export.json"
+DEFAULT_TOL = 0.01
+# Config keys that vLLM refuses or that make no sense for an adapter on the original base.
+_DROPPED_CONFIG_KEYS = ("modules_to_save", "layers_to_transform", "layers_pattern", "megatron_config")
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """Relative Frobenius error ``‖ΔW − ΔW_K‖ / ‖ΔW‖`` of one exported layer (0 for exact exports)."""
+
+    name: str
+    shape: tuple[int, int]
+    rel_error: float
+    delta_norm: float | None
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What :func:`export` wrote.
+
+    Attributes:
+        out: the folder written.
+        mode: ``exact`` (rank 2r), ``compressed`` (``--rank K`` / ``auto``) or ``merged``.
+        rank: rank of the exported adapter (``None`` when merged).
+        lora_alpha: alpha of the exported adapter (``None`` when merged).
+        base_model: the original base named in the adapter config.
+        max_rel_error: worst layer's relative error of ΔW.
+        layers: per-layer errors.
+        candidates: for ``--rank auto``: worst-layer error of every vLLM rank tried.
+        max_lora_rank: smallest vLLM ``--max-lora-rank`` that serves this adapter.
+        seconds: wall time.
+    """
+
+    out: Path
+    mode: str
+    rank: int | None
+    lora_alpha: float | None
+    base_model: str | None
+    max_rel_error: float
+    layers: tuple[LayerError, ...]
+    candidates: dict[int, float] = field(default_factory=dict)
+    max_lora_rank: int | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """A trained adapter folder, its bundle, and the record ``pissa train`` left next to it."""
+
+    path: Path
+    bundle: Bundle
+    record: dict[str, Any] | None
+
+
+def _find_record(adapter: Path) -> dict[str, Any] | None:
+    if (adapter / TRAINING_RECORD).is_file():
+        return read_json(adapter / TRAINING_RECORD)
+    return None
+
+
+def resolve_trained_adapter(source: str | os.PathLike[str], bundle: str | os.PathLike[str] | None = None) -> TrainedAdapter:
+    """Find the adapter and its bundle from a RUN folder, a checkpoint or an adapter folder.
+
+    Args:
+        source: a run folder of ``pissa train`` (its ``adapter/`` is used), one of its checkpoints,
+            or any PEFT adapter folder.
+        bundle: the bundle the adapter was trained from; default: the one recorded by ``pissa train``.
+
+    Raises:
+        ExportError: no adapter, no bundle to check against, or a plain-LoRA baseline run.
+    """
+    src = Path(source)
+    if not src.exists():
+        raise ExportError(f"{src} does not exist", fix="pass a run folder of `pissa train` or an adapter folder")
+    adapter = src
+    if not is_adapter_dir(src) and (src / RUN_RECORD).is_file():
+        adapter = src / "adapter"
+    if not is_adapter_dir(adapter):
+        raise ExportError(
+            f"{src} holds no trained adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})",
+            fix="pass a finished run folder, one of its checkpoint-N folders, or an adapter folder",
+        )
+    record = _find_record(adapter)
+    if record is not None and record.get("init") == "lora":
+        raise ExportError(
+            f"{adapter} is a plain-LoRA baseline (trained with --init lora): it already is an adapter for "
+            "the original base",
+            fix=f"use {adapter} as it is",
+        )
+    bundle_path: Path | None = Path(bundle) if bundle is not None else None
+    if bundle_path is None and record is not None and record.get("bundle"):
+        bundle_path = Path(record["bundle"])
+    if bundle_path is None:
+        base = read_json(adapter / ADAPTER_CONFIG).get("base_model_name_or_path")
+        if base and is_bundle(Path(base)):
+            bundle_path = Path(base)
+    if bundle_path is None or not is_bundle(bundle_path):
+        where = f" ({bundle_path} is not a bundle)" if bundle_path is not None else ""
+        raise ExportError(
+            f"{adapter} is not an adapter trained from a PiSSA bundle{where}",
+            fix="export adapters written by `pissa train`, or name their bundle with --bundle",
+        )
+    return TrainedAdapter(path=adapter, bundle=open_bundle(bundle_path), record=record)
+
+
+def _module_name(key: str) -> tuple[str, str]:
+    """``base_model.model.<module>.lora_A.weight`` → ``(<module>, 'lora_A')``."""
+    for part in ("lora_A", "lora_B"):
+        marker = f".{part}."
+        if marker in key:
+            prefix = key.split(marker)[0]
+            return prefix.removeprefix("base_model.model."), part
+    raise ExportError(f"unexpected adapter tensor {key!r}", fix="export LoRA adapters (lora_A/lora_B only)")
+
+
+def _pairs(tensors: dict[str, Any], what: str) -> dict[str, dict[str, Any]]:
+    """Group ``{key: tensor}`` into ``{module: {"lora_A": .., "lora_B": .., "keys": {..}}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        module, part = _module_name(key)
+        entry = out.setdefault(module, {"keys": {}})
+        entry[part] = value
+        entry["keys"][part] = key
+    broken = [m for m, e in out.items() if "lora_A" not in e or "lora_B" not in e]
+    if broken:
+        raise ExportError(f"{what}: modules without both lora_A and lora_B: {', '.join(sorted(broken))}")
+    return out
+
+
+def _scaling(config: dict[str, Any]) -> float:
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def check_compatible(trained: TrainedAdapter) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Load the trained and initial adapters and check they belong together (every problem at once).
+
+    Checks: the bundle's ``pissa_init`` weights still match their sha256 in pissa.json; the adapter was
+    trained from exactly those weights (sha256 in its ``pissa_training.json``); same modules, same
+    shapes, same r / alpha / rsLoRA; shapes agree with pissa.json's matrix records.
+
+    Returns:
+        ``(trained_config, trained_pairs, init_pairs)``.
+
+    Raises:
+        ExportError: listing every problem found.
+    """
+    bundle = trained.bundle
+    problems: list[str] = []
+    init_file = bundle.init_dir / ADAPTER_WEIGHTS
+    actual_init_sha = sha256_file(init_file)
+    recorded = bundle.recorded_init_sha256
+    if recorded is None:
+        problems.append(f"{bundle.path}/pissa.json records no sha256 for pissa_init/{ADAPTER_WEIGHTS}")
+    elif recorded != actual_init_sha:
+        problems.append(f"{init_file} changed since conversion (sha256 differs from pissa.json)")
+    if trained.record is not None:
+        started = trained.record.get("pissa_init_sha256")
+        if started != actual_init_sha:
+            problems.append(
+                f"{trained.path} was trained from a different pissa_init (sha256 {str(started)[:12]}… vs the "
+                f"bundle's {actual_init_sha[:12]}…)"
+            )
+    else:
+        logger.warning("%s has no %s: cannot check which init it was trained from", trained.path, TRAINING_RECORD)
+
+    config, tensors = load_adapter(trained.path)
+    init_config, init_tensors = load_adapter(bundle.init_dir)
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        problems.append(f"{trained.path}: peft_type is {config.get('peft_type')!r}, only LORA can be exported")
+    if config.get("use_dora"):
+        problems.append(f"{trained.path}: DoRA adapters cannot be exported as plain LoRA")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        problems.append(f"{trained.path}: rank_pattern/alpha_pattern are not supported")
+    for key in ("r", "lora_alpha", "use_rslora"):
+        if config.get(key) != init_config.get(key):
+            problems.append(f"{key} differs: trained {config.get(key)!r}, bundle's pissa_init {init_config.get(key)!r}")
+    try:
+        pairs = _pairs(tensors, str(trained.path))
+        init_pairs = _pairs(init_tensors, str(bundle.init_dir))
+    except ExportError as exc:
+        raise ExportError(exc.message, fix="the adapter is damaged; re-run `pissa train`") from exc
+    missing = sorted(set(init_pairs) - set(pairs))
+    extra = sorted(set(pairs) - set(init_pairs))
+    if missing:
+        problems.append(f"modules of pissa_init missing from the trained adapter: {', '.join(missing[:5])}")
+    if extra:
+        problems.append(f"trained modules not in pissa_init: {', '.join(extra[:5])}")
+    records = bundle.matrices()
+    for module in sorted(set(pairs) & set(init_pairs)):
+        for part in ("lora_A", "lora_B"):
+            got, want = tuple(pairs[module][part].shape), tuple(init_pairs[module][part].shape)
+            if got != want:
+                problems.append(f"{module}.{part}: trained shape {list(got)} != initial shape {list(want)}")
+        rec = records.get(module)
+        if rec is not None and "shape" in rec:
+            out_f, in_f = (int(x) for x in rec["shape"])
+            a_in, b_out = pairs[module]["lora_A"].shape[1], pairs[module]["lora_B"].shape[0]
+            if (b_out, a_in) != (out_f, in_f):
+                problems.append(f"{module}: adapter is [{b_out}, {a_in}], pissa.json records [{out_f}, {in_f}]")
+    if problems:
+        raise ExportError(
+            "; ".join(problems) if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems),
+            fix="export the adapter with the bundle it was trained from",
+        )
+    return config, pairs, init_pairs
+
+
+def _exported_config(config: dict[str, Any], *, rank: int, alpha: float, use_rslora: bool, base: str | None) -> dict[str, Any]:
+    """The trained config turned into a plain LoRA config for the original base (vLLM's rules)."""
+    out = dict(config)
+    for key in _DROPPED_CONFIG_KEYS:
+        out.pop(key, None)
+    out.update(
+        r=rank,
+        lora_alpha=alpha,
+        use_rslora=use_rslora,
+        init_lora_weights=True,
+        use_dora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        inference_mode=True,
+        peft_type="LORA",
+    )
+    if base:
+        out["base_model_name_or_path"] = base
+    return out
+
+
+def _model_card(base: str | None, report_lines: list[str]) -> str:
+    header = ["---", f"base_model: {base}" if base else "base_model: null", "library_name: peft", "tags:", "- lora", "- pissa", "---"]
+    body = [
+        "",
+        "# LoRA adapter exported from a PiSSA fine-tune",
+        "",
+        "Apply it to the original base model (PEFT `PeftModel.from_pretrained(base, this_folder)` or vLLM",
+        "`--enable-lora --lora-modules name=this_folder`). Written by `pissa export`.",
+        "",
+        *report_lines,
+        "",
+    ]
+    return "\n".join(header + body)
+
+
+def _resolve_rank(rank: int | str | None, tol: float) -> int | str | None:
+    problems = []
+    if isinstance(rank, str):
+        if rank.strip().lower() == "auto":
+            rank = "auto"
+        elif rank.strip().isdigit():
+            rank = int(rank)
+        else:
+            problems.append(f"--rank must be a positive integer or 'auto', got {rank!r}")
+    if isinstance(rank, int) and rank < 1:
+        problems.append(f"--rank must be >= 1, got {rank}")
+    if not 0 <= tol < 1:
+        problems.append(f"--tol must be in [0, 1), got {tol}")
+    if problems:
+        raise InvalidOptionsError("invalid export options", problems, fix="correct the options above")
+    return rank
+
+
+def export(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rank: int | str | None = None,
+    tol: float = DEFAULT_TOL,
+    merge: bool = False,
+    bundle: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+) -> ExportReport:
+    """Export a trained PiSSA adapter as a LoRA adapter (or merged model) for the original base.
+
+    Args:
+        source: run folder, checkpoint folder or adapter folder (see :func:`resolve_trained_adapter`).
+        out: output folder; written to a temporary sibling and renamed into place when complete.
+        rank: ``None`` for the exact rank-2r export; an int K for the best rank-K approximation;
+            ``"auto"`` for the smallest vLLM rank whose worst-layer relative error is ``<= tol``.
+        tol: tolerance of ``rank="auto"``.
+        merge: write full weights ``W_res + s·B′A′`` instead of an adapter (``rank`` is then ignored).
+        bundle: the bundle (default: recorded by ``pissa train``).
+        overwrite: replace a non-empty ``out``.
+
+    Returns:
+        An :class:`ExportReport`.
+
+    Raises:
+        ExportError: not from a bundle, init mismatch, shapes that disagree.
+        InvalidOptionsError: bad ``rank`` / ``tol``.
+        OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
+    """
+    start = time.perf_counter()
+    rank = _resolve_rank(rank, tol)
+    if merge and rank is not None:
+        raise InvalidOptionsError("invalid export options", ["--merge and --rank cannot be combined"],
+                                  fix="drop one of them")
+    trained = resolve_trained_adapter(source, bundle)
+    config, pairs, init_pairs = check_compatible(trained)
+    out_path = Path(out)
+    tmp = prepare_output(out_path, overwrite=overwrite)
+    try:
+        if merge:
+            report = _write_merged(trained, config, pairs, tmp, out_path)
+        else:
+            report = _write_adapter(trained, config, pairs, init_pairs, tmp, out_path, rank, tol)
+        move_into_place(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    from dataclasses import replace
+
+    report = replace(report, seconds=time.perf_counter() - start)
+    logger.info("exported %s → %s (%s, rank %s, worst-layer error %.3g)", trained.path, out_path, report.mode,
+                report.rank, report.max_rel_error)
+    return report
+
+
+def _smallest_vllm_rank(rank: int) -> int | None:
+    return next((v for v in VLLM_LORA_RANKS if v >= rank), None)
+
+
+def _write_adapter(
+    trained: TrainedAdapter,
+    config: dict[str, Any],
+    pairs: dict[str, dict[str, Any]],
+    init_pairs: dict[str, dict[str, Any]],
+    tmp: Path,
+    out: Path,
+    rank: int | str | None,
+    tol: float,
+) -> ExportReport:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    r = int(config["r"])
+    alpha = float(config["lora_alpha"])
+    rslora = bool(config.get("use_rslora"))
+    scaling = _scaling(config)
+    base = trained.bundle.base_model
+    modules = sorted(pairs)
+    candidates: dict[int, float] = {}
+
+    svds = {}
+    if rank is not None:
+        for m in modules:
+            p, q = pairs[m], init_pairs[m]
+            svds[m] = delta_svd(p["lora_A"], p["lora_B"], q["lora_A"], q["lora_B"], scaling)
+        if rank == "auto":
+            for cand in VLLM_LORA_RANKS:
+                candidates[cand] = max(svds[m].rel_error(cand) for m in modules)
+            chosen = pick_auto_rank(candidates, tol)
+            if chosen is None:
+                raise ExportError(
+                    f"no vLLM rank up to {VLLM_LORA_RANKS[-1]} keeps every layer's error under --tol {tol}",
+                    fix="raise --tol or export exactly (no --rank)",
+                )
+            rank = chosen
+            logger.info("--rank auto: rank %d (worst-layer error %.3g <= tol %g)", rank, candidates[rank], tol)
+    assert rank is None or isinstance(rank, int)
+
+    tensors: dict[str, torch.Tensor] = {}
+    layers: list[LayerError] = []
+    if rank is None or rank >= 2 * r:
+        # Exact: ΔW = s·[B′, −B₀][A′; A₀], the same tensors PEFT's subtract_mutated_init writes.
+        mode, out_rank, out_alpha, out_rslora = "exact", 2 * r, exported_alpha(alpha, rslora), rslora
+        for m in modules:
+            p, q = pairs[m], init_pairs[m]
+            a, b = exact_delta_factors(p["lora_A"], p["lora_B"], q["lora_A"], q["lora_B"])
+            tensors[p["keys"]["lora_A"]], tensors[p["keys"]["lora_B"]] = a, b
+            norm = float(svds[m].s.double().norm()) if m in svds else None
+            layers.append(LayerError(m, (b.shape[0], a.shape[1]), 0.0, norm))
+    else:
+        # Compressed: best rank-K approximation, written with scaling 1 (lora_alpha = K, no rsLoRA).
+        mode, out_rank, out_alpha, out_rslora = "compressed", rank, float(rank), False
+        for m in modules:
+            p = pairs[m]
+            a, b = truncate_delta(svds[m], rank, 1.0, dtype=p["lora_A"].dtype)
+            tensors[p["keys"]["lora_A"]], tensors[p["keys"]["lora_B"]] = a, b
+            layers.append(LayerError(m, (b.shape[0], a.shape[1]), svds[m].rel_error(rank), float(svds[m].s.double().norm())))
+
+    save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    reloaded = load_file(str(tmp / ADAPTER_WEIGHTS))
+    if reloaded.keys() != tensors.keys() or any(not torch.equal(reloaded[k], v) for k, v in tensors.items()):
+        raise ExportError(f"{tmp / ADAPTER_WEIGHTS} does not read back as written", fix="check the disk and retry")
+    new_config = _exported_config(config, rank=out_rank, alpha=out_alpha, use_rslora=out_rslora, base=base)
+    write_json(tmp / ADAPTER_CONFIG, new_config)
+
+    worst = max((e.rel_error for e in layers), default=0.0)
+    max_lora_rank = _smallest_vllm_rank(out_rank)
+    record = {
+        "format": "pissa-export",
+        "mode": mode,
+        "rank": out_rank,
+        "lora_alpha": out_alpha,
+        "use_rslora": out_rslora,
+        "base_model": base,
+        "source": {
+            "adapter": str(trained.path.resolve()),
+            "adapter_sha256": sha256_file(trained.path / ADAPTER_WEIGHTS),
+            "bundle": str(trained.bundle.path),
+            "pissa_init_sha256": trained.bundle.recorded_init_sha256,
+        },
+        "trained": {"r": r, "lora_alpha": alpha, "use_rslora": rslora, "scaling": scaling},
+        "tol": tol if candidates else None,
+        "candidates": {str(k): v for k, v in candidates.items()},
+        "max_rel_error": worst,
+        "max_lora_rank": max_lora_rank,
+        "layers": [{"name": e.name, "shape": list(e.shape), "rel_error": e.rel_error, "delta_norm": e.delta_norm}
+                   for e in layers],
+        "files": {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)},
+    }
+    write_json(tmp / EXPORT_RECORD, record)
+    lines = [f"- export: {mode}, rank {out_rank}, lora_alpha {out_alpha:g}",
+             f"- worst-layer relative error of ΔW: {worst:.3g}",
+             f"- vLLM: `--max-lora-rank {max_lora_rank}`"]
+    (tmp / "README.md").write_text(_model_card(base, lines), encoding="utf-8")
+    return ExportReport(out=out, mode=mode, rank=out_rank, lora_alpha=out_alpha, base_model=base,
+                        max_rel_error=worst, layers=tuple(layers), candidates=candidates,
+                        max_lora_rank=max_lora_rank)
+
+
+def _write_merged(
+    trained: TrainedAdapter, config: dict[str, Any], pairs: dict[str, dict[str, Any]], tmp: Path, out: Path
+) -> ExportReport:
+    """Full weights ``W_res + s·B′A′`` (= ``W + ΔW``) in the bundle's tensor names, dtypes and shards."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    bundle = trained.bundle
+    scaling = _scaling(config)
+    records = bundle.matrices()
+    shards = sorted(p.name for p in bundle.path.glob("*.safetensors"))
+    if not shards:
+        raise ExportError(f"{bundle.path} holds no residual safetensors", fix="re-create the bundle")
+    # weight key -> module for every trained module
+    by_key: dict[str, str] = {}
+    for m in pairs:
+        key = (records.get(m) or {}).get("key") or f"{m}.weight"
+        by_key[key] = m
+    done: set[str] = set()
+    layers: list[LayerError] = []
+    for shard in shards:
+        tensors: dict[str, torch.Tensor] = {}
+        metadata = None
+        with safe_open(str(bundle.path / shard), framework="pt") as f:
+            metadata = f.metadata()
+            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                t = f.get_tensor(key)
+                module = by_key.get(key)
+                if module is not None:
+                    fan = bool((records.get(module) or {}).get("fan_in_fan_out"))
+                    delta = scaling * (pairs[module]["lora_B"].float() @ pairs[module]["lora_A"].float())
+                    if fan:
+                        delta = delta.transpose(0, 1)
+                    if tuple(delta.shape) != tuple(t.shape):
+                        raise ExportError(f"{key}: residual {list(t.shape)} vs adapter product {list(delta.shape)}")
+                    t = (t.float() + delta).to(t.dtype)
+                    done.add(module)
+                    layers.append(LayerError(module, (int(delta.shape[0]), int(delta.shape[1])), 0.0,
+                                             float(delta.norm())))
+                tensors[key] = t.contiguous()
+        save_file(tensors, str(tmp / shard), metadata=metadata or {"format": "pt"})
+    missing = sorted(set(pairs) - done)
+    if missing:
+        raise ExportError(f"residual weights not found for: {', '.join(missing[:5])}", fix="re-create the bundle")
+    skip = {"pissa.json", "README.md"}
+    for item in bundle.path.iterdir():
+        if item.is_file() and item.suffix != ".safetensors" and item.name not in skip:
+            shutil.copy2(item, tmp / item.name)
+    base = bundle.base_model
+    write_json(tmp / EXPORT_RECORD, {
+        "format": "pissa-export", "mode": "merged", "base_model": base,
+        "source": {"adapter": str(trained.path.resolve()), "bundle": str(bundle.path)},
+        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+    })
+    (tmp / "README.md").write_text(
+        _model_card(base, ["- merged: full weights W + ΔW (= residual + trained PiSSA adapter)"]).replace(
+            "- lora\n", ""), encoding="utf-8")
+    return ExportReport(out=out, mode="merged", rank=None, lora_alpha=None, base_model=base, max_rel_error=0.0,
+                        layers=tuple(layers))
