@@ -128,6 +128,10 @@ def delta_svd(
     q_d, r_d = torch.linalg.qr(d.transpose(0, 1), mode="reduced")  # [in, k2], [k2, 2r]
     core = r_c @ r_d.transpose(0, 1)  # [k1, k2]
     u_m, sigma, vh_m = torch.linalg.svd(core, full_matrices=False)
+    # Singular values below the rounding floor of the products are noise: a ΔW that is exactly zero
+    # (an untrained adapter) must come out as zero, not as a spectrum of rounding errors.
+    floor = max(c.shape[0], d.shape[1]) * torch.finfo(dtype).eps * float(c.norm() * d.norm())
+    sigma = torch.where(sigma > floor, sigma, torch.zeros_like(sigma))
     return DeltaSvd(u=q_c @ u_m, s=sigma * scaling, vh=vh_m @ q_d.transpose(0, 1))
 
 

@@ -84,3 +84,25 @@ def smollm2_gguf() -> Path:
     if not path.exists():
         pytest.skip(f"{path} missing")
     return path
+
+
+def _tiny_bundle(tiny_cache: Path, source: Path, name: str, **options) -> Path:
+    from converter.convert import convert
+    from converter.options import ConvertOptions
+
+    out = tiny_cache / name
+    if not (out / "pissa.json").exists():
+        convert(source, out, ConvertOptions(**options), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bundle(tiny_cache: Path, tiny_llama: Path) -> Path:
+    """PiSSA bundle of tiny_llama (rank 8, exact SVD, fp32 residual), read-only (training/export tests)."""
+    return _tiny_bundle(tiny_cache, tiny_llama, "llama-bundle-r8", rank=8, svd="exact")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_bundle(tiny_cache: Path, tiny_gpt2: Path) -> Path:
+    """PiSSA bundle of tiny_gpt2 (Conv1D, fan_in_fan_out; rank 4, rsLoRA alpha 8), read-only."""
+    return _tiny_bundle(tiny_cache, tiny_gpt2, "gpt2-bundle-r4", rank=4, alpha=8, rslora=True, svd="exact")

@@ -1,0 +1,35 @@
+"""``pissa export RUN|ADAPTER --out DIR``: thin CLI over :func:`converter.export.export`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command(name="export")
+@click.argument("source", type=click.Path(path_type=str))
+@click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Output folder.")
+@click.option("--rank", default=None, help="Compress to rank K (truncated SVD of ΔW), or 'auto'. Default: exact (2r).")
+@click.option("--tol", default=0.01, show_default=True, type=float,
+              help="--rank auto: largest worst-layer relative error of ΔW accepted.")
+@click.option("--merge", is_flag=True, help="Write a full merged model (W + ΔW) instead of an adapter.")
+@click.option("--bundle", default=None, type=click.Path(path_type=str),
+              help="The bundle the adapter was trained from (default: recorded by `pissa train`).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+def export(source: str, out: str, rank: str | None, tol: float, merge: bool, bundle: str | None,
+           overwrite: bool) -> None:
+    """Export a trained PiSSA adapter (RUN folder, checkpoint or adapter) for the ORIGINAL base model."""
+    from converter.export import export as run_export
+
+    report = run_export(source, out, rank=rank, tol=tol, merge=merge, bundle=bundle, overwrite=overwrite)
+    if report.mode == "merged":
+        click.echo(f"merged model written to {report.out} (base layout, {len(report.layers)} matrices updated)")
+        return
+    click.echo(f"exported {report.mode} LoRA adapter to {report.out}: rank {report.rank}, "
+               f"lora_alpha {report.lora_alpha:g}, base_model {report.base_model}")
+    if report.candidates:
+        tried = ", ".join(f"{k}:{v:.3g}" for k, v in report.candidates.items())
+        click.echo(f"  --rank auto, worst-layer error per rank: {tried}")
+    worst = max(report.layers, key=lambda e: e.rel_error, default=None)
+    if worst is not None:
+        click.echo(f"  worst-layer relative error of ΔW: {worst.rel_error:.3g} ({worst.name})")
+    click.echo(f"  serve with vLLM: --enable-lora --max-lora-rank {report.max_lora_rank}")
