@@ -1,0 +1,60 @@
+"""``pissa adapters add|remove|list``: manage adapters on a running ``pissa serve`` (vLLM) server."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+_url = click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Server address.")
+_key = click.option("--api-key-env", default=None, help="Environment variable holding the API key.")
+
+
+def _api_key(env_name: str | None) -> str | None:
+    return os.environ.get(env_name) if env_name else None
+
+
+@click.group("adapters")
+def adapters() -> None:
+    """Add, remove or list LoRA adapters on a running server (validated before loading)."""
+
+
+@adapters.command("add")
+@click.argument("name")
+@click.argument("path", type=click.Path(path_type=Path))
+@_url
+@_key
+def add(name: str, path: Path, url: str, api_key_env: str | None) -> None:
+    """Validate the adapter at PATH against the served base, then load it as NAME."""
+    from serving.client import add_adapter
+
+    report = add_adapter(url, name, path, api_key=_api_key(api_key_env))
+    rank = report.ranks.get(name) if report else None
+    click.echo(f"added {name} (rank {rank}) from {path.resolve()}")
+
+
+@adapters.command("remove")
+@click.argument("name")
+@_url
+@_key
+def remove(name: str, url: str, api_key_env: str | None) -> None:
+    """Unload adapter NAME."""
+    from serving.client import remove_adapter
+
+    remove_adapter(url, name, api_key=_api_key(api_key_env))
+    click.echo(f"removed {name}")
+
+
+@adapters.command("list")
+@_url
+@_key
+def list_(url: str, api_key_env: str | None) -> None:
+    """List the base and the adapters served at --url."""
+    from serving.client import list_models
+
+    for m in list_models(url, api_key=_api_key(api_key_env)):
+        click.echo(f"{'adapter' if m.is_adapter else 'base':8} {m.name}  {m.root}")
+
+
+list_.name = "list"

@@ -1,0 +1,147 @@
+"""Runtime adapter management on a running vLLM server: list, add (validated first), remove.
+
+vLLM's endpoints: ``GET /v1/models``, ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` and
+``POST /v1/unload_lora_adapter {"lora_name"}`` (the server must run with
+``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``, which ``pissa serve`` sets unless the manifest says
+``runtime_lora_updating: false``). Before loading, the adapter is checked against the base the
+server reports in ``/v1/models`` (its ``root``) with the same rules as at launch, so a bad adapter
+never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pissa.errors import ServingError, SourceNotFoundError
+from serving.validate import ValidationReport, read_base, validate_adapters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One entry of ``/v1/models``: the base (``parent`` None) or an adapter (``parent`` = base)."""
+
+    name: str
+    root: str
+    parent: str | None
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.parent is not None
+
+
+def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, api_key: str | None = None,
+             timeout: float = 60.0) -> tuple[int, str]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode("utf-8", errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise ServingError(f"cannot reach {url}: {reason}",
+                           fix="check --url and that `pissa serve` is running") from None
+
+
+def _server_message(text: str) -> str:
+    """vLLM's error text from a JSON body (``{"error": {"message"}}`` or ``{"message"}``), else the body."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:500]
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])[:500]
+        if "message" in data:
+            return str(data["message"])[:500]
+    return text.strip()[:500]
+
+
+def list_models(url: str, *, api_key: str | None = None) -> list[ServedModel]:
+    """The served models (base first, then adapters).
+
+    Raises:
+        ServingError: unreachable server or an error answer.
+    """
+    status, text = _request(url.rstrip("/") + "/v1/models", api_key=api_key)
+    if status != 200:
+        raise ServingError(f"GET /v1/models failed with HTTP {status}: {_server_message(text)}",
+                           fix="check --url and --api-key-env")
+    items = json.loads(text).get("data", [])
+    models = [ServedModel(m["id"], str(m.get("root") or ""), m.get("parent")) for m in items]
+    return sorted(models, key=lambda m: (m.is_adapter, m.name))
+
+
+def check_runtime_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = None) -> ValidationReport:
+    """Validate ``path`` against the base the server at ``url`` serves (see :mod:`serving.validate`).
+
+    Raises:
+        AdapterValidationError: every problem of the adapter.
+        ServingError: the server is unreachable or serves no base.
+        SourceNotFoundError: ``path`` does not exist.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise SourceNotFoundError(f"adapter path {folder} does not exist", path=str(folder),
+                                  fix="give the folder that holds adapter_config.json")
+    models = list_models(url, api_key=api_key)
+    bases = [m for m in models if not m.is_adapter]
+    if not bases:
+        raise ServingError(f"{url} lists no base model", fix="is this a vLLM server?")
+    if any(m.name == name for m in models):
+        raise ServingError(f"{name!r} is already served at {url}",
+                           fix="pick another name, or `pissa adapters remove` it first")
+    root = bases[0].root
+    base = read_base(root, is_local=Path(root).is_dir(), given=bases[0].name)
+    return validate_adapters(base, [(name, str(folder.resolve()), True)])
+
+
+def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = None,
+                validate: bool = True) -> ValidationReport | None:
+    """Validate, then load ``path`` as ``name`` on the running server.
+
+    Returns:
+        the validation report (None when ``validate`` is false).
+
+    Raises:
+        AdapterValidationError: refused before loading (nothing sent to the engine).
+        ServingError: the server refused it (its message included) or is unreachable.
+    """
+    report = check_runtime_adapter(url, name, path, api_key=api_key) if validate else None
+    lora_path = str(Path(path).expanduser().resolve())
+    status, text = _request(url.rstrip("/") + "/v1/load_lora_adapter", "POST",
+                            {"lora_name": name, "lora_path": lora_path}, api_key=api_key, timeout=300)
+    if status != 200:
+        hint = ("start the server with runtime_lora_updating: true (VLLM_ALLOW_RUNTIME_LORA_UPDATING)"
+                if status == 404 and "Not Found" in text else "read the server's message")
+        raise ServingError(f"server refused adapter {name!r} (HTTP {status}): {_server_message(text)}", fix=hint)
+    logger.info("loaded adapter %s from %s", name, lora_path)
+    return report
+
+
+def remove_adapter(url: str, name: str, *, api_key: str | None = None) -> None:
+    """Unload adapter ``name`` from the running server.
+
+    Raises:
+        ServingError: unknown name, or the server refused.
+    """
+    status, text = _request(url.rstrip("/") + "/v1/unload_lora_adapter", "POST", {"lora_name": name},
+                            api_key=api_key)
+    if status != 200:
+        raise ServingError(f"server could not remove adapter {name!r} (HTTP {status}): {_server_message(text)}",
+                           fix="`pissa adapters list` shows what is served")
+    logger.info("unloaded adapter %s", name)

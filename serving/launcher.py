@@ -1,0 +1,300 @@
+"""Start vLLM's OpenAI server for a manifest, wait until healthy, forward signals, leave nothing behind.
+
+The server runs in its own process group (``start_new_session``) so that stopping it reaches every
+process vLLM spawned (API server, engine core, workers): SIGTERM to the group, then SIGKILL to the
+group after a grace period. SIGINT/SIGTERM sent to ``pissa serve`` are forwarded that way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from pissa.errors import ServingError
+from serving.command import LaunchPlan, build_command
+from serving.manifest import ServeManifest
+from serving.validate import ValidationReport, read_base, validate_adapters
+
+logger = logging.getLogger(__name__)
+
+LOG_TAIL_LINES = 30
+
+
+def plan_serving(manifest: ServeManifest, *, environ: Mapping[str, str] | None = None) -> LaunchPlan:
+    """Validate every adapter against the base, then build the vLLM command.
+
+    Raises:
+        AdapterValidationError: every problem of every adapter (nothing is started).
+        InvalidOptionsError: e.g. the API key variable is not set.
+    """
+    report = validate_manifest(manifest)
+    return build_command(manifest, report.max_lora_rank, environ=environ)
+
+
+def validate_manifest(manifest: ServeManifest) -> ValidationReport:
+    """Check the manifest's adapters against its base (see :mod:`serving.validate`)."""
+    base = read_base(
+        manifest.base.ref.value, is_local=manifest.base.ref.is_local, aliases=manifest.base.aliases,
+    )
+    return validate_adapters(
+        base, [(a.name, a.ref.value, a.ref.is_local) for a in manifest.adapters],
+        min_max_lora_rank=manifest.vllm.max_lora_rank,
+    )
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """Last ``lines`` lines of a text file ('' if unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """None if ``host:port`` can be bound now, else why not."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class VllmServer:
+    """One vLLM server process group. Use as a context manager, or ``start``/``stop``.
+
+    Attributes:
+        plan: what to run.
+        log_path: where the server's stdout+stderr go (default: a temp file).
+        health_timeout: seconds to wait for ``/health``.
+    """
+
+    plan: LaunchPlan
+    log_path: Path | None = None
+    health_timeout: float = 300.0
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the server (does not wait; see :meth:`wait_healthy`).
+
+        Raises:
+            ServingError: the port is taken.
+        """
+        host, port = _host_port(self.plan)
+        problem = port_problem(host, port)
+        if problem:
+            raise ServingError(problem, fix="choose another port (vllm.port) or stop what uses it")
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix=f"pissa-serve-{port}-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        env = {**os.environ, **self.plan.env}
+        logger.info("starting: %s", self.plan.shell())
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                list(self.plan.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )
+
+    def wait_healthy(self) -> float:
+        """Block until ``/health`` answers 200; returns the seconds it took.
+
+        Raises:
+            ServingError: the server died (with the tail of its log) or the timeout passed (the
+                server is then stopped).
+        """
+        assert self.process is not None, "start() first"
+        t0 = time.monotonic()
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                raise ServingError(
+                    f"vLLM exited with code {code} during start-up; last lines of {self.log_path}:\n"
+                    + tail(self.log_path),  # type: ignore[arg-type]
+                    fix="read the log above; `pissa serve --dry-run` shows the command",
+                )
+            if http_ok(self.plan.url + "/health"):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > self.health_timeout:
+                text = tail(self.log_path)  # type: ignore[arg-type]
+                self.stop()
+                raise ServingError(
+                    f"vLLM was not healthy after {self.health_timeout:.0f} s (stopped it); last lines of "
+                    f"{self.log_path}:\n{text}",
+                    fix="raise vllm.health_timeout, or read the log",
+                )
+            time.sleep(0.5)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, grace: float = 20.0) -> int | None:
+        """SIGTERM the whole process group, SIGKILL it after ``grace`` s; returns the exit code."""
+        proc = self.process
+        if proc is None:
+            return None
+        pgid = proc.pid  # start_new_session: the server leads its own group
+        _signal_group(pgid, signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            logger.warning("vLLM did not stop within %.0f s: killing its process group", grace)
+            _signal_group(pgid, signal.SIGKILL)
+            code = proc.wait(timeout=10)
+        # Children that outlived the leader (same group): give them the grace too, then kill.
+        deadline = time.monotonic() + grace
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _group_alive(pgid):
+            _signal_group(pgid, signal.SIGKILL)
+        return code
+
+    def __enter__(self) -> VllmServer:
+        self.start()
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _host_port(plan: LaunchPlan) -> tuple[str, int]:
+    argv = list(plan.argv)
+    host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
+    port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 8000
+    return host, port
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _forward_signals(on_signal: Callable[[int], None]) -> Iterator[None]:
+    """Route SIGINT/SIGTERM to ``on_signal`` while inside (main thread only; else a no-op)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        on_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@dataclass(frozen=True)
+class ServeResult:
+    plan: LaunchPlan
+    log_path: str | None
+    startup_seconds: float | None
+    stopped_by: str | None
+
+
+def serve(
+    manifest: ServeManifest,
+    *,
+    dry_run: bool = False,
+    log_path: str | Path | None = None,
+    on_ready: Callable[[LaunchPlan, float, Path], None] | None = None,
+) -> ServeResult:
+    """Validate, start vLLM, wait until healthy, then run until a signal or the server's death.
+
+    Args:
+        manifest: what to serve.
+        dry_run: only validate and return the plan (nothing is started).
+        log_path: vLLM's log file (default: a temp file, named in the result and errors).
+        on_ready: called once ``/health`` answers (the CLI prints the endpoint there).
+
+    Returns:
+        the plan, log path, start-up time and the signal that stopped the server.
+
+    Raises:
+        AdapterValidationError: adapters refused before launch.
+        ServingError: the server failed to start, or died while serving (tail of its log).
+    """
+    plan = plan_serving(manifest)
+    if dry_run:
+        return ServeResult(plan, None, None, None)
+    server = VllmServer(plan, Path(log_path) if log_path else None, manifest.vllm.health_timeout)
+    stopped_by: list[str] = []
+
+    def on_signal(signum: int) -> None:
+        stopped_by.append(signal.Signals(signum).name)
+        logger.info("%s received: stopping vLLM", stopped_by[-1])
+        if server.process is not None:
+            _signal_group(server.process.pid, signal.SIGTERM)
+
+    with _forward_signals(on_signal):
+        server.start()
+        try:
+            startup = server.wait_healthy()
+            if on_ready is not None and not stopped_by:
+                on_ready(plan, startup, server.log_path)  # type: ignore[arg-type]
+            while server.alive():
+                assert server.process is not None
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    server.process.wait(timeout=0.5)
+        except ServingError:
+            if stopped_by:  # stopped on request while starting: not a failure
+                return ServeResult(plan, str(server.log_path), None, stopped_by[0])
+            raise
+        finally:
+            code = server.stop()
+    if not stopped_by:
+        raise ServingError(
+            f"vLLM exited unexpectedly (code {code}); last lines of {server.log_path}:\n"
+            + tail(server.log_path),  # type: ignore[arg-type]
+            fix="read the log above",
+        )
+    return ServeResult(plan, str(server.log_path), startup, stopped_by[0])
