@@ -106,3 +106,23 @@ def tiny_llama_bundle(tiny_cache: Path, tiny_llama: Path) -> Path:
 def tiny_gpt2_bundle(tiny_cache: Path, tiny_gpt2: Path) -> Path:
     """PiSSA bundle of tiny_gpt2 (Conv1D, fan_in_fan_out; rank 4, rsLoRA alpha 8), read-only."""
     return _tiny_bundle(tiny_cache, tiny_gpt2, "gpt2-bundle-r4", rank=4, alpha=8, rslora=True, svd="exact")
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch):
+    """A local Hub stand-in (tests/hub_standin.py) that the real huggingface_hub client talks to.
+
+    Sets HF_ENDPOINT to it and HF_TOKEN to a token of user ``alice``; lifts the client's offline
+    mode for this test only (loopback, never the network) and turns off Xet (the stand-in speaks LFS).
+    """
+    from huggingface_hub import constants
+    from hub_standin import HubStandIn
+
+    with HubStandIn(tokens={"hf_alice": "alice"}) as standin:
+        monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
+        monkeypatch.setenv("HF_TOKEN", "hf_alice")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        yield standin
