@@ -167,7 +167,61 @@ def download_checkpoint(
             raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
         logger.warning("cannot reach %s (%s): looking for a cached copy of %s@%s", endpoint, exc, repo_id, rev)
         try:
-            folder = snapshot_download(repo_id, revision=rev, cache_dir=cache, local_files_only=True)
+            from huggingface_hub import get_cached_repo_tree
+
+            cached = [f.path for f in get_cached_repo_tree(repo_id, revision=rev, cache_dir=cache)]
+            wanted = checkpoint_files(cached, repo_id=repo_id, filename=filename)
+            folder = snapshot_download(
+                repo_id, revision=rev, cache_dir=cache, allow_patterns=wanted, local_files_only=True
+            )
+        except Exception:  # noqa: BLE001 - not cached: report the original network problem
+            raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
+        logger.warning("using the cached snapshot %s", folder)
+    return Path(folder)
+
+
+def download_repo(
+    repo_id: str,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    *,
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """Download a whole repo (a pushed bundle or adapter) into the cache; same errors and fallback.
+
+    Args:
+        repo_id: ``ORG/NAME``.
+        revision: branch, tag or commit (None: ``main``).
+        cache_dir: huggingface_hub cache (None: its default).
+        allow_patterns: restrict to these fnmatch patterns (None: every file).
+
+    Returns:
+        the local snapshot folder.
+
+    Raises:
+        HubError: as :func:`download_checkpoint`.
+    """
+    from huggingface_hub import snapshot_download
+
+    endpoint = hub_endpoint()
+    token = hub_token()
+    rev = revision or "main"
+    cache = str(cache_dir) if cache_dir is not None else None
+    action = f"downloading {repo_id}@{rev}"
+    try:
+        # repo_info first: snapshot_download hides HTTP errors (401, 404, 5xx) behind a generic
+        # "cannot find the files" error when it falls back to the cache.
+        hub_api(endpoint, token).repo_info(repo_id, revision=rev)
+        folder = snapshot_download(
+            repo_id, revision=rev, cache_dir=cache, allow_patterns=allow_patterns, endpoint=endpoint, token=token
+        )
+    except Exception as exc:  # noqa: BLE001 - mapped below; unknown errors re-raised
+        if not _is_network_error(exc):
+            raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
+        try:
+            folder = snapshot_download(
+                repo_id, revision=rev, cache_dir=cache, allow_patterns=allow_patterns, local_files_only=True
+            )
         except Exception:  # noqa: BLE001 - not cached: report the original network problem
             raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
     return Path(folder)
@@ -244,9 +298,9 @@ def hub_error(
     if isinstance(exc, HubError):
         return exc
     if _is_network_error(exc) and status is None:
-        offline = isinstance(exc, getattr(hf_errors, "OfflineModeIsEnabled", ())) or os.environ.get(
-            "HF_HUB_OFFLINE", ""
-        ).lower() in ("1", "true", "yes", "on")
+        from huggingface_hub import constants
+
+        offline = isinstance(exc, getattr(hf_errors, "OfflineModeIsEnabled", ())) or bool(constants.HF_HUB_OFFLINE)
         if offline:
             return HubError(
                 f"{where}: offline mode is on (HF_HUB_OFFLINE) and {repo_id} is not in the cache",
@@ -272,9 +326,8 @@ def hub_error(
             status=status,
             fix="check the branch, tag or commit (--revision)",
         )
-    if isinstance(exc, getattr(hf_errors, "RemoteEntryNotFoundError", ())) or isinstance(
-        exc, getattr(hf_errors, "EntryNotFoundError", ())
-    ):
+    missing_entry = (getattr(hf_errors, "RemoteEntryNotFoundError", ()), getattr(hf_errors, "EntryNotFoundError", ()))
+    if isinstance(exc, missing_entry):
         return HubError(
             f"{where}: a file is missing in {repo_id}{_server_message(exc)}",
             repo_id=repo_id,

@@ -311,8 +311,12 @@ class _Handler(BaseHTTPRequestHandler):
         if namespace != user:
             raise _error(403, f"You don't have the rights to create a repo under {namespace}")
         with self.hub.lock:
-            if repo_id in self.hub.repos:
-                raise _error(409, "You already created this model repo")
+            if repo_id in self.hub.repos:  # the Hub also answers the url on 409
+                raise _Reply(
+                    409,
+                    {"error": "You already created this model repo", "url": f"{self.hub.endpoint}/{repo_id}"},
+                    {"X-Error-Message": "You already created this model repo"},
+                )
             private = payload.get("visibility") == "private" or bool(payload.get("private"))
             repo = Repo(repo_id, user, private)
             initial = Commit(_new_oid(repo_id, "init"), None, "initial commit", {

@@ -1,0 +1,335 @@
+"""Publish a bundle or an exported adapter to the Hub: verify, model card, one commit.
+
+Order of operations (nothing is published unless every step before it passed):
+
+1. recognise the folder: a PiSSA bundle (``pissa.json`` with ``format: pissa-bundle``) or a PEFT
+   LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``);
+2. verify it: a bundle with ``converter.verify.verify_bundle`` (checksums, adapter vs records,
+   maths); an adapter structurally (:func:`check_adapter_folder`) and against any checksum record
+   it carries;
+3. the model card of a bundle is regenerated from its ``pissa.json`` with the converter's card
+   renderer (the same text ``pissa convert`` writes, now naming the target repo), so an edited or
+   stale README never reaches the Hub; an adapter's README is uploaded as it is;
+4. ``create_repo(exist_ok=True)`` (+ the branch for ``--revision``), then ONE ``create_commit`` of
+   every file (the same call ``upload_folder`` makes, with the card given as bytes so the local
+   folder is never modified). The commit is atomic on the Hub side: a failure leaves the previous
+   revision in place. Re-running resumes: LFS objects already uploaded are not sent again, and a
+   commit whose files all match the remote is skipped (no empty commit).
+
+The card renderer and the bundle verifier are injectable (tests; other front-ends).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pissa.errors import HubError, SourceNotFoundError, VerificationError
+
+logger = logging.getLogger(__name__)
+
+CardRenderer = Callable[..., str]
+BundleVerifier = Callable[[Path], Any]
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """What ``push`` did.
+
+    Attributes:
+        path: the local folder.
+        repo_id: the target repo.
+        kind: ``bundle`` or ``adapter``.
+        revision: the branch committed to (or the PR's base branch).
+        commit_oid: the resulting commit (the existing head when nothing changed).
+        commit_url: its URL.
+        pr_url: the pull request, with ``create_pr``.
+        uploaded: files sent in this commit (new or changed).
+        unchanged: files already identical on the Hub (not re-sent).
+        bytes_uploaded: their total size.
+        seconds: wall time.
+    """
+
+    path: str
+    repo_id: str
+    kind: str
+    revision: str
+    commit_oid: str | None
+    commit_url: str | None
+    pr_url: str | None
+    uploaded: tuple[str, ...]
+    unchanged: tuple[str, ...]
+    bytes_uploaded: int
+    seconds: float
+
+
+def detect_kind(path: Path) -> str:
+    """``bundle`` or ``adapter``.
+
+    Raises:
+        SourceNotFoundError: the folder does not exist.
+        VerificationError: it is neither a bundle nor a PEFT adapter folder.
+    """
+    if not path.is_dir():
+        raise SourceNotFoundError(f"{path} is not a folder", path=str(path), fix="give a bundle or adapter folder")
+    record = path / "pissa.json"
+    if record.is_file():
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise VerificationError(f"{record} is not valid JSON: {exc}", [], fix="re-run pissa convert") from None
+        if isinstance(data, dict) and data.get("format") == "pissa-bundle":
+            return "bundle"
+    if (path / "adapter_config.json").is_file():
+        return "adapter"
+    raise VerificationError(
+        f"{path} is neither a PiSSA bundle (pissa.json) nor a LoRA adapter (adapter_config.json)",
+        [],
+        fix="push the output of `pissa convert` or `pissa export`",
+    )
+
+
+def check_adapter_folder(path: Path) -> list[str]:
+    """Every structural problem of a PEFT LoRA adapter folder (empty list: fine).
+
+    Checks: ``adapter_config.json`` parses and says ``peft_type: LORA`` with a positive ``r``;
+    ``adapter_model.safetensors`` has a readable header; every ``lora_A`` [r, in] has its ``lora_B``
+    [out, r] with the same r; and every ``{"files": {name: sha256}}`` record in a top-level JSON
+    file matches the files on disk.
+    """
+    from safetensors import safe_open
+
+    problems: list[str] = []
+    try:
+        config = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return [f"adapter_config.json: cannot be read as JSON: {exc}"]
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        problems.append(f"adapter_config.json: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    r = config.get("r")
+    if not isinstance(r, int) or r < 1:
+        problems.append(f"adapter_config.json: r must be a positive integer, got {r!r}")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        problems.append("adapter_model.safetensors is missing")
+        return problems
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except Exception as exc:  # noqa: BLE001 - any read failure is a corrupt file
+        return [*problems, f"adapter_model.safetensors: unreadable: {exc}"]
+    a_keys = [k for k in shapes if ".lora_A." in k]
+    if not a_keys:
+        problems.append("adapter_model.safetensors: no lora_A/lora_B tensors")
+    for a in a_keys:
+        b = a.replace(".lora_A.", ".lora_B.")
+        if b not in shapes:
+            problems.append(f"{a}: has no matching {b}")
+            continue
+        ra, rb = shapes[a][0], shapes[b][-1]
+        if ra != rb:
+            problems.append(f"{a}: rank {ra} but {b} has rank {rb}")
+    problems += _check_recorded_checksums(path)
+    return problems
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_recorded_checksums(path: Path) -> list[str]:
+    problems: list[str] = []
+    for record in sorted(path.glob("*.json")):
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        files = data.get("files") if isinstance(data, dict) else None
+        if not isinstance(files, dict):
+            continue
+        for name, digest in files.items():
+            if not (isinstance(digest, str) and _SHA256.match(digest)):
+                continue
+            target = path / name
+            if not target.is_file():
+                problems.append(f"{name}: listed in {record.name} but missing")
+            elif _sha256(target) != digest:
+                problems.append(f"{name}: sha256 differs from {record.name}")
+    return problems
+
+
+def _default_verifier(path: Path) -> Any:
+    from converter.verify import verify_bundle
+
+    return verify_bundle(path)
+
+
+def _default_card(record: dict[str, Any], *, repo_id: str | None = None) -> str:
+    from converter.card import render_model_card
+
+    return render_model_card(record, repo_id=repo_id)
+
+
+def _raise_if_failed(path: Path, result: Any) -> None:
+    """Accept a verifier that raises, or one that returns a report with ``ok`` / ``problems``."""
+    if result is None or result is True:
+        return
+    if result is False:
+        raise VerificationError(f"{path} failed verification", [], fix="re-run pissa verify for details")
+    problems = list(getattr(result, "problems", None) or [])
+    ok = getattr(result, "ok", not problems)
+    if not ok or problems:
+        raise VerificationError(
+            f"{path} failed verification; nothing was pushed",
+            [f"{path}: {p}" for p in problems],
+            fix="re-run `pissa convert` (or --resume) and `pissa verify` before pushing",
+        )
+
+
+def local_files(path: Path) -> list[str]:
+    """Relative paths of every file to publish (hidden files/folders and temp files excluded)."""
+    out = []
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.endswith((".tmp", ".partial")):
+            continue
+        out.append(rel.as_posix())
+    return out
+
+
+def push(
+    path: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    message: str | None = None,
+    card_renderer: CardRenderer | None = None,
+    verifier: BundleVerifier | None = None,
+) -> PushReport:
+    """Verify ``path`` and publish it to ``repo_id`` in one commit (see the module docstring).
+
+    Args:
+        path: a bundle (``pissa convert``) or an adapter folder (``pissa export``).
+        repo_id: ``ORG/NAME``; created if missing (``private`` then applies).
+        private: create the repo private (ignored when it exists).
+        revision: branch to commit to (created from ``main`` if missing); default ``main``.
+        create_pr: open a pull request against ``revision`` instead of committing to it.
+        message: commit message (default names the kind, rank and source).
+        card_renderer: ``f(pissa_record, repo_id=...) -> str`` (default: converter.card).
+        verifier: ``f(bundle_path)`` raising or returning a report (default: verify_bundle).
+
+    Returns:
+        a :class:`PushReport`.
+
+    Raises:
+        VerificationError: the folder does not verify; nothing was sent.
+        HubError: auth (401/403), missing repo, server or network failure; the Hub keeps its
+            previous revision; re-running resumes.
+    """
+    from huggingface_hub import CommitOperationAdd
+
+    from converter.hub import hub_api, hub_endpoint, hub_error
+
+    start = time.perf_counter()
+    folder = Path(path)
+    raise_for_hub_id(repo_id)
+    kind = detect_kind(folder)
+    card: bytes | None = None
+    if kind == "bundle":
+        _raise_if_failed(folder, (verifier or _default_verifier)(folder))
+        record = json.loads((folder / "pissa.json").read_text())
+        # The card is checksummed in pissa.json when convert wrote it: regenerate it exactly as
+        # convert did (no repo id), so the published bundle still verifies after a download.
+        checksummed = "README.md" in (record.get("files") or {})
+        card = (card_renderer or _default_card)(record, repo_id=None if checksummed else repo_id).encode()
+        default_message = f"Upload PiSSA bundle (r={record.get('adapter', {}).get('r')}) of {record.get('base_model')}"
+    else:
+        problems = check_adapter_folder(folder)
+        if problems:
+            raise VerificationError(
+                f"{folder} is not a valid LoRA adapter; nothing was pushed",
+                [f"{folder}: {p}" for p in problems],
+                fix="re-run `pissa export`",
+            )
+        default_message = "Upload LoRA adapter exported from a PiSSA run"
+
+    files = local_files(folder)
+    operations = []
+    sizes: dict[str, int] = {}
+    for rel in files:
+        if rel == "README.md" and card is not None:
+            continue
+        operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)))
+        sizes[rel] = (folder / rel).stat().st_size
+    if card is not None:
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
+        sizes["README.md"] = len(card)
+
+    branch = revision or "main"
+    endpoint = hub_endpoint()
+    api = hub_api(endpoint)
+    action = f"pushing {folder} to {repo_id}@{branch}"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if branch != "main":
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        info = api.create_commit(
+            repo_id,
+            operations,
+            commit_message=message or default_message,
+            revision=branch,
+            create_pr=create_pr,
+        )
+    except (VerificationError, SourceNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - every client failure becomes one HubError
+        raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=branch) from exc
+
+    uploaded: list[str] = []
+    unchanged: list[str] = []
+    for op in operations:
+        remote = getattr(op, "_remote_oid", None)
+        same = remote is not None and remote == getattr(op, "_local_oid", None)
+        (unchanged if same else uploaded).append(op.path_in_repo)
+    report = PushReport(
+        path=str(folder),
+        repo_id=repo_id,
+        kind=kind,
+        revision=branch,
+        commit_oid=getattr(info, "oid", None),
+        commit_url=getattr(info, "commit_url", None),
+        pr_url=getattr(info, "pr_url", None),
+        uploaded=tuple(sorted(uploaded)),
+        unchanged=tuple(sorted(unchanged)),
+        bytes_uploaded=sum(sizes[p] for p in uploaded),
+        seconds=time.perf_counter() - start,
+    )
+    logger.info(
+        "pushed %s to %s@%s: %d files uploaded, %d unchanged", folder, repo_id, branch, len(uploaded), len(unchanged)
+    )
+    return report
+
+
+def raise_for_hub_id(repo_id: str) -> None:
+    """Reject a repo id that cannot be valid (``ORG/NAME``), before any network access."""
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or ".." in repo_id:
+        raise HubError(
+            f"{repo_id!r} is not a valid repo id",
+            repo_id=repo_id,
+            fix="use ORG/NAME (letters, digits, '-', '_', '.')",
+        )

@@ -1,0 +1,246 @@
+"""Push and pull end to end: the real huggingface_hub client against the local Hub stand-in.
+
+Every test starts its own stand-in (``hub`` fixture, conftest.py) on 127.0.0.1; nothing leaves the
+machine. The bundle is a real ``pissa convert`` output of the tiny Llama, verified by the real
+``verify_bundle``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from converter.hub import checkpoint_files, download_checkpoint, download_repo, hub_error
+from converter.push import check_adapter_folder, push
+from pissa.cli import run
+from pissa.errors import HubError, SourceNotFoundError, VerificationError
+
+LFS_PUT = r"^/lfs-upload/"
+COMMIT = r"/commit/"
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (hidden ones excluded), by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    }
+
+
+@pytest.fixture
+def bundle(tiny_llama_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's tiny Llama bundle (tests may damage it)."""
+    return Path(shutil.copytree(tiny_llama_bundle, tmp_path / "bundle"))
+
+
+def test_push_pull_bit_identical_and_rerun_uploads_nothing(hub, bundle: Path, tmp_path: Path) -> None:
+    report = push(bundle, "alice/tiny-pissa", message="first")
+    local = _tree(bundle)
+    n_weights = sum(1 for f in local if f.endswith(".safetensors"))
+    assert report.kind == "bundle" and report.unchanged == ()
+    assert set(report.uploaded) == set(local)
+    # the repo was created and every safetensors file went through the LFS batch + PUT route
+    assert hub.count("POST", r"^/api/repos/create$") == 1
+    assert hub.count("PUT", LFS_PUT) == n_weights >= 2
+    assert hub.count("POST", COMMIT) == 1
+    remote = hub.head_files("alice/tiny-pissa")
+    assert {p for p, b in hub.repos["alice/tiny-pissa"].resolve("main").files.items() if b.lfs} == {
+        f for f in local if f.endswith(".safetensors")
+    }
+    head = hub.repos["alice/tiny-pissa"].refs["main"]
+
+    # a re-run sends nothing: no LFS upload, no commit, same head
+    again = push(bundle, "alice/tiny-pissa")
+    assert again.uploaded == () and set(again.unchanged) == set(local)
+    assert hub.count("PUT", LFS_PUT) == n_weights and hub.count("POST", COMMIT) == 1
+    assert hub.repos["alice/tiny-pissa"].refs["main"] == head == again.commit_oid
+
+    # the download is bit-identical to the bundle and still verifies
+    folder = download_repo("alice/tiny-pissa", cache_dir=tmp_path / "cache")
+    assert _tree(folder) == local
+    assert {p: hashlib.sha256(d).hexdigest() for p, d in remote.items() if p != ".gitattributes"} == local
+    from converter.verify import verify_bundle
+
+    assert not verify_bundle(folder).problems
+
+
+def test_push_card_regenerated_from_record(hub, bundle: Path) -> None:
+    """The published README is the card rendered from pissa.json, not the (edited) local file."""
+    (bundle / "README.md").write_text("hand-edited card\n")
+    calls = []
+
+    def card(record: dict, *, repo_id: str | None = None) -> str:
+        calls.append(record["format"])
+        return "---\nlibrary_name: peft\n---\nregenerated\n"
+
+    push(bundle, "alice/card", card_renderer=card, verifier=lambda p: None)
+    assert calls == ["pissa-bundle"]
+    assert hub.head_files("alice/card")["README.md"] == b"---\nlibrary_name: peft\n---\nregenerated\n"
+
+
+def test_broken_bundle_is_never_pushed(hub, bundle: Path) -> None:
+    shard = next(bundle.glob("model*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(VerificationError):
+        push(bundle, "alice/broken")
+    assert hub.requests == []
+
+
+def test_commit_500_reports_failure_then_rerun_resumes(hub, bundle: Path) -> None:
+    hub.fail("POST", COMMIT, 500)
+    with pytest.raises(HubError) as err:
+        push(bundle, "alice/flaky")
+    assert err.value.status == 500 and "HTTP 500" in str(err.value) and "re-running resumes" in str(err.value)
+    # nothing half-pushed: main still holds only the initial commit's files
+    assert set(hub.head_files("alice/flaky")) == {".gitattributes"}
+    puts = hub.count("PUT", LFS_PUT)
+    assert puts >= 2
+
+    report = push(bundle, "alice/flaky")
+    assert set(report.uploaded) == set(_tree(bundle))
+    assert hub.count("PUT", LFS_PUT) == puts, "LFS objects uploaded before the failure were sent again"
+    assert set(hub.head_files("alice/flaky")) - {".gitattributes"} == set(_tree(bundle))
+
+
+def test_cli_401_bad_token(hub, bundle: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+    code = run(["push", str(bundle), "alice/x"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.count("\n") == 1 and "authentication failed (HTTP 401)" in err and "HF_TOKEN" in err
+    assert hub.repos == {}
+
+
+def test_cli_403_foreign_namespace(hub, bundle: Path, capsys) -> None:
+    code = run(["push", str(bundle), "bob/x"])
+    err = capsys.readouterr().err
+    assert code == 1 and "permission denied on bob/x (HTTP 403)" in err and "'bob' namespace" in err
+    assert hub.repos == {}
+
+
+def test_network_failure(monkeypatch: pytest.MonkeyPatch, bundle: Path, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_TOKEN", "hf_alice")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(HubError, match="cannot reach the Hub"):
+        push(bundle, "alice/x", verifier=lambda p: None)
+    with pytest.raises(HubError, match="cannot reach the Hub"):
+        download_checkpoint("alice/x", None, cache_dir=tmp_path / "cache")
+
+
+def test_missing_repo_and_revision(hub, tmp_path: Path) -> None:
+    with pytest.raises(HubError, match=r"repository alice/nope not found") as err:
+        download_checkpoint("alice/nope", None, cache_dir=tmp_path)
+    assert err.value.status == 404
+    from huggingface_hub import HfApi
+
+    HfApi(endpoint=hub.endpoint, token="hf_alice").create_repo("alice/there")
+    with pytest.raises(HubError, match=r"revision 'nope' does not exist in alice/there"):
+        download_repo("alice/there", "nope", cache_dir=tmp_path)
+
+
+def test_adapter_push_to_branch_and_pr(hub, tmp_path: Path, tiny_llama_bundle: Path) -> None:
+    adapter = Path(shutil.copytree(tiny_llama_bundle / "pissa_init", tmp_path / "adapter"))
+    assert check_adapter_folder(adapter) == []
+    report = push(adapter, "alice/adapter", revision="dev", private=True)
+    assert report.kind == "adapter" and report.revision == "dev"
+    repo = hub.repos["alice/adapter"]
+    assert repo.private and set(hub.head_files("alice/adapter", "dev")) >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    assert set(hub.head_files("alice/adapter", "main")) == {".gitattributes"}
+
+    (adapter / "notes.txt").write_text("v2\n")
+    pr = push(adapter, "alice/adapter", revision="dev", create_pr=True)
+    assert pr.pr_url and pr.pr_url.endswith("/discussions/1") and pr.uploaded == ("notes.txt",)
+    assert "notes.txt" not in hub.head_files("alice/adapter", "dev")
+    assert "notes.txt" in hub.head_files("alice/adapter", "refs/pr/1")
+
+
+def test_broken_adapter_refused(hub, tmp_path: Path, tiny_llama_bundle: Path) -> None:
+    adapter = Path(shutil.copytree(tiny_llama_bundle / "pissa_init", tmp_path / "adapter"))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["peft_type"] = "IA3"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"junk")
+    with pytest.raises(VerificationError) as err:
+        push(adapter, "alice/a")
+    problems = err.value.problems()
+    assert any("peft_type is 'IA3'" in p for p in problems) and any("unreadable" in p for p in problems)
+    assert hub.requests == []
+
+
+def test_download_checkpoint_fetches_only_what_convert_reads(
+    hub, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model repo with extra formats: only config/tokenizer/safetensors come down; convert works."""
+    from huggingface_hub import HfApi, constants
+
+    src = Path(shutil.copytree(tiny_llama, tmp_path / "src"))
+    (src / "onnx").mkdir()
+    (src / "onnx" / "model.onnx").write_bytes(b"\0" * 100)
+    (src / "flax_model.msgpack").write_bytes(b"\0" * 100)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    api = HfApi(endpoint=hub.endpoint, token="hf_alice")
+    api.create_repo("alice/tiny-llama")
+    api.upload_folder(repo_id="alice/tiny-llama", folder_path=str(src))
+
+    folder = download_checkpoint("alice/tiny-llama", None, cache_dir=tmp_path / "cache")
+    got = _tree(folder)
+    assert "onnx/model.onnx" not in got and "flax_model.msgpack" not in got
+    assert got == {k: v for k, v in _tree(src).items() if k not in ("onnx/model.onnx", "flax_model.msgpack")}
+
+    # offline (or the Hub down): the cached snapshot is used, without any request
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    before = len(hub.requests)
+    assert download_checkpoint("alice/tiny-llama", None, cache_dir=tmp_path / "cache") == folder
+    assert len(hub.requests) == before
+
+
+def test_convert_from_hub_id(hub, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pissa convert hub:ORG/NAME`` downloads through the same client and records the repo id."""
+    from huggingface_hub import HfApi
+
+    from converter.convert import convert
+    from converter.options import ConvertOptions
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    api = HfApi(endpoint=hub.endpoint, token="hf_alice")
+    api.create_repo("alice/tl")
+    api.upload_folder(repo_id="alice/tl", folder_path=str(tiny_llama))
+    report = convert("hub:alice/tl", tmp_path / "b", ConvertOptions(rank=4), progress=False)
+    record = json.loads((report.out / "pissa.json").read_text())
+    assert record["source"]["kind"] == "hub" and record["source"].get("repo_id") == "alice/tl"
+
+
+def test_checkpoint_files_choice() -> None:
+    meta = ["config.json", "tokenizer.json", "README.md", "generation_config.json"]
+    st = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    both = meta + st + ["pytorch_model.bin", "onnx/model.onnx", "tf_model.h5", "sub/model.safetensors"]
+    assert checkpoint_files(both) == sorted(meta + st)
+    assert checkpoint_files(meta + ["pytorch_model.bin"]) == sorted(meta + ["pytorch_model.bin"])
+    assert checkpoint_files(["m.Q4_0.gguf", "README.md"]) == ["README.md", "m.Q4_0.gguf"]
+    with pytest.raises(SourceNotFoundError, match="2 GGUF files"):
+        checkpoint_files(["a.gguf", "b.gguf"], repo_id="o/n")
+    assert checkpoint_files(["a.gguf", "b.gguf"], filename="b.gguf") == ["b.gguf"]
+    with pytest.raises(SourceNotFoundError, match="no weights"):
+        checkpoint_files(meta, repo_id="o/n")
+
+
+def test_hub_error_passthrough_of_unknown_errors() -> None:
+    with pytest.raises(KeyError):
+        raise hub_error(KeyError("x"), repo_id="o/n", action="testing", endpoint="http://x")
