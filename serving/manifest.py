@@ -149,7 +149,7 @@ def extra_arg_problems(extra_args: list[str]) -> list[str]:
     for arg in extra_args:
         flag = arg.split("=", 1)[0]
         if flag in MANAGED_FLAGS:
-            out.append(f"extra_args: {flag} is set by the manifest's own keys; use those instead")
+            out.append(f"{flag} is set by the manifest's own keys; use those instead")
     return out
 
 
@@ -182,6 +182,7 @@ def load_serve_manifest(path: str | Path) -> ServeManifest:
                 base = BaseSpec(ref, served or raw, tuple(aliases))
 
     adapters: list[AdapterSpec] = []
+    seen_names: set[str] = set()
     for node in root.mappings("adapters"):
         name = node.get_str("name", required=True)
         raw = node.get_str("path", required=True)
@@ -189,6 +190,12 @@ def load_serve_manifest(path: str | Path) -> ServeManifest:
         if name is not None and not NAME_RE.match(name):
             node.add("name", f"must match {NAME_RE.pattern}, got {name!r}")
             name = None
+        if name is not None:
+            if name in seen_names:
+                node.add("name", f"adapter name {name!r} is used twice")
+                name = None
+            else:
+                seen_names.add(name)
         if raw is None:
             continue
         ref, problem = resolve_ref(raw, root_dir)
@@ -224,10 +231,8 @@ def load_serve_manifest(path: str | Path) -> ServeManifest:
     extra = root.str_list("extra_args", default=[], allow_scalar=False)
     root.reject_unknown({"base", "adapters", "vllm", "extra_args"})
 
-    if base is not None:
-        names = [a.name for a in adapters]
-        for p in name_problems(base.served_name, names):
-            root.add("adapters", p)
+    if base is not None and base.served_name in seen_names:
+        root.add("adapters", f"adapter name {base.served_name!r} is the base's served name")
     for p in settings_problems(settings):
         root.add("vllm", p)
     for p in extra_arg_problems(extra):
@@ -282,7 +287,7 @@ def manifest_from_flags(
     served = served_name or base
     problems += name_problems(served, [a.name for a in specs])
     problems += settings_problems(settings)
-    problems += extra_arg_problems(list(extra_args))
+    problems += [f"extra args: {p}" for p in extra_arg_problems(list(extra_args))]
     if problems:
         raise InvalidOptionsError("invalid serve options", problems, fix="fix the flags and rerun")
     assert base_ref is not None

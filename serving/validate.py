@@ -53,6 +53,7 @@ EXPORT_RECORD_FILES = ("pissa_export.json", "export.json")
 SAFE_STRING_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
 _PREFIX = "base_model.model."
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
 _SUFFIXES = {
     ".lora_A.weight": "A",
     ".lora_B.weight": "B",
@@ -88,6 +89,7 @@ class AdapterInfo:
     tensor_shapes: Mapping[str, tuple[int, ...]]
     export_record: Mapping[str, Any] | None = None
     read_problems: tuple[str, ...] = ()
+    weights_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,16 @@ def pairing_problems(adapter: AdapterInfo, base: BaseInfo) -> list[str]:
     return p
 
 
+def record_problems(adapter: AdapterInfo) -> list[str]:
+    """The export record's sha256 of the adapter weights must match the file (no silent edits)."""
+    if adapter.export_record is None or adapter.weights_sha256 is None:
+        return []
+    recorded = (adapter.export_record.get("files") or {}).get("adapter_model.safetensors")
+    if recorded and recorded != adapter.weights_sha256:
+        return ["adapter_model.safetensors changed since export (sha256 differs from its export record)"]
+    return []
+
+
 def check_adapter(adapter: AdapterInfo, base: BaseInfo, max_lora_rank: int | None = None) -> list[str]:
     """Every problem of one adapter on this base (empty: vLLM will serve it correctly)."""
     if adapter.read_problems:
@@ -294,6 +306,7 @@ def check_adapter(adapter: AdapterInfo, base: BaseInfo, max_lora_rank: int | Non
     p = config_problems(adapter.config)
     p += tensor_problems(adapter.config, adapter.tensor_shapes, base)
     p += pairing_problems(adapter, base)
+    p += record_problems(adapter)
     rank = adapter_rank(adapter.config, adapter.tensor_shapes)
     limit = max_lora_rank if max_lora_rank is not None else ALLOWED_MAX_LORA_RANKS[-1]
     if rank > limit:
@@ -393,7 +406,7 @@ def read_base(location: str, *, is_local: bool, aliases: Sequence[str] = (), giv
     config = _read_json(folder / "config.json") or {}
     if "lm_head" not in shapes:
         # Tied output layer: lm_head shares the input embedding's weight [vocab, hidden].
-        embed = next((k for k in shapes if k.endswith("embed_tokens")), None)
+        embed = next((k for k in shapes if k.rsplit(".", 1)[-1] in _EMBEDDING_NAMES), None)
         if embed is not None and config.get("tie_word_embeddings", True):
             shapes["lm_head"] = shapes[embed]
     return BaseInfo(location, frozenset(identities), shapes, str(folder.resolve()) if is_local else str(folder))
@@ -442,7 +455,16 @@ def read_adapter(name: str, location: str, *, is_local: bool) -> AdapterInfo:
             if record is None:
                 return AdapterInfo(name, location, config, shapes, None, (f"{folder / fname} is not a JSON object",))
             break
-    return AdapterInfo(name, location, config, shapes, record)
+    digest = None
+    if record is not None and (record.get("files") or {}).get(weights.name):
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+    return AdapterInfo(name, location, config, shapes, record, (), digest)
 
 
 def validate_adapters(
