@@ -39,6 +39,7 @@ class TensorInfo:
     file: str
     dtype: str  # safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
+    offset: int = 0  # absolute file offset of the data (safetensors only)
 
     @property
     def nbytes(self) -> int:
@@ -73,6 +74,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     index_metadata: dict[str, Any]
     extra_files: tuple[str, ...]
+    file_metadata: dict[str, dict[str, str]]
 
     def keys_in(self, file: str) -> list[str]:
         return [k for k, t in self.tensors.items() if t.file == file]
@@ -108,7 +110,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     for key, entry in header.items():
         try:
             begin, stop = entry["data_offsets"]
-            info = TensorInfo(key, path.name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+            info = TensorInfo(
+                key, path.name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), 8 + header_len + begin
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(
                 f"{path} has a corrupt header entry for {key!r}", path=str(path), fix=fix
@@ -192,11 +196,12 @@ def open_checkpoint(folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
         )
 
     tensors: dict[str, TensorInfo] = {}
+    file_metadata: dict[str, dict[str, str]] = {}
     problems: list[str] = []
     for file in weight_files:
         if fmt == "safetensors":
             try:
-                found, _ = read_safetensors_header(folder / file)
+                found, file_metadata[file] = read_safetensors_header(folder / file)
             except CorruptCheckpointError as exc:
                 problems.append(exc.message)
                 continue
@@ -222,7 +227,7 @@ def open_checkpoint(folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
             and not p.name.startswith(".")
         )
     )
-    return Checkpoint(folder, config, fmt, weight_files, tensors, index_metadata, extra)
+    return Checkpoint(folder, config, fmt, weight_files, tensors, index_metadata, extra, file_metadata)
 
 
 _TORCH_TO_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}

@@ -124,6 +124,8 @@ def _plan(source: ResolvedSource, options: ConvertOptions, staging: Path) -> _Pl
             source_file=f,
             output_file=output_name(f),
             fmt=ckpt.fmt,
+            tensors=tuple(sorted((t for t in ckpt.tensors.values() if t.file == f), key=lambda t: t.offset)),
+            metadata=tuple(sorted(ckpt.file_metadata.get(f, {}).items())),
             targets=tuple(t for t in targets if t.file == f),
             rank=options.rank,
             scaling=scaling,
@@ -219,18 +221,24 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
     import torch
     from safetensors import safe_open
 
-    from converter.shard import _save_checked
+    from converter.shard import TORCH_DTYPES, _writer
 
     ckpt = plan.ckpt
     parts = [json.loads(j.marker.read_text()) for j in plan.jobs]
     adapter_dir = staging / B.ADAPTER_DIR
     adapter_dir.mkdir(exist_ok=True)
-    adapter: dict[str, torch.Tensor] = {}
+    layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    handles = []
     for job in plan.jobs:
-        with safe_open(str(job.adapter_part), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                adapter[key] = f.get_tensor(key)
-    _save_checked(adapter, adapter_dir / B.ADAPTER_WEIGHTS, {"format": "pt"})
+        handle = safe_open(str(job.adapter_part), framework="pt")
+        handles.append(handle)
+        for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            sl = handle.get_slice(key)
+            layout[key] = (TORCH_DTYPES[options.adapter_dtype], tuple(sl.get_shape()))
+    with _writer(adapter_dir / B.ADAPTER_WEIGHTS, layout, {"format": "pt"}) as w:
+        for handle in handles:
+            for key in handle.keys():  # noqa: SIM118
+                w.write(key, handle.get_tensor(key))
     B.write_json(
         adapter_dir / B.ADAPTER_CONFIG,
         B.adapter_config(

@@ -39,7 +39,7 @@ class ConvertOptions:
     rslora: bool = False
     targets: tuple[str, ...] | None = None
     svd: str = "randomized"
-    niter: int = 6
+    niter: int = 10
     oversample: int = 16
     seed: int = 0
     dtype: str | None = None

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,9 @@ from typing import Any
 import torch
 
 from converter.bundle import adapter_key
+from converter.checkpoint import TensorInfo
 from converter.factorize import pissa_split
+from converter.stio import CODE_TO_TORCH, SafetensorsWriter, read_tensor
 from converter.svd import SvdOptions
 from converter.targets import Target
 from pissa.errors import NonFiniteWeightError, OutputWriteError
@@ -46,6 +47,8 @@ class ShardJob:
     source_file: str
     output_file: str
     fmt: str  # safetensors | bin
+    tensors: tuple[TensorInfo, ...]  # every tensor of the shard, in file order
+    metadata: tuple[tuple[str, str], ...]  # the shard's safetensors __metadata__
     targets: tuple[Target, ...]
     rank: int
     scaling: float
@@ -106,46 +109,38 @@ def single_threaded_blas() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _load_state(job: ShardJob) -> tuple[Callable[[str], torch.Tensor], list[str], dict[str, str]]:
+def _reader(job: ShardJob) -> Callable[[TensorInfo], torch.Tensor]:
     path = Path(job.source_folder) / job.source_file
     if job.fmt == "bin":
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return state.__getitem__, list(state), {}
-    from safetensors import safe_open
-
-    handle = safe_open(str(path), framework="pt")
-    return handle.get_tensor, list(handle.keys()), dict(handle.metadata() or {})
+        return lambda info: state[info.key].clone()
+    return lambda info: read_tensor(path, info)
 
 
-def _save_checked(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> str:
-    """Save under a temp name, reload and compare, fsync, rename; return the sha256."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def _writer(path: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+    """A :class:`SafetensorsWriter` on a temp name, renamed to ``path`` once complete and checked."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with safe_open(str(tmp), framework="pt") as f:
-            if set(f.keys()) != set(tensors):
-                raise OutputWriteError(f"{path}: reloaded file has other tensors than were written")
-            for key in tensors:
-                if not torch.equal(f.get_tensor(key), tensors[key]):
-                    raise OutputWriteError(f"{path}: tensor {key!r} differs after reloading")
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
+        with SafetensorsWriter(tmp, layout, metadata) as w:
+            yield w
         tmp.chmod(0o644)
-        digest = sha256_file(tmp)
         tmp.replace(path)
-        return digest
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputWriteError(
             f"writing {path} failed: {exc.strerror or exc}", fix="free disk space or fix permissions, then --resume"
         ) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def convert_shard(job: ShardJob, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Convert one shard; return (and write as its marker) the part record.
+
+    Tensors are read one at a time and written as soon as they are computed (see
+    :mod:`converter.stio`), so memory holds a few matrices, never the shard.
 
     Args:
         job: the shard and every option.
@@ -156,23 +151,30 @@ def convert_shard(job: ShardJob, progress: Callable[[int], None] | None = None) 
         OutputWriteError: writing failed.
     """
     start = time.perf_counter()
-    get, keys, metadata = _load_state(job)
-    metadata = {**metadata, "format": "pt"}
+    read = _reader(job)
     res_dtype = TORCH_DTYPES[job.residual_dtype] if job.residual_dtype else None
     adapter_dtype = TORCH_DTYPES[job.adapter_dtype]
     by_key = {t.key: t for t in job.targets}
-    out: dict[str, torch.Tensor] = {}
-    adapter: dict[str, torch.Tensor] = {}
-    stats: list[dict[str, Any]] = []
     source_path = str(Path(job.source_folder) / job.source_file)
+
+    def out_dtype(info: TensorInfo) -> torch.dtype:
+        dtype = CODE_TO_TORCH[info.dtype]
+        return res_dtype if res_dtype is not None and dtype.is_floating_point else dtype
+
+    layout = {info.key: (out_dtype(info), info.shape) for info in job.tensors}
+    adapter_layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for t in job.targets:
+        out_f, in_f = t.out_in
+        adapter_layout[adapter_key(t.module, "lora_A")] = (adapter_dtype, (job.rank, in_f))
+        adapter_layout[adapter_key(t.module, "lora_B")] = (adapter_dtype, (out_f, job.rank))
+    stats: list[dict[str, Any]] = []
 
     def factor(target: Target, weight: torch.Tensor) -> tuple[Target, Any, float]:
         t0 = time.perf_counter()
         if not torch.isfinite(weight).all():
             raise NonFiniteWeightError(target.key, path=source_path)
-        w = weight.to(job.device)
         split = pissa_split(
-            w,
+            weight.to(job.device),
             rank=job.rank,
             scaling=job.scaling,
             svd=job.svd,
@@ -183,53 +185,54 @@ def convert_shard(job: ShardJob, progress: Callable[[int], None] | None = None) 
         )
         return target, split, time.perf_counter() - t0
 
-    def collect(target: Target, split: Any, seconds: float) -> None:
-        out[target.key] = split.residual.cpu()
-        adapter[adapter_key(target.module, "lora_A")] = split.lora_A.cpu()
-        adapter[adapter_key(target.module, "lora_B")] = split.lora_B.cpu()
-        out_f, in_f = target.out_in
-        stats.append(
-            {
-                "name": target.module,
-                "key": target.key,
-                "shard": job.output_file,
-                "shape": [out_f, in_f],
-                "fan_in_fan_out": target.fan_in_fan_out,
-                "energy": float(split.energy),
-                "rel_error": float(split.rel_error),
-                "seconds": round(seconds, 4),
-            }
-        )
-        if progress:
-            progress(out_f * in_f * 4)
-
+    out_path = Path(job.staging) / job.output_file
     threads = max(1, job.threads) if job.device == "cpu" else 1
     ctx = single_threaded_blas() if job.device == "cpu" else contextlib.nullcontext()
-    with ctx, ThreadPoolExecutor(threads) as pool:
+    metadata = {**dict(job.metadata), "format": "pt"}
+    with ctx, ThreadPoolExecutor(threads) as pool, _writer(out_path, layout, metadata) as res_w, _writer(
+        job.adapter_part, adapter_layout, {"format": "pt"}
+    ) as ada_w:
+
+        def collect(target: Target, split: Any, seconds: float) -> None:
+            res_w.write(target.key, split.residual.cpu())
+            ada_w.write(adapter_key(target.module, "lora_A"), split.lora_A.cpu())
+            ada_w.write(adapter_key(target.module, "lora_B"), split.lora_B.cpu())
+            out_f, in_f = target.out_in
+            stats.append(
+                {
+                    "name": target.module,
+                    "key": target.key,
+                    "shard": job.output_file,
+                    "shape": [out_f, in_f],
+                    "fan_in_fan_out": target.fan_in_fan_out,
+                    "energy": float(split.energy),
+                    "rel_error": float(split.rel_error),
+                    "seconds": round(seconds, 4),
+                }
+            )
+            if progress:
+                progress(out_f * in_f * 4)
+
         pending = []
-        for key in keys:
-            tensor = get(key)
-            if key in by_key:
-                pending.append(pool.submit(factor, by_key[key], tensor))
+        for info in job.tensors:
+            tensor = read(info)
+            if info.key in by_key:
+                pending.append(pool.submit(factor, by_key[info.key], tensor))
                 if len(pending) >= 2 * threads:  # bound the matrices in flight
                     collect(*pending.pop(0).result())
             else:
-                cast = res_dtype is not None and tensor.is_floating_point()
-                out[key] = tensor.to(res_dtype) if cast else tensor
+                res_w.write(info.key, tensor.to(layout[info.key][0]))
         for fut in pending:
             collect(*fut.result())
 
     stats.sort(key=lambda s: s["key"])
-    out_path = Path(job.staging) / job.output_file
-    output_sha = _save_checked(out, out_path, metadata)
-    adapter_sha = _save_checked(adapter, job.adapter_part, {"format": "pt"})
     record = {
         "source_file": job.source_file,
         "source_sha256": sha256_file(Path(source_path)),
         "output_file": job.output_file,
-        "output_sha256": output_sha,
-        "adapter_sha256": adapter_sha,
-        "tensors": {k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in sorted(out.items())},
+        "output_sha256": res_w.sha256,
+        "adapter_sha256": ada_w.sha256,
+        "tensors": {k: [str(d).removeprefix("torch."), list(shape)] for k, (d, shape) in sorted(layout.items())},
         "matrices": stats,
         "seconds": round(time.perf_counter() - start, 3),
     }

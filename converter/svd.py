@@ -40,7 +40,7 @@ class SvdOptions:
     """
 
     method: SvdMethod = "randomized"
-    niter: int = 6
+    niter: int = 10
     oversample: int = 16
     precision: Literal["float32", "float64"] = "float32"
 

@@ -15,7 +15,7 @@ from pissa.commands.common import human_bytes
 @click.option("--rslora", is_flag=True, help="Rank-stabilised scaling alpha/√r.")
 @click.option("--targets", default=None, help="Comma-separated layer names (default: all linear but lm_head).")
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
-@click.option("--niter", default=6, show_default=True, help="Power iterations (randomized SVD).")
+@click.option("--niter", default=10, show_default=True, help="Power iterations (randomized SVD).")
 @click.option("--oversample", default=16, show_default=True, help="Oversampling columns (randomized SVD).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the randomized sketches.")
 @click.option("--dtype", default=None, help="Residual dtype (default: the source's; GGUF: bfloat16).")

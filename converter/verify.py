@@ -1,0 +1,197 @@
+"""``pissa verify BUNDLE [--source SOURCE]``: re-check everything a bundle's pissa.json claims.
+
+1. every recorded file exists and has its recorded sha256;
+2. the adapter config agrees with the record (rank, alpha, rsLoRA, targets, init_lora_weights true);
+3. every recorded matrix has ``lora_A [r, in]`` / ``lora_B [out, r]`` and a residual of the recorded
+   shape, and the adapter's energy share ``‖s·BA‖² / ‖W_res + s·BA‖²`` equals the recorded one;
+4. with ``source``: ``‖W − (W_res + s·BA)‖ / ‖W‖`` is within the residual dtype's rounding for every
+   matrix (float32 1e-5, float16 2e-3, bfloat16 1e-2) and every other tensor equals the source's
+   (after the recorded dtype cast).
+
+All problems are collected and reported together. Shards are read one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from converter import bundle as B
+from converter.shard import TORCH_DTYPES, sha256_file
+from pissa.errors import VerificationError
+
+log = logging.getLogger(__name__)
+
+# Relative Frobenius error allowed for W ≈ W_res + s·BA, by residual dtype (its unit roundoff ×~4).
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-3, "bfloat16": 1e-2}
+ENERGY_RTOL = 2e-2
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    bundle: Path
+    files: int
+    matrices: int
+    max_rel_error: float | None  # against the source, when given
+    problems: list[str] = field(default_factory=list)
+
+
+def _load_record(bundle: Path) -> dict[str, Any]:
+    try:
+        record = B.read_record(bundle)
+    except FileNotFoundError as exc:
+        raise VerificationError(
+            f"{bundle} is not a bundle", [f"{bundle / B.RECORD} is missing"], fix="convert it with pissa convert"
+        ) from exc
+    except ValueError as exc:
+        raise VerificationError(f"{bundle} is damaged", [f"{B.RECORD} is not valid JSON ({exc})"]) from exc
+    if record.get("format") != B.FORMAT:
+        raise VerificationError(f"{bundle} is not a bundle", [f"{B.RECORD} has format {record.get('format')!r}"])
+    return record
+
+
+def check_files(bundle: Path, record: dict[str, Any]) -> list[str]:
+    """Problems with the recorded files' presence and checksums."""
+    problems = []
+    for rel, digest in record.get("files", {}).items():
+        path = bundle / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+        elif sha256_file(path) != digest:
+            problems.append(f"{rel}: checksum differs from pissa.json (modified or corrupt)")
+    return problems
+
+
+def check_adapter_config(bundle: Path, record: dict[str, Any]) -> list[str]:
+    adapter = record["adapter"]
+    try:
+        cfg = json.loads((bundle / B.ADAPTER_DIR / B.ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{B.ADAPTER_DIR}/{B.ADAPTER_CONFIG}: unreadable ({exc})"]
+    problems = []
+    for key, rec_key in (("r", "r"), ("lora_alpha", "lora_alpha"), ("use_rslora", "use_rslora"),
+                         ("target_modules", "target_modules"), ("fan_in_fan_out", "fan_in_fan_out")):
+        if cfg.get(key) != adapter.get(rec_key):
+            problems.append(f"adapter_config {key}={cfg.get(key)!r} but pissa.json says {adapter.get(rec_key)!r}")
+    if cfg.get("peft_type") != "LORA" or cfg.get("init_lora_weights") is not True:
+        problems.append("adapter_config must be peft_type LORA with init_lora_weights true")
+    return problems
+
+
+def _weight_map(bundle: Path) -> dict[str, str]:
+    index = bundle / "model.safetensors.index.json"
+    if index.exists():
+        return json.loads(index.read_text())["weight_map"]
+    from safetensors import safe_open
+
+    with safe_open(str(bundle / "model.safetensors"), framework="pt") as f:
+        return dict.fromkeys(f.keys(), "model.safetensors")
+
+
+def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | None) -> tuple[list[str], float | None]:
+    """Shapes, energies and (with a source) the reconstruction of every matrix, shard by shard."""
+    import torch
+    from safetensors import safe_open
+
+    problems: list[str] = []
+    adapter = record["adapter"]
+    scaling = float(adapter["scaling"])
+    r = int(adapter["r"])
+    residual_dtype = record.get("residual_dtype")
+    src_map: dict[str, str] = {}
+    if source_folder is not None:
+        from converter.checkpoint import open_checkpoint
+
+        ckpt = open_checkpoint(source_folder, allow_pickle=bool(record.get("options", {}).get("allow_pickle")))
+        src_map = {k: t.file for k, t in ckpt.tensors.items()}
+    by_key = {m["key"]: m for m in record["matrices"]}
+    weight_map = _weight_map(bundle)
+    worst: float | None = None
+    lora = safe_open(str(bundle / B.ADAPTER_DIR / B.ADAPTER_WEIGHTS), framework="pt")
+    lora_keys = set(lora.keys())
+    for shard in sorted(set(weight_map.values())):
+        res = safe_open(str(bundle / shard), framework="pt")
+        src_handles: dict[str, Any] = {}
+        for key in [k for k, f in weight_map.items() if f == shard]:
+            m = by_key.get(key)
+            src = None
+            if source_folder is not None:
+                if key not in src_map:
+                    problems.append(f"{key}: not in the source")
+                    continue
+                file = src_map[key]
+                if file not in src_handles:
+                    src_handles[file] = _open_source(source_folder / file)
+                src = src_handles[file](key)
+            w_res = res.get_tensor(key)
+            if m is None:
+                if src is not None:
+                    expected = src.to(TORCH_DTYPES[residual_dtype]) if residual_dtype and src.is_floating_point() else src
+                    if not torch.equal(w_res, expected):
+                        problems.append(f"{key}: differs from the source (not a target, should be copied)")
+                continue
+            a_key = f"base_model.model.{m['name']}.lora_A.weight"
+            b_key = f"base_model.model.{m['name']}.lora_B.weight"
+            if a_key not in lora_keys or b_key not in lora_keys:
+                problems.append(f"{m['name']}: adapter tensors missing")
+                continue
+            a, b = lora.get_tensor(a_key).double(), lora.get_tensor(b_key).double()
+            out_f, in_f = m["shape"]
+            if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
+                problems.append(f"{m['name']}: adapter shapes {list(a.shape)}/{list(b.shape)} do not match {m['shape']}")
+                continue
+            w_res_d = w_res.double().T if m["fan_in_fan_out"] else w_res.double()
+            delta = scaling * (b @ a)
+            recon = w_res_d + delta
+            energy = float(delta.square().sum() / recon.square().sum().clamp_min(1e-300))
+            if abs(energy - m["energy"]) > ENERGY_RTOL * max(m["energy"], 1e-12):
+                problems.append(f"{m['name']}: adapter energy share {energy:.5f} but pissa.json says {m['energy']:.5f}")
+            if src is not None:
+                w = src.double().T if m["fan_in_fan_out"] else src.double()
+                err = float((w - recon).norm() / w.norm().clamp_min(1e-300))
+                worst = err if worst is None else max(worst, err)
+                tol = TOLERANCE.get(residual_dtype or str(src.dtype).removeprefix("torch."), 1e-2)
+                if err > tol:
+                    problems.append(f"{m['name']}: ‖W − (W_res + s·BA)‖/‖W‖ = {err:.2e} exceeds {tol:.0e}")
+    missing = sorted(set(by_key) - set(weight_map))
+    problems += [f"{k}: recorded matrix has no residual tensor" for k in missing]
+    return problems, worst
+
+
+def _open_source(path: Path):
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        return safe_open(str(path), framework="pt").get_tensor
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).__getitem__
+
+
+def verify_bundle(bundle: str | Path, source: str | None = None) -> VerifyReport:
+    """Verify a bundle (see the module docstring).
+
+    Raises:
+        VerificationError: one problem per line (all of them).
+    """
+    bundle = Path(bundle)
+    record = _load_record(bundle)
+    problems = check_files(bundle, record)
+    problems += check_adapter_config(bundle, record)
+    source_folder = None
+    if source is not None:
+        from converter.sources import resolve_source
+
+        source_folder = resolve_source(source, revision=record.get("options", {}).get("revision")).folder
+    worst = None
+    if not problems:  # tensor checks need intact files
+        tensor_problems, worst = check_tensors(bundle, record, source_folder)
+        problems += tensor_problems
+    if problems:
+        raise VerificationError(
+            f"{bundle} failed verification", problems, fix="re-convert the bundle (pissa convert --overwrite)"
+        )
+    return VerifyReport(bundle, len(record.get("files", {})), len(record["matrices"]), worst)
