@@ -1,0 +1,70 @@
+"""``pissa train BUNDLE --data FILE --out RUN``: thin CLI over :func:`training.train.train`."""
+
+from __future__ import annotations
+
+import click
+
+from training.options import INITS, OVERLONG, SCHEDULES
+
+
+def _warmup(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"expected a number of steps or a fraction, got {value!r}") from exc
+
+
+@click.command(name="train")
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--data", required=True, type=click.Path(path_type=str),
+              help="JSONL ({prompt,response} or {messages}) or a saved datasets folder.")
+@click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder.")
+@click.option("--init", type=click.Choice(INITS), default="pissa", show_default=True,
+              help="pissa: the bundle's principal adapter; lora: plain-LoRA baseline on the original base.")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, default=2e-5, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--max-length", type=int, default=512, show_default=True)
+@click.option("--overlong", type=click.Choice(OVERLONG), default="drop", show_default=True,
+              help="What to do with examples longer than --max-length (counted either way).")
+@click.option("--warmup", type=str, default="0", show_default=True,
+              help="Warm-up steps (>= 1) or fraction of the run (< 1).")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True)
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--eval-data", type=click.Path(path_type=str), default=None, help="Held-out data for eval loss.")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps (default: at the end).")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (for --resume).")
+@click.option("--log-every", type=int, default=1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--bf16", is_flag=True, help="bf16 mixed precision (GPU).")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations (saves GPU memory).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+              show_default=True, help="dtype the residual model is loaded in.")
+@click.option("--resume", is_flag=True, help="Continue RUN from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty RUN.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(bundle: str, data: str, out: str, resume: bool, overwrite: bool, no_progress: bool, warmup: str,
+          **options) -> None:
+    """Fine-tune a bundle's PiSSA adapter (or, with --init lora, the plain-LoRA baseline).
+
+    Runs on CPU as is; on GPUs run it under `accelerate launch` (DDP/FSDP/DeepSpeed from accelerate's
+    config) with --bf16 and optionally --gradient-checkpointing.
+    """
+    from training.options import TrainOptions
+    from training.train import train as run_train
+
+    result = run_train(bundle, data, out, TrainOptions(warmup=_warmup(warmup), **options), resume=resume,
+                       overwrite=overwrite, progress=not no_progress)
+    d = result.data
+    click.echo(f"trained {result.init} for {result.steps} steps in {result.seconds:.1f} s → {result.adapter}")
+    click.echo(f"  data: {d.examples} examples of {d.records} records ({d.dropped_overlong} dropped as too long, "
+               f"{d.truncated} truncated, {d.dropped_no_target} without response tokens)")
+    if result.first_loss is not None and result.final_loss is not None:
+        click.echo(f"  loss: {result.first_loss:.4f} → {result.final_loss:.4f}"
+                   + (f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+    if result.tokens_per_second:
+        click.echo(f"  throughput: {result.tokens_per_second:.0f} tokens/s")
+    if result.plot is not None:
+        click.echo(f"  curves: {result.out / 'metrics.jsonl'}, {result.plot}")

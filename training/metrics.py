@@ -1,0 +1,63 @@
+"""``metrics.jsonl`` of a run: one JSON object per logged step, written as training goes.
+
+Training lines: ``{"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "time_s"}``; eval
+lines: ``{"step", "epoch", "eval_loss"}``. On ``--resume`` lines after the checkpoint's step are
+dropped before the run continues, so the file always describes one trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """All metric lines of a run folder (or of a metrics.jsonl path)."""
+    path = path / METRICS_FILE if path.is_dir() else path
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the lines with ``step <= step`` (used when resuming from a checkpoint)."""
+    lines = [m for m in read_metrics(path) if m.get("step", 0) <= step]
+    (path / METRICS_FILE).write_text("".join(json.dumps(m) + "\n" for m in lines), encoding="utf-8")
+
+
+def append_metrics(path: Path, line: dict[str, Any]) -> None:
+    with (path / METRICS_FILE).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+
+
+@dataclass(frozen=True)
+class Curves:
+    """Loss curves of one run, ready to plot or compare."""
+
+    steps: tuple[int, ...]
+    loss: tuple[float, ...]
+    eval_steps: tuple[int, ...]
+    eval_loss: tuple[float, ...]
+    tokens_per_s: tuple[float, ...]
+
+
+def curves(path: Path) -> Curves:
+    lines = read_metrics(path)
+    train = [m for m in lines if "loss" in m]
+    ev = [m for m in lines if "eval_loss" in m]
+    return Curves(
+        steps=tuple(int(m["step"]) for m in train),
+        loss=tuple(float(m["loss"]) for m in train),
+        eval_steps=tuple(int(m["step"]) for m in ev),
+        eval_loss=tuple(float(m["eval_loss"]) for m in ev),
+        tokens_per_s=tuple(float(m["tokens_per_s"]) for m in train if m.get("tokens_per_s") is not None),
+    )
+
+
+def first_step_below(c: Curves, threshold: float) -> int | None:
+    """First logged step whose training loss is ``<= threshold`` (``None`` if never)."""
+    return next((s for s, v in zip(c.steps, c.loss) if v <= threshold), None)

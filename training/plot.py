@@ -1,0 +1,71 @@
+"""Loss curves of one or more runs as a PNG (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pissa.errors import SourceNotFoundError, TrainingDataError
+from training.metrics import METRICS_FILE, curves
+
+
+def run_label(run: Path) -> str:
+    """``<folder name> (<init>)`` from the run's run.json when present."""
+    record = run / "run.json"
+    if record.exists():
+        try:
+            init = json.loads(record.read_text()).get("options", {}).get("init")
+            if init:
+                return f"{run.name} ({init})"
+        except (OSError, ValueError):
+            pass
+    return run.name
+
+
+def plot_runs(runs: list[str | os.PathLike[str]], out: str | os.PathLike[str], *, title: str | None = None) -> Path:
+    """Plot training (solid) and eval (dashed, markers) loss of every run on one figure.
+
+    Args:
+        runs: run folders holding ``metrics.jsonl``.
+        out: PNG path (written to a temporary name, then renamed).
+        title: figure title.
+
+    Returns:
+        The PNG path.
+
+    Raises:
+        SourceNotFoundError: a run folder or its metrics are missing.
+        TrainingDataError: a run has no logged loss yet.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = [Path(r) for r in runs]
+    missing = [str(p) for p in paths if not (p / METRICS_FILE).is_file()]
+    if missing:
+        raise SourceNotFoundError(f"no {METRICS_FILE} in {', '.join(missing)}", fix="pass run folders of `pissa train`")
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for p in paths:
+        c = curves(p)
+        if not c.steps:
+            raise TrainingDataError(f"{p}: no loss logged", [f"{p}/{METRICS_FILE} holds no training loss yet"])
+        (line,) = ax.plot(c.steps, c.loss, label=f"{run_label(p)} train", linewidth=1.4)
+        if c.eval_steps:
+            ax.plot(c.eval_steps, c.eval_loss, "--o", color=line.get_color(), markersize=3,
+                    label=f"{run_label(p)} eval")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (response tokens)")
+    ax.set_title(title or "training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path

@@ -1,0 +1,439 @@
+"""``pissa train``: fine-tune a bundle's PiSSA adapter (or a plain-LoRA baseline) with transformers' Trainer.
+
+The recipe (one for both inits, so the comparison is fair):
+
+- ``init="pissa"``: ``AutoModelForCausalLM.from_pretrained(BUNDLE)`` (the residual) +
+  ``PeftModel.from_pretrained(model, BUNDLE, subfolder="pissa_init", is_trainable=True)``.
+- ``init="lora"``: the original base, rebuilt from the bundle as ``W_res + s·B₀A₀`` (= the source
+  weights up to the residual dtype's rounding; no access to the source needed), + a fresh PEFT LoRA
+  adapter with the bundle's rank, alpha, rsLoRA flag and targets (Kaiming-uniform A, zero B).
+
+Both then run the same Trainer: AdamW, the chosen schedule with warm-up, gradient clipping at 1.0,
+loss on response tokens only. Distribution (DDP/FSDP/DeepSpeed), bf16 and gradient checkpointing are
+the Trainer's own, configured by ``accelerate launch`` and the options; nothing here is home-made.
+
+RUN layout::
+
+    RUN/run.json                  options, data statistics, bundle, status and results
+    RUN/metrics.jsonl             one line per logged step (see training.metrics)
+    RUN/checkpoints/checkpoint-N  Trainer checkpoints (PEFT adapter + optimizer/scheduler/RNG state)
+    RUN/adapter/                  the final adapter (+ pissa_training.json, used by ``pissa export``)
+    RUN/loss.png                  loss curves
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pissa.errors import InvalidOptionsError, OutputExistsError
+from training.artifacts import (
+    ADAPTER_CONFIG,
+    RUN_RECORD,
+    Bundle,
+    open_bundle,
+    read_json,
+    write_json,
+    write_training_record,
+)
+from training.data import Collator, DataStats, Example, encode_records, read_records
+from training.metrics import append_metrics, read_metrics, truncate_metrics
+from training.options import TrainOptions
+from training.plot import plot_runs
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+PLOT = "loss.png"
+# Options that may differ between the interrupted run and its --resume (they do not change the trajectory).
+_RESUME_FREE = ("eval_every", "save_every", "log_every")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train` did.
+
+    Attributes:
+        out: the run folder.
+        adapter: the final adapter folder (``out/adapter``).
+        init: ``pissa`` or ``lora``.
+        steps: optimizer steps done (in total, over resumes).
+        first_loss: training loss of the first logged step.
+        final_loss: training loss of the last logged step.
+        eval_loss: last eval loss (``None`` without eval data).
+        tokens_per_second: input tokens (without padding) per second of this process's training.
+        seconds: wall time of this call.
+        data: statistics of the training data.
+        eval: statistics of the eval data.
+        plot: the loss plot.
+    """
+
+    out: Path
+    adapter: Path
+    init: str
+    steps: int
+    first_loss: float | None
+    final_loss: float | None
+    eval_loss: float | None
+    tokens_per_second: float | None
+    seconds: float
+    data: DataStats
+    eval: DataStats | None
+    plot: Path | None
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def load_tokenizer(bundle: Bundle) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(bundle.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(bundle: Bundle, options: TrainOptions) -> Any:
+    """The trainable PEFT model of the recipe for ``options.init`` (see the module docstring)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, set_seed
+
+    dtype = getattr(torch, options.dtype)
+    model = AutoModelForCausalLM.from_pretrained(bundle.path, dtype=dtype)
+    if options.init == "pissa":
+        return PeftModel.from_pretrained(model, bundle.path, subfolder="pissa_init", is_trainable=True)
+    # Plain LoRA on the original base: W = W_res + s·B₀A₀, then a fresh adapter with the same shape.
+    init_config = read_json(bundle.init_dir / ADAPTER_CONFIG)
+    merged = PeftModel.from_pretrained(model, bundle.path, subfolder="pissa_init").merge_and_unload()
+    set_seed(options.seed)
+    config = LoraConfig(
+        r=int(init_config["r"]),
+        lora_alpha=float(init_config["lora_alpha"]),
+        use_rslora=bool(init_config.get("use_rslora")),
+        target_modules=init_config["target_modules"],
+        fan_in_fan_out=bool(init_config.get("fan_in_fan_out")),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        init_lora_weights=True,
+    )
+    return get_peft_model(merged, config)
+
+
+def _training_arguments(out: Path, options: TrainOptions, has_eval: bool) -> Any:
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps if options.max_steps is not None else -1,
+        learning_rate=options.lr,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        warmup_steps=options.warmup if options.warmup < 1 else int(options.warmup),
+        lr_scheduler_type=options.schedule,
+        weight_decay=options.weight_decay,
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        logging_strategy="steps",
+        logging_steps=options.log_every,
+        eval_strategy="steps" if has_eval and options.eval_every else "no",
+        eval_steps=options.eval_every,
+        save_strategy="steps" if options.save_every else "no",
+        save_steps=options.save_every or 500,
+        seed=options.seed,
+        data_seed=options.seed,
+        bf16=options.bf16,
+        gradient_checkpointing=options.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
+def _callbacks(out: Path, bundle: Bundle, options: TrainOptions, progress: bool) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class MetricsCallback(TrainerCallback):
+        """Appends one metrics.jsonl line per log (main process only), with tokens/s since the last log."""
+
+        def __init__(self) -> None:
+            self.last_time: float | None = None
+            self.last_tokens = 0
+            self.started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_time = time.perf_counter()
+            self.last_tokens = state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            line: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            if "loss" in logs:
+                now = time.perf_counter()
+                tokens = state.num_input_tokens_seen
+                dt = now - (self.last_time or now)
+                line.update(
+                    loss=float(logs["loss"]),
+                    lr=float(logs.get("learning_rate", float("nan"))),
+                    grad_norm=float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
+                    tokens_per_s=round((tokens - self.last_tokens) / dt, 1) if dt > 0 else None,
+                    time_s=round(now - self.started, 3),
+                )
+                self.last_time, self.last_tokens = now, tokens
+            elif "eval_loss" in logs:
+                line["eval_loss"] = float(logs["eval_loss"])
+            else:
+                return
+            append_metrics(out, line)
+
+    class RecordCallback(TrainerCallback):
+        """Leaves pissa_training.json in every checkpoint so checkpoints can be exported too."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    write_training_record(folder, bundle=bundle, init=options.init, step=state.global_step)
+
+    class ProgressBar(TrainerCallback):
+        """tqdm bar over optimizer steps with the latest loss and the ETA."""
+
+        def __init__(self) -> None:
+            self.bar: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"train ({options.init})",
+                                unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs:
+                shown = {k: f"{logs[k]:.4g}" for k in ("loss", "eval_loss") if k in logs}
+                if shown:
+                    self.bar.set_postfix(shown)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    callbacks: list[Any] = [MetricsCallback(), RecordCallback()]
+    if progress:
+        callbacks.append(ProgressBar())
+    return callbacks
+
+
+def _last_checkpoint(out: Path) -> Path | None:
+    folder = out / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    found = [(int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(found)[1] if found else None
+
+
+def _check_resume(out: Path, bundle: Bundle, data: Path, options: TrainOptions) -> Path:
+    """The checkpoint to resume from, after checking the run was started with the same settings."""
+    record_path = out / RUN_RECORD
+    if not record_path.is_file():
+        raise InvalidOptionsError("cannot resume", [f"{out} is not a run folder (no {RUN_RECORD})"],
+                                  fix="start the run without --resume")
+    record = read_json(record_path)
+    problems = []
+    if record.get("bundle") != str(bundle.path):
+        problems.append(f"the run was started from bundle {record.get('bundle')}, not {bundle.path}")
+    if record.get("data", {}).get("path") != str(data.resolve()):
+        problems.append(f"the run was started on data {record.get('data', {}).get('path')}, not {data.resolve()}")
+    before = record.get("options", {})
+    for key, value in options.to_record().items():
+        if key not in _RESUME_FREE and before.get(key) != value:
+            problems.append(f"option {key} was {before.get(key)!r}, now {value!r}")
+    checkpoint = _last_checkpoint(out)
+    if checkpoint is None:
+        problems.append(f"{out / CHECKPOINTS} holds no checkpoint (train with --save-every N to make some)")
+    if problems:
+        raise InvalidOptionsError(f"cannot resume {out}", problems, fix="resume with the run's original settings")
+    assert checkpoint is not None
+    return checkpoint
+
+
+def _encode(tokenizer: Any, path: Path, options: TrainOptions) -> tuple[list[Example], DataStats]:
+    records = read_records(path)
+    return encode_records(tokenizer, records, max_length=options.max_length, overlong=options.overlong,
+                          path=str(path))
+
+
+def train(
+    bundle: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    options: TrainOptions | None = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Any] = (),
+    **overrides: Any,
+) -> TrainResult:
+    """Fine-tune ``bundle`` on ``data`` into the run folder ``out``.
+
+    Args:
+        bundle: a bundle written by ``pissa convert``.
+        data: JSONL file (``prompt``/``response`` or ``messages``) or a saved datasets folder.
+        out: the run folder (layout in the module docstring).
+        options: the recipe (:class:`TrainOptions`); ``overrides`` replace single fields, e.g.
+            ``train(b, d, o, max_steps=30, lr=1e-4)``.
+        resume: continue ``out`` from its last checkpoint (same trajectory as an uninterrupted run).
+        overwrite: delete a non-empty ``out`` first.
+        progress: show a progress bar.
+        callbacks: extra ``transformers.TrainerCallback`` objects.
+
+    Returns:
+        A :class:`TrainResult`.
+
+    Raises:
+        InvalidOptionsError, TrainingDataError, SourceNotFoundError, OutputExistsError.
+    """
+    started = time.perf_counter()
+    options = (options or TrainOptions()).with_overrides(**overrides).validate()
+    out_path = Path(out).absolute()
+    data_path = Path(data)
+    b = open_bundle(bundle)
+    checkpoint: Path | None = None
+    if resume:
+        checkpoint = _check_resume(out_path, b, data_path, options)
+    elif out_path.exists() and any(out_path.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(str(out_path))
+        shutil.rmtree(out_path)
+
+    tokenizer = load_tokenizer(b)
+    train_examples, train_stats = _encode(tokenizer, data_path, options)
+    eval_examples, eval_stats = (None, None)
+    if options.eval_data:
+        eval_examples, eval_stats = _encode(tokenizer, Path(options.eval_data), options)
+
+    main = _is_main_process()
+    if main:
+        out_path.mkdir(parents=True, exist_ok=True)
+        if checkpoint is not None:
+            step = int(checkpoint.name.split("-")[-1])
+            truncate_metrics(out_path, step)
+            logger.info("resuming %s from %s", out_path, checkpoint.name)
+        write_json(out_path / RUN_RECORD, _run_record(b, data_path, options, train_stats, eval_stats, "running"))
+
+    from transformers import PrinterCallback, Trainer
+
+    model = load_model(b, options)
+    if options.gradient_checkpointing:
+        model.enable_input_require_grads()
+    args = _training_arguments(out_path, options, eval_examples is not None)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_examples,
+        eval_dataset=eval_examples,
+        data_collator=Collator(tokenizer.pad_token_id),
+        callbacks=[*_callbacks(out_path, b, options, progress and main), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if eval_examples is not None:
+        trainer.evaluate()
+
+    adapter = out_path / ADAPTER
+    plot: Path | None = None
+    if trainer.is_world_process_zero():
+        _save_adapter(trainer.model, adapter, b, options, trainer.state.global_step)
+        plot = plot_runs([out_path], out_path / PLOT, title=f"{out_path.name}: {options.init}")
+    lines = read_metrics(out_path) if main else []
+    losses = [m["loss"] for m in lines if "loss" in m]
+    evals = [m["eval_loss"] for m in lines if "eval_loss" in m]
+    runtime = output.metrics.get("train_runtime") or 0.0
+    tokens_seen = trainer.state.num_input_tokens_seen
+    speed = output.metrics.get("train_tokens_per_second")
+    if speed is None and runtime > 0 and not checkpoint:
+        speed = tokens_seen / runtime
+    result = TrainResult(
+        out=out_path,
+        adapter=adapter,
+        init=options.init,
+        steps=trainer.state.global_step,
+        first_loss=losses[0] if losses else None,
+        final_loss=losses[-1] if losses else None,
+        eval_loss=evals[-1] if evals else None,
+        tokens_per_second=_mean_speed(lines) if speed is None else float(speed),
+        seconds=time.perf_counter() - started,
+        data=train_stats,
+        eval=eval_stats,
+        plot=plot,
+    )
+    if main:
+        record = _run_record(b, data_path, options, train_stats, eval_stats, "finished")
+        record["result"] = {
+            "steps": result.steps, "first_loss": result.first_loss, "final_loss": result.final_loss,
+            "eval_loss": result.eval_loss, "tokens_per_second": result.tokens_per_second,
+            "seconds": round(result.seconds, 3),
+        }
+        write_json(out_path / RUN_RECORD, record)
+    return result
+
+
+def _mean_speed(lines: list[dict[str, Any]]) -> float | None:
+    speeds = [m["tokens_per_s"] for m in lines if m.get("tokens_per_s")]
+    return sum(speeds) / len(speeds) if speeds else None
+
+
+def _save_adapter(model: Any, adapter: Path, bundle: Bundle, options: TrainOptions, step: int) -> None:
+    """Save the final adapter atomically (temp folder, then rename) with its training record."""
+    tmp = adapter.with_name(f".{adapter.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    if options.init == "lora":
+        # The baseline is an adapter for the original base: say so in its config.
+        config = read_json(tmp / ADAPTER_CONFIG)
+        config["base_model_name_or_path"] = bundle.base_model
+        write_json(tmp / ADAPTER_CONFIG, config)
+    write_training_record(tmp, bundle=bundle, init=options.init, step=step)
+    if adapter.exists():
+        shutil.rmtree(adapter)
+    tmp.rename(adapter)
+
+
+def _run_record(bundle: Bundle, data: Path, options: TrainOptions, stats: DataStats, eval_stats: DataStats | None,
+                status: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {
+        "format": "pissa-run",
+        "status": status,
+        "bundle": str(bundle.path),
+        "base_model": bundle.base_model,
+        "options": options.to_record(),
+        "data": {**asdict(stats), "path": str(data.resolve())},
+        "eval_data": asdict(eval_stats) if eval_stats else None,
+    }
+
