@@ -1,0 +1,295 @@
+"""Unit tests of the SVD and PiSSA-split maths (converter/svd.py, converter/factorize.py).
+
+Matrices are built with a known spectrum: ``W = U diag(σ) Vᵀ`` with ``U``, ``V`` Haar-random
+orthonormal (QR of a Gaussian) and ``σ`` chosen, so the exact top-r triple is known in advance.
+
+Tolerances:
+- float64 maths: singular values to rtol 1e-10, singular subspaces to 1e-8 (the Gram-eigh path of
+  ``exact_top_r`` squares the condition number, so its vector error is about ``1e-16·σ₁²/(σ_r²−σ_{r+1}²)``;
+  the spectra below keep that under 1e-12).
+- float32 maths: 1e-4 relative on values of order 1.
+Singular vectors are defined up to sign, so vectors are compared after aligning signs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from converter.factorize import lora_scaling, pissa_split
+from converter.svd import SvdOptions, exact_top_r, gaussian_sketch, randomized_top_r, top_r_svd
+
+
+def _orthonormal(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))  # Haar-distributed
+
+
+def known_spectrum(m: int, n: int, sigma: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """``(W, U, σ, Vh)`` with ``W = U diag(σ) Vh`` in float64; ``len(σ) <= min(m, n)``."""
+    gen = torch.Generator().manual_seed(seed)
+    k = sigma.numel()
+    u = _orthonormal(m, k, gen)
+    v = _orthonormal(n, k, gen)
+    return (u * sigma) @ v.T, u, sigma, v.T
+
+
+def power_law(k: int, exponent: float = 0.6) -> torch.Tensor:
+    return torch.arange(1, k + 1, dtype=torch.float64) ** -exponent
+
+
+def align(u: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Flip the sign of each column of ``u`` to agree with ``ref``."""
+    return u * torch.sign((u * ref).sum(dim=0))
+
+
+def captured(s: torch.Tensor, sigma: torch.Tensor, rank: int) -> float:
+    """Share of the exact top-r energy captured: Σ s_i² / Σ_{i≤r} σ_i²."""
+    return float(s.double().square().sum() / sigma[:rank].square().sum())
+
+
+# --- exact_top_r ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(96, 160), (160, 96), (128, 128)], ids=["wide", "tall", "square"])
+@pytest.mark.parametrize("rank", [1, 8, 40, 70], ids=lambda r: f"r{r}")
+def test_exact_matches_full_svd(shape, rank):
+    """Gram-eigh path (rank <= min/2) and full-SVD path (rank > min/2) both equal torch.linalg.svd."""
+    m, n = shape
+    k = min(m, n)
+    w, u_true, sigma, vh_true = known_spectrum(m, n, power_law(k), seed=rank)
+    u, s, vh = exact_top_r(w, rank)
+    assert u.shape == (m, rank) and s.shape == (rank,) and vh.shape == (rank, n)
+    assert u.dtype == s.dtype == vh.dtype == torch.float64
+    torch.testing.assert_close(s, sigma[:rank], rtol=1e-10, atol=0)
+
+    u_ref, s_ref, vh_ref = torch.linalg.svd(w, full_matrices=False)
+    torch.testing.assert_close(s, s_ref[:rank], rtol=1e-10, atol=0)
+    torch.testing.assert_close(align(u, u_ref[:, :rank]), u_ref[:, :rank], atol=1e-8, rtol=0)
+    torch.testing.assert_close(align(vh.T, vh_ref[:rank].T), vh_ref[:rank].T, atol=1e-8, rtol=0)
+    # U and V are orthonormal and U diag(s) Vh is the best rank-r approximation.
+    eye = torch.eye(rank, dtype=torch.float64)
+    torch.testing.assert_close(u.T @ u, eye, atol=1e-10, rtol=0)
+    torch.testing.assert_close(vh @ vh.T, eye, atol=1e-10, rtol=0)
+    best = (u_ref[:, :rank] * s_ref[:rank]) @ vh_ref[:rank]
+    torch.testing.assert_close((u * s) @ vh, best, atol=1e-10, rtol=0)
+
+
+def test_exact_float32_input_returns_float32_close_to_float64():
+    w64, _, sigma, _ = known_spectrum(64, 200, power_law(64), seed=3)
+    u, s, vh = exact_top_r(w64.float(), 8)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    torch.testing.assert_close(s.double(), sigma[:8], rtol=1e-5, atol=0)
+
+
+def test_exact_batched_equals_unbatched():
+    ws = torch.stack([known_spectrum(48, 80, power_law(48), seed=i)[0] for i in range(3)])
+    u, s, vh = exact_top_r(ws, 6)
+    assert u.shape == (3, 48, 6) and s.shape == (3, 6) and vh.shape == (3, 6, 80)
+    for i in range(3):
+        ui, si, vhi = exact_top_r(ws[i], 6)
+        assert torch.equal(u[i], ui) and torch.equal(s[i], si) and torch.equal(vh[i], vhi)
+
+
+def test_exact_rank_deficient_falls_back_to_full_svd(monkeypatch):
+    """W of rank 3, asked for r = 6: σ_4..σ_6 are 0, so Vh = Uᵀ W / S would divide by ~0.
+
+    The Gram-eigh path must detect it (σ_r <= 1e-6·σ₁) and use a full SVD, which still returns
+    orthonormal vectors and reproduces W exactly.
+    """
+    w, _, sigma, _ = known_spectrum(64, 128, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), seed=7)
+    calls = []
+    real_svd = torch.linalg.svd
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real_svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", spy)
+    u, s, vh = exact_top_r(w, 6)
+    assert calls == [(64, 128)], "the rank-deficient matrix did not take the full-SVD fallback"
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    torch.testing.assert_close(s[:3], sigma, rtol=1e-12, atol=0)
+    assert float(s[3:].abs().max()) < 1e-12
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(u.T @ u, eye, atol=1e-10, rtol=0)
+    torch.testing.assert_close(vh @ vh.T, eye, atol=1e-10, rtol=0)
+    torch.testing.assert_close((u * s) @ vh, w, atol=1e-12, rtol=0)
+
+    # A well-conditioned matrix of the same shape stays on the Gram-eigh path (no full SVD).
+    calls.clear()
+    exact_top_r(known_spectrum(64, 128, power_law(64), seed=8)[0], 6)
+    assert calls == []
+
+
+# --- randomized_top_r -------------------------------------------------------------------------
+
+
+def _flat_matrix() -> tuple[torch.Tensor, torch.Tensor]:
+    """A slowly decaying spectrum (σ_i = i^-0.3), where the randomized method needs work to converge."""
+    w, _, sigma, _ = known_spectrum(256, 384, power_law(256, 0.3), seed=11)
+    return w, sigma
+
+
+def _randomized_capture(w, sigma, rank, niter, oversample, seed=0):
+    opts = SvdOptions(method="randomized", niter=niter, oversample=oversample, precision="float64")
+    _, s, _ = top_r_svd(w, rank, opts, seeds=[seed])
+    return captured(s, sigma, rank)
+
+
+def test_randomized_converges_with_power_iterations():
+    """Captured top-r energy grows towards 1 as niter grows (fixed seed and oversampling)."""
+    w, sigma = _flat_matrix()
+    rank = 16
+    gaps = [1 - _randomized_capture(w, sigma, rank, niter, 8) for niter in (0, 1, 2, 4, 8, 16, 32)]
+    assert all(g >= -1e-12 for g in gaps), "cannot capture more than the exact top-r energy"
+    for a, b in zip(gaps, gaps[1:]):
+        assert b <= a + 1e-12, f"more power iterations lost energy: {gaps}"
+    assert gaps[0] > 0.05  # a flat spectrum: one pass is far from converged ...
+    assert gaps[-1] < 1e-3  # ... many passes converge
+    assert gaps[-1] < gaps[0] / 50
+
+
+def test_randomized_converges_with_oversampling():
+    """At a fixed small niter, more oversampling captures more (averaged over 4 seeds)."""
+    w, sigma = _flat_matrix()
+    rank = 16
+
+    def gap(p):
+        return sum(1 - _randomized_capture(w, sigma, rank, 2, p, seed) for seed in range(4)) / 4
+
+    gaps = [gap(p) for p in (0, 8, 32, 96)]
+    for a, b in zip(gaps, gaps[1:]):
+        assert b < a, f"more oversampling lost energy: {gaps}"
+    assert gaps[-1] < gaps[0] / 3
+
+
+def test_randomized_exact_when_spectrum_has_a_gap():
+    """A rank-r matrix plus tiny noise: one power iteration recovers the top-r triple to noise level."""
+    w, u_true, sigma, vh_true = known_spectrum(200, 300, power_law(200, 2.0), seed=5)
+    u, s, vh = top_r_svd(w, 4, SvdOptions(niter=4, oversample=8, precision="float64"), seeds=[1])
+    u_ref, s_ref, vh_ref = exact_top_r(w, 4)
+    torch.testing.assert_close(s, s_ref, rtol=1e-8, atol=0)
+    torch.testing.assert_close(align(u, u_ref), u_ref, atol=1e-6, rtol=0)
+
+
+def test_randomized_is_seeded_and_deterministic():
+    w, _ = _flat_matrix()
+    w = w.float()
+    opts = SvdOptions(niter=2, oversample=4)
+    a = top_r_svd(w, 8, opts, seeds=[123])
+    b = top_r_svd(w, 8, opts, seeds=[123])
+    c = top_r_svd(w, 8, opts, seeds=[124])
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert not torch.equal(a[1], c[1])  # another seed, another sketch
+    assert torch.equal(gaussian_sketch(50, 7, 9, torch.float32), gaussian_sketch(50, 7, 9, torch.float32))
+    # The sketch depends on the seed only, not on global RNG state.
+    torch.manual_seed(999)
+    d = top_r_svd(w, 8, opts, seeds=[123])
+    assert torch.equal(a[1], d[1])
+
+
+def test_randomized_batched_equals_per_matrix():
+    """A batch with per-matrix seeds gives each matrix its own result (to float64 rounding)."""
+    ws = torch.stack([known_spectrum(64, 96, power_law(64), seed=i)[0] for i in range(3)])
+    opts = SvdOptions(niter=3, oversample=8, precision="float64")
+    u, s, vh = top_r_svd(ws, 5, opts, seeds=[10, 11, 12])
+    for i in range(3):
+        ui, si, vhi = top_r_svd(ws[i], 5, opts, seeds=[10 + i])
+        torch.testing.assert_close(s[i], si, rtol=1e-12, atol=0)
+        torch.testing.assert_close(align(u[i], ui), ui, atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="need 3 seeds"):
+        top_r_svd(ws, 5, opts, seeds=[1])
+
+
+def test_randomized_falls_back_to_exact_when_sketch_spans_everything():
+    """rank + oversample >= min(m, n): the sketch would be the whole space, so the exact path runs."""
+    w, _, sigma, _ = known_spectrum(24, 40, power_law(24), seed=2)
+    omega = gaussian_sketch(40, 24, 0, torch.float64)
+    u, s, vh = randomized_top_r(w, 10, niter=0, oversample=16, omega=omega)
+    assert all(torch.equal(x, y) for x, y in zip((u, s, vh), exact_top_r(w, 10)))
+
+
+# --- pissa_split --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_pissa_split_maths(rslora):
+    """B = U_r √(S_r/s), A = √(S_r/s) V_rᵀ, W_res = W − s·BA, with s = α/r (or α/√r with rsLoRA)."""
+    rank, alpha = 8, 32.0
+    scaling = lora_scaling(alpha, rank, rslora)
+    assert scaling == pytest.approx(alpha / math.sqrt(rank) if rslora else alpha / rank)
+    w, u_true, sigma, vh_true = known_spectrum(96, 160, power_law(96), seed=4)
+    split = pissa_split(
+        w.float(), rank=rank, scaling=scaling, svd=SvdOptions(method="exact"), adapter_dtype=torch.float32
+    )
+    a, b = split.lora_A.double(), split.lora_B.double()
+    assert a.shape == (rank, 160) and b.shape == (96, rank)
+    # s·BA is the best rank-r approximation U_r S_r V_rᵀ.
+    best = (u_true[:, :rank] * sigma[:rank]) @ vh_true[:rank]
+    torch.testing.assert_close(scaling * (b @ a), best, atol=1e-5, rtol=0)
+    # Column norms of B and row norms of A are both √(σ_i / s) (PEFT's symmetric split).
+    root = (sigma[:rank] / scaling).sqrt()
+    torch.testing.assert_close(b.norm(dim=0), root, rtol=1e-5, atol=0)
+    torch.testing.assert_close(a.norm(dim=1), root, rtol=1e-5, atol=0)
+    torch.testing.assert_close(split.residual.double() + scaling * (b @ a), w, atol=1e-5, rtol=0)
+    expected_energy = float(sigma[:rank].square().sum() / sigma.square().sum())
+    assert float(split.energy) == pytest.approx(expected_energy, rel=1e-5)
+    assert float(split.rel_error) < 1e-6
+
+
+def test_rslora_changes_only_the_scale_of_the_adapter():
+    """With rsLoRA the product s·BA is the same; A and B are rescaled by √(s_lora / s_rslora)."""
+    w, *_ = known_spectrum(64, 96, power_law(64), seed=6)
+    rank, alpha = 16, 16.0
+    opts = SvdOptions(method="exact")
+    plain = pissa_split(w.float(), rank=rank, scaling=lora_scaling(alpha, rank, False), svd=opts)
+    rs = pissa_split(w.float(), rank=rank, scaling=lora_scaling(alpha, rank, True), svd=opts)
+    factor = math.sqrt(lora_scaling(alpha, rank, False) / lora_scaling(alpha, rank, True))  # r^-1/4
+    torch.testing.assert_close(rs.lora_A, plain.lora_A * factor, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(rs.lora_B, plain.lora_B * factor, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(rs.residual, plain.residual, atol=1e-6, rtol=0)
+
+
+def test_pissa_split_fan_in_fan_out():
+    """A Conv1D weight stored as Wᵀ gives the same adapter as W, and its residual comes back as W_resᵀ."""
+    w, *_ = known_spectrum(80, 48, power_law(48), seed=9)
+    w = w.float()
+    kwargs = dict(rank=6, scaling=0.5, svd=SvdOptions(niter=4, oversample=8), seeds=[3])
+    linear = pissa_split(w, **kwargs)
+    conv = pissa_split(w.T.contiguous(), fan_in_fan_out=True, **kwargs)
+    assert conv.lora_A.shape == (6, 48) and conv.lora_B.shape == (80, 6)
+    assert conv.residual.shape == (48, 80)
+    assert torch.equal(conv.lora_A, linear.lora_A) and torch.equal(conv.lora_B, linear.lora_B)
+    assert torch.equal(conv.residual, linear.residual.T)
+    # nn.Linear orientation: W ≈ W_resᵀ + s·BA.
+    torch.testing.assert_close(conv.residual.T + 0.5 * conv.lora_B @ conv.lora_A, w, atol=1e-6, rtol=0)
+
+
+def test_pissa_split_residual_dtype_rounding():
+    """A bf16 residual reproduces W to bf16 rounding of W_res: rel_error about 2^-9 of ‖W_res‖/‖W‖."""
+    w, *_ = known_spectrum(128, 256, power_law(128), seed=12)
+    split = pissa_split(
+        w.float(), rank=16, scaling=1.0, svd=SvdOptions(method="exact"), residual_dtype=torch.bfloat16
+    )
+    assert split.residual.dtype == torch.bfloat16 and split.lora_A.dtype == torch.float32
+    res_share = math.sqrt(1 - float(split.energy))  # ‖W_res‖ / ‖W‖
+    assert 0 < float(split.rel_error) <= res_share * 2**-8
+    recon = split.residual.double() + split.lora_B.double() @ split.lora_A.double()
+    rel = float((recon - w).norm() / w.norm())
+    assert rel == pytest.approx(float(split.rel_error), rel=1e-3)
+
+
+def test_pissa_split_rejects_bad_input():
+    w = torch.randn(8, 12)
+    with pytest.raises(ValueError, match="out of range"):
+        pissa_split(w, rank=9, scaling=1.0, svd=SvdOptions())
+    with pytest.raises(ValueError, match="out of range"):
+        pissa_split(w, rank=0, scaling=1.0, svd=SvdOptions())
+    bad = w.clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        pissa_split(bad, rank=2, scaling=1.0, svd=SvdOptions())
