@@ -166,6 +166,11 @@ class HubError(PissaError, OSError):
         self.status = status
 
 
+# --- zoo ----------------------------------------------------------------------------------------
+class ZooError(MultiProblemError):
+    """Some jobs of a zoo failed (one problem per failed job); the others completed."""
+
+
 def format_problems(exc: PissaError) -> list[str]:
     """Lines the CLI prints for ``exc``: one ``error: ...`` line per problem.
 
