@@ -1,0 +1,150 @@
+"""Training on CPU with tiny models: the loss decreases, --resume continues the same trajectory,
+the plain-LoRA baseline, metrics/plots, and train → export ≡ residual + trained adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from converter.export import export
+from pissa.cli import run
+from pissa.errors import InvalidOptionsError, OutputExistsError
+from training.metrics import read_metrics
+from training.train import train
+
+# Small, learnable data: the response is a fixed function of the prompt.
+RECORDS = [{"prompt": f"What is {a} times {b}?", "response": f"{a * b}"} for a in range(2, 6) for b in range(2, 6)]
+FAST = dict(lr=2e-2, batch_size=4, max_length=64, log_every=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_llama_bundle, data):
+    """8 uninterrupted steps, checkpoints every 4, eval data = train data."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = train(tiny_llama_bundle, data, out, max_steps=8, save_every=4, eval_data=str(data), eval_every=4,
+                   progress=False, **FAST)
+    return out, result
+
+
+def losses(run: Path) -> list[float]:
+    return [m["loss"] for m in read_metrics(run) if "loss" in m]
+
+
+def test_loss_decreases_and_run_layout(full_run):
+    out, result = full_run
+    ls = losses(out)
+    assert len(ls) == 8
+    # Near-uniform start (ln 320 ≈ 5.77 for a random tiny model); 0.15 nats is far beyond step noise.
+    assert sum(ls[-2:]) / 2 < sum(ls[:2]) / 2 - 0.15, ls
+    assert result.steps == 8 and result.final_loss == ls[-1] and result.first_loss == ls[0]
+    line = read_metrics(out)[0]
+    assert set(line) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s"} and line["step"] == 1
+    evals = [m for m in read_metrics(out) if "eval_loss" in m]
+    assert [m["step"] for m in evals] == [4, 8, 8] and result.eval_loss == evals[-1]["eval_loss"]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-4", "checkpoint-8"]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "finished" and record["data"]["examples"] == 16
+    assert json.loads((out / "adapter/pissa_training.json").read_text())["init"] == "pissa"
+    assert result.tokens_per_second and result.tokens_per_second > 0
+
+
+def test_resume_continues_the_same_trajectory(tmp_path, full_run, tiny_llama_bundle, data):
+    """Stop after step 4 (a checkpoint), resume: steps 5–8 match the uninterrupted run (rel 1e-5)."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                control.should_training_stop = True
+
+    out = tmp_path / "resumed"
+    opts = dict(max_steps=8, save_every=4, eval_data=str(data), eval_every=4, progress=False, **FAST)
+    first = train(tiny_llama_bundle, data, out, callbacks=[StopAt()], **opts)
+    assert first.steps == 4
+    second = train(tiny_llama_bundle, data, out, resume=True, **opts)
+    assert second.steps == 8
+    full = losses(full_run[0])
+    assert [m["step"] for m in read_metrics(out) if "loss" in m] == list(range(1, 9))
+    assert losses(out) == pytest.approx(full, rel=1e-5)
+    with pytest.raises(InvalidOptionsError, match="option lr was"):
+        train(tiny_llama_bundle, data, out, resume=True, **{**opts, "lr": 1e-3})
+    with pytest.raises(OutputExistsError):
+        train(tiny_llama_bundle, data, out, **opts)
+
+
+def test_trained_run_exports_exactly(tmp_path, full_run, tiny_llama_bundle, tiny_llama):
+    """Real training, then export: base + exported LoRA ≡ residual + trained adapter (fp32, atol 1e-4);
+    a checkpoint exports too."""
+    from test_export import base_with_adapter, load_residual_with_adapter, logits
+
+    out, _ = full_run
+    export(out, tmp_path / "lora")
+    ref = logits(load_residual_with_adapter(tiny_llama_bundle, out / "adapter"))
+    torch.testing.assert_close(logits(base_with_adapter(tiny_llama, tmp_path / "lora")), ref, atol=1e-4, rtol=0)
+    report = export(out / "checkpoints" / "checkpoint-4", tmp_path / "ck4")
+    assert report.mode == "exact"
+
+
+def test_lora_baseline(tmp_path, tiny_llama_bundle, tiny_llama, data):
+    """--init lora: same rank/targets on the ORIGINAL base (rebuilt from the bundle), B starts at zero."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from training.artifacts import open_bundle
+    from training.options import TrainOptions
+    from training.train import load_model
+
+    model = load_model(open_bundle(tiny_llama_bundle), TrainOptions(init="lora"))
+    original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    from test_export import logits
+
+    # B = 0: the untrained baseline is the original model (residual + B₀A₀ rounding only).
+    torch.testing.assert_close(logits(model.eval()), logits(original), atol=1e-4, rtol=0)
+    out = tmp_path / "lora"
+    result = train(tiny_llama_bundle, data, out, init="lora", max_steps=4, progress=False, **FAST)
+    assert result.init == "lora" and len(losses(out)) == 4
+    cfg = json.loads((out / "adapter/adapter_config.json").read_text())
+    init_cfg = json.loads((tiny_llama_bundle / "pissa_init/adapter_config.json").read_text())
+    assert cfg["r"] == init_cfg["r"] and sorted(cfg["target_modules"]) == sorted(init_cfg["target_modules"])
+    assert cfg["base_model_name_or_path"] == str(tiny_llama)
+    trained = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                                        out / "adapter")
+    assert (logits(trained.eval()) - logits(original)).abs().max() > 1e-3
+    assert len(load_file(str(out / "adapter/adapter_model.safetensors"))) == 28
+
+
+def test_cli_train_and_plot(tmp_path, full_run, tiny_llama_bundle, data, capsys):
+    out = tmp_path / "cli"
+    code = run(["train", str(tiny_llama_bundle), "--data", str(data), "--out", str(out), "--max-steps", "2",
+                "--batch-size", "4", "--lr", "1e-3", "--no-progress", "--init", "lora"])
+    assert code == 0, capsys.readouterr().err
+    assert "trained lora for 2 steps" in capsys.readouterr().out
+    assert run(["plot", str(full_run[0]), str(out), "--out", str(tmp_path / "cmp.png")]) == 0
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+    assert run(["plot", str(tmp_path / "nope")]) == 1
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_bad_options_are_reported_together(tmp_path, tiny_llama_bundle, data, capsys):
+    code = run(["train", str(tiny_llama_bundle), "--data", str(data), "--out", str(tmp_path / "x"),
+                "--max-steps", "0", "--lr", "-1", "--eval-every", "3"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-steps must be >= 1" in err and "--lr must be > 0" in err
+    assert "--eval-every needs --eval-data" in err and "3 problems" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    assert run(["train", str(tiny_llama_bundle), "--data", str(bad), "--out", str(tmp_path / "y")]) == 2
+    assert f"{bad}:1: missing 'response'" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
