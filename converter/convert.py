@@ -36,7 +36,7 @@ from converter.sources import ResolvedSource, resolve_source
 from converter.svd import SvdOptions
 from converter.targets import linear_layers, peft_target_modules, select_targets
 from pissa import __version__
-from pissa.errors import InvalidOptionsError, OutputExistsError, TargetError
+from pissa.errors import InvalidOptionsError, OutputExistsError, OutputWriteError, PissaError, TargetError
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,15 @@ def convert(
     reused = len(mine) - len(todo)
     if reused:
         log.info("resuming: %d of %d shard(s) already converted", reused, len(mine))
-    _run_jobs(todo, options.workers, progress and rank == 0)
+    try:
+        _run_jobs(todo, options.workers, progress and rank == 0)
+    except OutputWriteError:
+        raise  # partial work stays in staging for --resume (the error says so)
+    except PissaError:
+        # Bad input (e.g. NaN weights): resuming cannot help, leave nothing behind.
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     _barrier(world)
 
     record: dict[str, Any]

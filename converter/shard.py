@@ -169,8 +169,7 @@ def convert_shard(job: ShardJob, progress: Callable[[int], None] | None = None) 
         adapter_layout[adapter_key(t.module, "lora_B")] = (adapter_dtype, (out_f, job.rank))
     stats: list[dict[str, Any]] = []
 
-    def factor(target: Target, weight: torch.Tensor) -> tuple[Target, Any, float]:
-        t0 = time.perf_counter()
+    def factor(target: Target, weight: torch.Tensor) -> tuple[Target, Any]:
         if not torch.isfinite(weight).all():
             raise NonFiniteWeightError(target.key, path=source_path)
         split = pissa_split(
@@ -183,17 +182,18 @@ def convert_shard(job: ShardJob, progress: Callable[[int], None] | None = None) 
             adapter_dtype=adapter_dtype,
             residual_dtype=res_dtype or weight.dtype,
         )
-        return target, split, time.perf_counter() - t0
+        return target, split
 
     out_path = Path(job.staging) / job.output_file
     threads = max(1, job.threads) if job.device == "cpu" else 1
     ctx = single_threaded_blas() if job.device == "cpu" else contextlib.nullcontext()
     metadata = {**dict(job.metadata), "format": "pt"}
-    with ctx, ThreadPoolExecutor(threads) as pool, _writer(out_path, layout, metadata) as res_w, _writer(
+    # torch's intra-op thread count is per thread (OpenMP): set it in every pool thread too.
+    with ctx, ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool, _writer(out_path, layout, metadata) as res_w, _writer(
         job.adapter_part, adapter_layout, {"format": "pt"}
     ) as ada_w:
 
-        def collect(target: Target, split: Any, seconds: float) -> None:
+        def collect(target: Target, split: Any) -> None:
             res_w.write(target.key, split.residual.cpu())
             ada_w.write(adapter_key(target.module, "lora_A"), split.lora_A.cpu())
             ada_w.write(adapter_key(target.module, "lora_B"), split.lora_B.cpu())
@@ -207,7 +207,6 @@ def convert_shard(job: ShardJob, progress: Callable[[int], None] | None = None) 
                     "fan_in_fan_out": target.fan_in_fan_out,
                     "energy": float(split.energy),
                     "rel_error": float(split.rel_error),
-                    "seconds": round(seconds, 4),
                 }
             )
             if progress:

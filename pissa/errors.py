@@ -15,6 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def _rebuild(cls: type, args: tuple, state: dict) -> Exception:
+    exc = Exception.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
 class PissaError(Exception):
     """Base class. ``message`` is what went wrong, ``fix`` what the user should do about it."""
 
@@ -28,6 +35,10 @@ class PissaError(Exception):
     def problems(self) -> list[str]:
         """One line per problem (most errors have exactly one)."""
         return [self.message]
+
+    def __reduce__(self):  # type: ignore[override]
+        # Survive pickling across worker processes whatever the subclass's __init__ signature.
+        return (_rebuild, (type(self), self.args, self.__dict__))
 
     def __str__(self) -> str:  # keeps ``str(exc)`` useful in logs and pytest output
         text = "; ".join(self.problems())
