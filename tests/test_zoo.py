@@ -1,0 +1,243 @@
+"""``pissa zoo`` end to end on tiny models: isolated failures, resume after a kill, torchrun ranks, push.
+
+The manifests are written by the tests and point at the session's tiny checkpoints (conftest.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from converter.zoo import run_zoo
+from pissa.cli import run
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _files(folder: Path) -> dict[str, str]:
+    """sha256 of every file of a bundle; pissa.json without its timings (wall-clock times)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(folder).as_posix()
+        if rel == "pissa.json":
+            record = json.loads(p.read_text())
+            record.pop("timings", None)
+            out[rel] = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+        else:
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _bundles(root: Path) -> dict[str, dict[str, str]]:
+    return {p.parent.relative_to(root).as_posix(): _files(p.parent) for p in sorted(root.glob("*/r*/pissa.json"))}
+
+
+def _report(root: Path) -> dict[tuple[str, int], dict]:
+    data = json.loads((root / "zoo-report.json").read_text())
+    return {(r["entry"], r["rank"]): r for r in data["results"]}
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture(scope="module")
+def three_model_zoo(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, tiny_llama_sharded: Path,
+                    tiny_gpt2: Path) -> tuple[Path, Path]:
+    """A 3-entry, 4-job manifest and the bundles of one uninterrupted single-process run of it."""
+    base = tmp_path_factory.mktemp("zoo-reference")
+    manifest = _write(base / "zoo.yaml", f"""\
+        defaults:
+          svd: randomized
+          niter: 2
+        entries:
+          - name: llama
+            source: {tiny_llama}
+            ranks: [4]
+          - name: llama-sharded
+            source: {tiny_llama_sharded}
+            ranks: [4, 8]
+          - name: gpt2
+            source: {tiny_gpt2}
+            ranks: 4
+            svd: exact
+        """)
+    report = run_zoo(manifest, out=base / "ref", progress=False)
+    assert report.ok, report.failed
+    return manifest, base / "ref"
+
+
+def test_broken_middle_entry_is_isolated_then_fixed(tmp_path: Path, tiny_llama: Path, tiny_llama_sharded: Path,
+                                                     capsys) -> None:
+    corrupt = Path(shutil.copytree(tiny_llama_sharded, tmp_path / "corrupt"))
+    shard = corrupt / "model-00003-of-00006.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])  # truncated mid-tensor
+    text = """\
+        entries:
+          - name: first
+            source: {first}
+            ranks: [4]
+          - name: middle
+            source: {middle}
+            ranks: [4]
+          - name: last
+            source: {last}
+            ranks: [8]
+        """
+    manifest = _write(tmp_path / "zoo.yaml", text.format(first=tiny_llama, middle=corrupt, last=tiny_llama))
+    root = tmp_path / "out"
+
+    code = run(["zoo", str(manifest), "--out", str(root), "-q"])
+    captured = capsys.readouterr()
+    assert code == 1
+    report = _report(root)
+    assert [(k, r["status"]) for k, r in report.items()] == [
+        (("first", 4), "converted"), (("middle", 4), "failed"), (("last", 8), "converted"),
+    ]
+    assert "model-00003-of-00006.safetensors" in report[("middle", 4)]["error"]
+    assert "error: middle r4:" in captured.err and "model-00003-of-00006.safetensors" in captured.err
+    assert "middle" in captured.out and "failed" in captured.out  # the summary table
+    md = (root / "zoo-report.md").read_text()
+    assert "| middle | 4 | failed |" in md and "## Failures" in md
+    assert not (root / "middle" / "r4").exists()  # nothing half-written at the bundle's path
+    done = {name: _files(root / name / f"r{r}") for name, r in (("first", 4), ("last", 8))}
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "middle" not in p.parts}
+
+    # fix the manifest: the second run converts only the fixed entry
+    _write(manifest, text.format(first=tiny_llama, middle=tiny_llama_sharded, last=tiny_llama))
+    assert run(["zoo", str(manifest), "--out", str(root), "-q"]) == 0
+    report = _report(root)
+    assert [r["status"] for r in report.values()] == ["skipped", "converted", "skipped"]
+    assert {name: _files(root / name / f"r{r}") for name, r in (("first", 4), ("last", 8))} == done
+    for p, t in mtimes.items():
+        if "zoo-report" not in p.name:
+            assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
+
+
+def test_changed_options_or_damaged_bundle_are_redone(tmp_path: Path, tiny_llama: Path) -> None:
+    manifest = _write(tmp_path / "zoo.yaml", f"entries:\n  - {{name: m, source: {tiny_llama}, ranks: 4}}\n")
+    root = tmp_path / "out"
+    assert run_zoo(manifest, out=root, progress=False).results[0].status == "converted"
+    adapter = root / "m" / "r4" / "pissa_init" / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-8] + b"\0" * 8)
+    assert run_zoo(manifest, out=root, progress=False).results[0].status == "converted"
+    _write(manifest, f"entries:\n  - {{name: m, source: {tiny_llama}, ranks: 4, seed: 7}}\n")
+    result = run_zoo(manifest, out=root, progress=False).results[0]
+    assert result.status == "converted" and json.loads((root / "m/r4/pissa.json").read_text())["options"]["seed"] == 7
+    assert run_zoo(manifest, out=root, progress=False).results[0].status == "skipped"
+
+
+def test_bad_rank_fails_alone_and_only_filters(tmp_path: Path, tiny_llama: Path) -> None:
+    manifest = _write(tmp_path / "zoo.yaml", f"""\
+        entries:
+          - {{name: too-big, source: {tiny_llama}, ranks: [100000]}}
+          - {{name: fine, source: {tiny_llama}, ranks: [4]}}
+        """)
+    report = run_zoo(manifest, out=tmp_path / "out", progress=False)
+    assert [r.status for r in report.results] == ["failed", "converted"] and not report.ok
+    assert "100000" in (report.results[0].error or "")
+    only = run_zoo(manifest, out=tmp_path / "out", only=["fine"], progress=False)
+    assert [(r.entry, r.status) for r in only.results] == [("fine", "skipped")] and only.ok
+    assert run(["zoo", str(manifest), "--out", str(tmp_path / "out"), "--only", "nope"]) == 2
+
+
+KILLER = """\
+import os, signal, sys
+import converter.convert as C
+
+calls = 0
+real = C.convert_shard
+
+
+def convert_shard(job, progress=None):
+    global calls
+    calls += 1
+    if calls == int(os.environ["KILL_AT_SHARD"]):
+        os.kill(os.getpid(), signal.SIGKILL)  # as abrupt as a node failure
+    return real(job, progress=progress)
+
+
+C.convert_shard = convert_shard
+from pissa.cli import run
+
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_kill_mid_zoo_then_rerun_is_bit_identical(tmp_path: Path, three_model_zoo: tuple[Path, Path]) -> None:
+    """SIGKILL in the 4th shard of the 2nd job (llama-sharded r4, 6 shards); a re-run finishes it."""
+    manifest, reference = three_model_zoo
+    root = tmp_path / "out"
+    script = _write(tmp_path / "killer.py", KILLER)
+    env = {**os.environ, "KILL_AT_SHARD": str(1 + 4), "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run([sys.executable, str(script), "zoo", str(manifest), "--out", str(root), "-q"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (root / "llama" / "r4" / "pissa.json").exists()
+    assert not (root / "llama-sharded" / "r4").exists() and not (root / "zoo-report.json").exists()
+    partial = root / "llama-sharded" / ".r4.partial"
+    assert len(list(partial.glob(".parts/*.json"))) == 3  # three shards were finished before the kill
+
+    report = run_zoo(manifest, out=root, progress=False)
+    assert [(r.entry, r.rank, r.status) for r in report.results] == [
+        ("llama", 4, "skipped"), ("llama-sharded", 4, "resumed"), ("llama-sharded", 8, "converted"),
+        ("gpt2", 4, "converted"),
+    ]
+    assert _bundles(root) == _bundles(reference) and len(_bundles(root)) == 4
+    assert not partial.exists()
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_and_workers_match_one_process(tmp_path: Path,
+                                                          three_model_zoo: tuple[Path, Path]) -> None:
+    manifest, reference = three_model_zoo
+    root = tmp_path / "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "pissa", "zoo", str(manifest), "--out", str(root), "-q"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((root / "zoo-report.json").read_text())
+    assert data["world_size"] == 2 and data["ok_jobs"] == 4
+    assert sorted({r["rank_of_world"] for r in data["results"]}) == [0, 1]
+    assert _bundles(root) == _bundles(reference)
+
+    pooled = run_zoo(manifest, out=tmp_path / "workers", workers=2, progress=False)
+    assert pooled.ok and _bundles(tmp_path / "workers") == _bundles(reference)
+
+
+def test_zoo_push(hub, tmp_path: Path, tiny_llama: Path) -> None:
+    manifest = _write(tmp_path / "zoo.yaml", f"""\
+        entries:
+          - name: tl
+            source: {tiny_llama}
+            ranks: [4, 8]
+            push: alice/{{name}}-pissa-r{{rank}}
+            private: true
+        """)
+    first = run_zoo(manifest, out=tmp_path / "out", push=True, progress=False)
+    assert [(r.repo_id, r.pushed) for r in first.results] == [
+        ("alice/tl-pissa-r4", "uploaded"), ("alice/tl-pissa-r8", "uploaded"),
+    ]
+    assert hub.repos["alice/tl-pissa-r8"].private
+    again = run_zoo(manifest, out=tmp_path / "out", push=True, progress=False)
+    assert [(r.status, r.pushed) for r in again.results] == [("skipped", "unchanged")] * 2
+    hub.fail("POST", r"/api/repos/create", 500, times=1)
+    (tmp_path / "out" / "tl" / "r4").rename(tmp_path / "moved")  # r4 converts again; its push fails
+    failed = run_zoo(manifest, out=tmp_path / "out", push=True, progress=False)
+    assert [(r.status, r.pushed) for r in failed.results] == [("converted", "failed"), ("skipped", "unchanged")]
+    assert not failed.ok and "HTTP 500" in (failed.results[0].error or "")
