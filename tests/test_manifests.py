@@ -121,3 +121,12 @@ def test_valid_document_builds() -> None:
 def test_top_level_must_be_mapping() -> None:
     with pytest.raises(ManifestError, match="<top level>: must be a mapping, got a list"):
         validate(parse_yaml("- 1\n- 2\n", "l.yaml"), lambda p: p.root())
+
+
+def test_every_shipped_manifest_is_yaml_with_a_parser_test() -> None:
+    """Each manifests/*.yaml is a zoo (tests/test_zoo_manifest.py) or serve (test_serving_manifest.py) one."""
+    shipped = sorted((Path(__file__).resolve().parent.parent / "manifests").glob("*.y*ml"))
+    assert shipped
+    for path in shipped:
+        assert path.name.startswith(("zoo", "serve")), f"{path.name}: add a parser test for this kind"
+        assert isinstance(load_yaml(path).data, dict)

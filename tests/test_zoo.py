@@ -241,3 +241,14 @@ def test_zoo_push(hub, tmp_path: Path, tiny_llama: Path) -> None:
     failed = run_zoo(manifest, out=tmp_path / "out", push=True, progress=False)
     assert [(r.status, r.pushed) for r in failed.results] == [("converted", "failed"), ("skipped", "unchanged")]
     assert not failed.ok and "HTTP 500" in (failed.results[0].error or "")
+
+
+@pytest.mark.slow
+def test_shipped_zoo_local_runs_offline(tmp_path: Path, smollm2_gguf: Path) -> None:
+    """manifests/zoo-local.yaml: the embedded SmolLM2 at ranks 8/16/32, no network (HF_HUB_OFFLINE=1)."""
+    report = run_zoo(REPO_ROOT / "manifests" / "zoo-local.yaml", out=tmp_path, progress=False)
+    assert report.ok, report.failed
+    assert [(r.rank, r.status, r.matrices) for r in report.results] == [(8, "converted", 210), (16, "converted", 210),
+                                                                         (32, "converted", 210)]
+    energies = [r.mean_energy for r in report.results]
+    assert energies == sorted(energies) and energies[0] > 0.05  # more rank, more captured energy
