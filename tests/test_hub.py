@@ -244,3 +244,30 @@ def test_checkpoint_files_choice() -> None:
 def test_hub_error_passthrough_of_unknown_errors() -> None:
     with pytest.raises(KeyError):
         raise hub_error(KeyError("x"), repo_id="o/n", action="testing", endpoint="http://x")
+
+
+def test_cli_push_output_and_rerun(hub, bundle: Path, capsys) -> None:
+    assert run(["push", str(bundle), "alice/cli", "--private", "-m", "via the CLI"]) == 0
+    out = capsys.readouterr().out
+    assert f"pushed bundle {bundle} to alice/cli@main: {len(_tree(bundle))} files" in out and "commit: " in out
+    assert hub.repos["alice/cli"].private
+    assert hub.repos["alice/cli"].resolve("main").message == "via the CLI"
+    assert run(["push", str(bundle), "alice/cli"]) == 0
+    assert f"alice/cli@main is up to date: all {len(_tree(bundle))} files unchanged" in capsys.readouterr().out
+
+
+def test_offline_without_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="offline mode is on .* not in the cache") as err:
+        download_checkpoint("org/never-downloaded", None, cache_dir=tmp_path)
+    assert "unset HF_HUB_OFFLINE" in str(err.value)
+
+
+def test_invalid_repo_id_rejected_before_any_request(hub, bundle: Path) -> None:
+    with pytest.raises(HubError, match="not a valid repo id"):
+        push(bundle, "no-namespace")
+    with pytest.raises(HubError, match="not a valid repo id"):
+        push(bundle, "a/b/c")
+    assert hub.requests == []
