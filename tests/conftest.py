@@ -109,14 +109,15 @@ def tiny_gpt2_bundle(tiny_cache: Path, tiny_gpt2: Path) -> Path:
 
 
 @pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch):
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory):
     """A local Hub stand-in (tests/hub_standin.py) that the real huggingface_hub client talks to.
 
     Sets HF_ENDPOINT to it and HF_TOKEN to a token of user ``alice``; lifts the client's offline
-    mode for this test only (loopback, never the network) and turns off Xet (the stand-in speaks LFS).
+    mode for this test only (loopback, never the network), turns off Xet (the stand-in speaks LFS)
+    and gives the test its own huggingface_hub cache.
     """
-    from huggingface_hub import constants
     from hub_standin import HubStandIn
+    from huggingface_hub import constants
 
     with HubStandIn(tokens={"hf_alice": "alice"}) as standin:
         monkeypatch.setenv("HF_ENDPOINT", standin.endpoint)
@@ -125,4 +126,5 @@ def hub(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
         yield standin

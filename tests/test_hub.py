@@ -218,7 +218,6 @@ def test_convert_from_hub_id(hub, tiny_llama: Path, tmp_path: Path, monkeypatch:
     from converter.convert import convert
     from converter.options import ConvertOptions
 
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     api = HfApi(endpoint=hub.endpoint, token="hf_alice")
     api.create_repo("alice/tl")
     api.upload_folder(repo_id="alice/tl", folder_path=str(tiny_llama))

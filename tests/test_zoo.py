@@ -221,18 +221,25 @@ def test_two_torchrun_ranks_and_workers_match_one_process(tmp_path: Path,
 
 
 def test_zoo_push(hub, tmp_path: Path, tiny_llama: Path) -> None:
-    manifest = _write(tmp_path / "zoo.yaml", f"""\
+    """Hub in, Hub out: the source is a hub id (downloaded from the stand-in), bundles are pushed."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token="hf_alice")
+    api.create_repo("alice/tl-source")
+    api.upload_folder(repo_id="alice/tl-source", folder_path=str(tiny_llama))
+    manifest = _write(tmp_path / "zoo.yaml", """\
         entries:
           - name: tl
-            source: {tiny_llama}
+            source: hub:alice/tl-source
             ranks: [4, 8]
-            push: alice/{{name}}-pissa-r{{rank}}
+            push: alice/{name}-pissa-r{rank}
             private: true
         """)
     first = run_zoo(manifest, out=tmp_path / "out", push=True, progress=False)
-    assert [(r.repo_id, r.pushed) for r in first.results] == [
-        ("alice/tl-pissa-r4", "uploaded"), ("alice/tl-pissa-r8", "uploaded"),
-    ]
+    assert [(r.repo_id, r.status, r.pushed) for r in first.results] == [
+        ("alice/tl-pissa-r4", "converted", "uploaded"), ("alice/tl-pissa-r8", "converted", "uploaded"),
+    ], first.failed
+    assert json.loads((tmp_path / "out/tl/r4/pissa.json").read_text())["source"]["repo_id"] == "alice/tl-source"
     assert hub.repos["alice/tl-pissa-r8"].private
     again = run_zoo(manifest, out=tmp_path / "out", push=True, progress=False)
     assert [(r.status, r.pushed) for r in again.results] == [("skipped", "unchanged")] * 2
