@@ -2,14 +2,16 @@
 
 Order of operations (nothing is published unless every step before it passed):
 
-1. recognise the folder: a PiSSA bundle (``pissa.json`` with ``format: pissa-bundle``) or a PEFT
-   LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``);
+1. recognise the folder: a PiSSA bundle (``pissa.json`` with ``format: pissa-bundle``), a PEFT
+   LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) or a merged model
+   (``pissa export --merge``: ``pissa_export.json`` with ``mode: merged``);
 2. verify it: a bundle with ``converter.verify.verify_bundle`` (checksums, adapter vs records,
    maths); an adapter structurally (:func:`check_adapter_folder`) and against any checksum record
-   it carries;
+   it carries; a merged model against the checksums of its ``pissa_export.json``;
 3. the model card of a bundle is regenerated from its ``pissa.json`` with the converter's card
-   renderer (the same text ``pissa convert`` writes, now naming the target repo), so an edited or
-   stale README never reaches the Hub; an adapter's README is uploaded as it is;
+   renderer (the text ``pissa convert`` writes; it is checksummed in ``pissa.json``, so it is
+   rendered exactly as convert did and the published bundle still verifies after a download); an
+   export's README is uploaded as it is;
 4. ``create_repo(exist_ok=True)`` (+ the branch for ``--revision``), then ONE ``create_commit`` of
    every file (the same call ``upload_folder`` makes, with the card given as bytes so the local
    folder is never modified). The commit is atomic on the Hub side: a failure leaves the previous
@@ -48,7 +50,7 @@ class PushReport:
     Attributes:
         path: the local folder.
         repo_id: the target repo.
-        kind: ``bundle`` or ``adapter``.
+        kind: ``bundle``, ``adapter`` or ``merged``.
         revision: the branch committed to (or the PR's base branch).
         commit_oid: the resulting commit (the existing head when nothing changed).
         commit_url: its URL.
@@ -73,7 +75,7 @@ class PushReport:
 
 
 def detect_kind(path: Path) -> str:
-    """``bundle`` or ``adapter``.
+    """``bundle``, ``adapter`` or ``merged`` (a ``pissa export --merge`` model).
 
     Raises:
         SourceNotFoundError: the folder does not exist.
@@ -91,8 +93,17 @@ def detect_kind(path: Path) -> str:
             return "bundle"
     if (path / "adapter_config.json").is_file():
         return "adapter"
+    export = path / "pissa_export.json"
+    if export.is_file() and (path / "config.json").is_file():
+        try:
+            data = json.loads(export.read_text())
+        except (OSError, json.JSONDecodeError):
+            data = None
+        if isinstance(data, dict) and data.get("mode") == "merged":
+            return "merged"
     raise VerificationError(
-        f"{path} is neither a PiSSA bundle (pissa.json) nor a LoRA adapter (adapter_config.json)",
+        f"{path} is neither a PiSSA bundle (pissa.json), a LoRA adapter (adapter_config.json) "
+        "nor a merged export (pissa_export.json)",
         [],
         fix="push the output of `pissa convert` or `pissa export`",
     )
@@ -140,6 +151,20 @@ def check_adapter_folder(path: Path) -> list[str]:
             problems.append(f"{a}: rank {ra} but {b} has rank {rb}")
     problems += _check_recorded_checksums(path)
     return problems
+
+
+def check_merged_folder(path: Path) -> list[str]:
+    """Problems of a merged export (``pissa export --merge``): every weight file checksummed and intact."""
+    record = json.loads((path / "pissa_export.json").read_text())
+    files = record.get("files") or {}
+    problems = [
+        f"{rel}: not listed in pissa_export.json"
+        for rel in local_files(path)
+        if rel.endswith(".safetensors") and rel not in files
+    ]
+    if not any(name.endswith(".safetensors") for name in files):
+        problems.append("pissa_export.json lists no weight files")
+    return problems + _check_recorded_checksums(path)
 
 
 def _sha256(path: Path) -> str:
@@ -259,14 +284,17 @@ def push(
         card = (card_renderer or _default_card)(record, repo_id=None if checksummed else repo_id).encode()
         default_message = f"Upload PiSSA bundle (r={record.get('adapter', {}).get('r')}) of {record.get('base_model')}"
     else:
-        problems = check_adapter_folder(folder)
+        problems = check_adapter_folder(folder) if kind == "adapter" else check_merged_folder(folder)
         if problems:
             raise VerificationError(
-                f"{folder} is not a valid LoRA adapter; nothing was pushed",
+                f"{folder} is not a valid {'LoRA adapter' if kind == 'adapter' else 'merged export'}; "
+                "nothing was pushed",
                 [f"{folder}: {p}" for p in problems],
                 fix="re-run `pissa export`",
             )
-        default_message = "Upload LoRA adapter exported from a PiSSA run"
+        default_message = (
+            "Upload LoRA adapter exported from a PiSSA run" if kind == "adapter" else "Upload merged PiSSA model"
+        )
 
     files = local_files(folder)
     operations = []

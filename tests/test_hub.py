@@ -270,3 +270,26 @@ def test_invalid_repo_id_rejected_before_any_request(hub, bundle: Path) -> None:
     with pytest.raises(HubError, match="not a valid repo id"):
         push(bundle, "a/b/c")
     assert hub.requests == []
+
+
+def test_push_real_exports_adapter_and_merged(hub, tmp_path: Path, tiny_llama_bundle: Path) -> None:
+    """Outputs of ``pissa export`` (LoRA adapter and --merge model) verify, push and come back identical."""
+    from test_export import fake_training
+
+    from converter.export import export
+
+    trained, _ = fake_training(tiny_llama_bundle, tmp_path)
+    export(trained, tmp_path / "lora")
+    export(trained, tmp_path / "merged", merge=True)
+    for name, kind in (("lora", "adapter"), ("merged", "merged")):
+        report = push(tmp_path / name, f"alice/{name}")
+        assert report.kind == kind and set(report.uploaded) == set(_tree(tmp_path / name))
+        assert _tree(download_repo(f"alice/{name}")) == _tree(tmp_path / name)
+
+    merged = tmp_path / "merged"
+    shard = next(merged.glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(VerificationError) as err:
+        push(merged, "alice/merged-2")
+    assert any("sha256 differs from pissa_export.json" in p for p in err.value.problems())
+    assert "alice/merged-2" not in hub.repos
