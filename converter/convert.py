@@ -200,7 +200,7 @@ def _run_jobs(jobs: list[ShardJob], workers: int, show_progress: bool) -> None:
     try:
         if workers <= 1 or len(jobs) <= 1:
             for job in jobs:
-                convert_shard(job, progress=bar.update)
+                convert_shard(job, progress=bar.update)  # type: ignore[arg-type]
             return
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:

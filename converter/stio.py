@@ -40,7 +40,7 @@ def read_tensor(path: Path | str, info: TensorInfo) -> torch.Tensor:
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     with open(path, "rb", buffering=0) as f:
         f.seek(info.offset)
-        got = f.readinto(memoryview(buf.numpy()))
+        got = f.readinto(memoryview(buf.numpy()))  # type: ignore[arg-type]
     if got != info.nbytes:
         raise OSError(f"{path}: short read of {info.key!r} ({got} of {info.nbytes} bytes)")
     return buf.view(dtype).reshape(info.shape)
@@ -48,7 +48,7 @@ def read_tensor(path: Path | str, info: TensorInfo) -> torch.Tensor:
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().contiguous().cpu()
-    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
 
 
 class SafetensorsWriter:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 
 def _rebuild(cls: type, args: tuple, state: dict) -> Exception:
-    exc = Exception.__new__(cls)
+    exc: Exception = Exception.__new__(cls)
     exc.args = args
     exc.__dict__.update(state)
     return exc
