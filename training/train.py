@@ -102,19 +102,32 @@ def load_tokenizer(bundle: Bundle) -> Any:
     return tokenizer
 
 
+def load_original_model(bundle: Bundle, dtype: str = "float32") -> Any:
+    """The original base rebuilt from the bundle: ``W = W_res + s·B₀A₀`` (merged pissa_init).
+
+    Equal to the source weights up to the residual dtype's rounding; needs no access to the source
+    (useful when the source was a GGUF file or a hub id that is not cached).
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(bundle.path, dtype=getattr(torch, dtype))
+    return PeftModel.from_pretrained(model, bundle.path, subfolder="pissa_init").merge_and_unload()
+
+
 def load_model(bundle: Bundle, options: TrainOptions) -> Any:
     """The trainable PEFT model of the recipe for ``options.init`` (see the module docstring)."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
-    dtype = getattr(torch, options.dtype)
-    model = AutoModelForCausalLM.from_pretrained(bundle.path, dtype=dtype)
     if options.init == "pissa":
+        model = AutoModelForCausalLM.from_pretrained(bundle.path, dtype=getattr(torch, options.dtype))
         return PeftModel.from_pretrained(model, bundle.path, subfolder="pissa_init", is_trainable=True)
     # Plain LoRA on the original base: W = W_res + s·B₀A₀, then a fresh adapter with the same shape.
     init_config = read_json(bundle.init_dir / ADAPTER_CONFIG)
-    merged = PeftModel.from_pretrained(model, bundle.path, subfolder="pissa_init").merge_and_unload()
+    merged = load_original_model(bundle, options.dtype)
     set_seed(options.seed)
     config = LoraConfig(
         r=int(init_config["r"]),
@@ -178,7 +191,7 @@ def _callbacks(out: Path, bundle: Bundle, options: TrainOptions, progress: bool)
             self.started = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.last_time = time.perf_counter()
+            self.started = self.last_time = time.perf_counter()
             self.last_tokens = state.num_input_tokens_seen
 
         def on_log(self, args, state, control, logs=None, **kwargs):
