@@ -27,6 +27,8 @@ class LaunchPlan:
     url: str = "http://127.0.0.1:8000"
     served_names: tuple[str, ...] = ()
     max_lora_rank: int = 0
+    host: str = "127.0.0.1"
+    port: int = 8000
 
     def shell(self) -> str:
         """The command as one copy-pasteable shell line (environment first; secrets masked)."""
@@ -95,4 +97,4 @@ def build_command(
         env["VLLM_API_KEY"] = key
     host = client_host(s.host)
     url = f"http://[{host}]:{s.port}" if ":" in host else f"http://{host}:{s.port}"
-    return LaunchPlan(tuple(argv), env, url, manifest.served_names, max_lora_rank)
+    return LaunchPlan(tuple(argv), env, url, manifest.served_names, max_lora_rank, s.host, s.port)

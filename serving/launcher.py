@@ -107,7 +107,7 @@ class VllmServer:
         Raises:
             ServingError: the port is taken.
         """
-        host, port = _host_port(self.plan)
+        host, port = self.plan.host, self.plan.port
         problem = port_problem(host, port)
         if problem:
             raise ServingError(problem, fix="choose another port (vllm.port) or stop what uses it")
@@ -189,13 +189,6 @@ class VllmServer:
         self.stop()
 
 
-def _host_port(plan: LaunchPlan) -> tuple[str, int]:
-    argv = list(plan.argv)
-    host = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
-    port = int(argv[argv.index("--port") + 1]) if "--port" in argv else 8000
-    return host, port
-
-
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
@@ -266,7 +259,22 @@ def serve(
     plan = plan_serving(manifest)
     if dry_run:
         return ServeResult(plan, None, None, None)
-    server = VllmServer(plan, Path(log_path) if log_path else None, manifest.vllm.health_timeout)
+    return run_plan(plan, health_timeout=manifest.vllm.health_timeout, log_path=log_path, on_ready=on_ready)
+
+
+def run_plan(
+    plan: LaunchPlan,
+    *,
+    health_timeout: float = 300.0,
+    log_path: str | Path | None = None,
+    on_ready: Callable[[LaunchPlan, float, Path], None] | None = None,
+) -> ServeResult:
+    """Run ``plan`` until SIGINT/SIGTERM (forwarded to the server's process group) or its death.
+
+    Raises:
+        ServingError: start-up failure or timeout, or the server died while serving (log tail).
+    """
+    server = VllmServer(plan, Path(log_path) if log_path else None, health_timeout)
     stopped_by: list[str] = []
 
     def on_signal(signum: int) -> None:

@@ -1,0 +1,161 @@
+"""The launcher with stand-in servers (fast) and one real vLLM start-up failure.
+
+Stand-ins are small Python programs run exactly like vLLM (same process-group handling): one dies at
+once, one never becomes healthy, one serves /health and spawns a grandchild. They check the log tail
+on death, the health timeout, SIGTERM forwarding, and that no process is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pissa.errors import ServingError
+from serving.command import LaunchPlan
+from serving.launcher import VllmServer, run_plan, tail
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _plan(code: str, port: int) -> LaunchPlan:
+    return LaunchPlan((sys.executable, "-c", textwrap.dedent(code), str(port)), {}, f"http://127.0.0.1:{port}",
+                      ("base",), 8, "127.0.0.1", port)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+DIES = """
+import sys
+print("INFO starting"); print("ERROR boom: unsupported configuration", flush=True); sys.exit(3)
+"""
+
+NEVER_HEALTHY = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+print(f"CHILD {child.pid}", flush=True)
+time.sleep(300)
+"""
+
+HEALTHY = """
+import http.server, subprocess, sys, signal
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+print(f"CHILD {child.pid}", flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _child_pid(log: Path) -> int:
+    for _ in range(100):
+        for line in log.read_text().splitlines():
+            if line.startswith("CHILD "):
+                return int(line.split()[1])
+        time.sleep(0.05)
+    raise AssertionError("stand-in did not report its child")
+
+
+def test_death_during_startup_shows_log_tail(tmp_path):
+    server = VllmServer(_plan(DIES, _free_port()), tmp_path / "log", health_timeout=30)
+    with pytest.raises(ServingError) as exc, server:
+        pass
+    assert "exited with code 3" in str(exc.value) and "ERROR boom: unsupported configuration" in str(exc.value)
+
+
+def test_health_timeout_stops_the_whole_group(tmp_path):
+    log = tmp_path / "log"
+    server = VllmServer(_plan(NEVER_HEALTHY, _free_port()), log, health_timeout=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(ServingError, match="not healthy after 2 s"):
+        server.start()
+        child = _child_pid(log)
+        server.wait_healthy()
+    assert time.monotonic() - t0 < 30
+    assert not _alive(server.process.pid) and not _alive(child)
+
+
+def test_port_in_use(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(ServingError, match=f"cannot listen on 127.0.0.1:{port}"):
+            VllmServer(_plan(HEALTHY, port), tmp_path / "log").start()
+
+
+def test_sigterm_is_forwarded_and_nothing_left(tmp_path):
+    """run_plan in the main thread; SIGTERM to this process once healthy: the stand-in and its
+    grandchild are gone when run_plan returns, and the result says why it stopped."""
+    log = tmp_path / "log"
+    ready: list[float] = []
+
+    def on_ready(plan, startup, log_path):
+        ready.append(startup)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    before = signal.getsignal(signal.SIGTERM)
+    result = run_plan(_plan(HEALTHY, _free_port()), health_timeout=30, log_path=log, on_ready=on_ready)
+    assert ready and result.stopped_by == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
+    assert not _alive(_child_pid(log))
+
+
+HEALTHY_THEN_DIES = """
+import http.server, sys, threading, time
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+time.sleep(1.5)
+print("fatal: engine died", flush=True)
+sys.exit(9)
+"""
+
+
+def test_unexpected_death_while_serving_is_an_error(tmp_path):
+    with pytest.raises(ServingError, match="(?s)exited unexpectedly \\(code 9\\).*fatal: engine died"):
+        run_plan(_plan(HEALTHY_THEN_DIES, _free_port()), health_timeout=30, log_path=tmp_path / "log")
+
+
+def test_tail(tmp_path):
+    p = tmp_path / "x.log"
+    p.write_text("".join(f"line {i}\n" for i in range(100)))
+    assert tail(p, 3) == "line 97\nline 98\nline 99"
+    assert tail(tmp_path / "missing") == ""
+
+
+@pytest.mark.vllm
+def test_real_vllm_startup_failure_is_one_clear_error(tmp_path, tiny_llama, capsys):
+    """vLLM refuses an unknown flag: `pissa serve` exits 1 with vLLM's own complaint in the message."""
+    from pissa.cli import run
+
+    manifest = tmp_path / "serve.yaml"
+    manifest.write_text(f"base:\n  path: {tiny_llama}\nvllm:\n  port: {_free_port()}\n  kv_cache_memory_bytes: 64M\n"
+                        "  health_timeout: 120\nextra_args: [--no-such-vllm-flag]\n")
+    code = run(["serve", str(manifest), "--log-file", str(tmp_path / "vllm.log")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "vLLM exited with code" in err and "--no-such-vllm-flag" in err
