@@ -280,6 +280,16 @@ def _gather(results: list[tuple[int, JobResult]], world: int) -> list[tuple[int,
 
 
 # --- driver -------------------------------------------------------------------------------------
+def _outcome(job: ZooJob, future: Any) -> JobResult:
+    """The worker's result, or a failed result when the worker process itself died (OOM, signal)."""
+    try:
+        result: JobResult = future.result()
+        return result
+    except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool: the job failed, the zoo goes on
+        return JobResult(job.entry, job.rank, FAILED, 0.0, job.out, repo_id=job.repo_id,
+                         error=f"worker process failed: {type(exc).__name__}: {exc}", rank_of_world=_world_rank())
+
+
 def run_zoo(
     manifest: str | Path,
     *,
@@ -326,7 +336,8 @@ def run_zoo(
 
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(min(workers, len(mine)), mp_context=ctx) as pool:
-            results = list(zip([j.index for j in mine], pool.map(run_job, mine), strict=True))
+            futures = [(j, pool.submit(run_job, j)) for j in mine]
+            results = [(j.index, _outcome(j, fut)) for j, fut in futures]
     else:
         results = [(j.index, run_job(j)) for j in mine]
     everything = [r for _, r in sorted(_gather(results, world), key=lambda item: item[0])]
