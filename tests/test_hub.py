@@ -293,3 +293,24 @@ def test_push_real_exports_adapter_and_merged(hub, tmp_path: Path, tiny_llama_bu
         push(merged, "alice/merged-2")
     assert any("sha256 differs from pissa_export.json" in p for p in err.value.problems())
     assert "alice/merged-2" not in hub.repos
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "expected", "fix"),
+    [
+        (502, "http", "the Hub failed with HTTP 502: bad gateway", "re-running resumes"),
+        (401, "gated", "o/n is gated and this account has not been granted access (HTTP 401)", "accept the conditions"),
+        (409, "http", "the Hub refused the request (HTTP 409): bad gateway", "PISSA_DEBUG=1"),
+    ],
+)
+def test_hub_error_formatter(status: int, kind: str, expected: str, fix: str) -> None:
+    """Each kind of client error becomes one line naming what failed and what to do."""
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    request = httpx2.Request("GET", "http://hub.test/api/models/o/n")
+    response = httpx2.Response(status, request=request, headers={"X-Error-Message": "bad gateway"})
+    exc = (GatedRepoError if kind == "gated" else HfHubHTTPError)("boom", response=response)
+    err = hub_error(exc, repo_id="o/n", action="testing", endpoint="http://hub.test")
+    assert isinstance(err, HubError) and err.status == status and err.repo_id == "o/n"
+    assert str(err).startswith(f"testing (http://hub.test): {expected}") and fix in (err.fix or "")
