@@ -254,11 +254,15 @@ def serve(
 
     Raises:
         AdapterValidationError: adapters refused before launch.
+        MissingDependencyError: vLLM (or the openai client) is not installed.
         ServingError: the server failed to start, or died while serving (tail of its log).
     """
     plan = plan_serving(manifest)
     if dry_run:
         return ServeResult(plan, None, None, None)
+    from serving.session import require_vllm
+
+    require_vllm("to run `pissa serve` (--dry-run works without it)")
     return run_plan(plan, health_timeout=manifest.vllm.health_timeout, log_path=log_path, on_ready=on_ready)
 
 

@@ -59,6 +59,7 @@ def serve_and_ask(
     kv_cache_bytes: int = 256 * 2**20,
     health_timeout: float = 300.0,
     log_path: str | Path | None = None,
+    max_model_len: int | None = None,
 ) -> SessionResult:
     """Start vLLM on ``base`` with ``adapters``, ask each prompt to every model, stop.
 
@@ -71,6 +72,7 @@ def serve_and_ask(
         kv_cache_bytes: KV cache size (set explicitly: the CPU default is ~10 GiB).
         health_timeout: start-up limit in seconds.
         log_path: vLLM's log (default: a temp file).
+        max_model_len: context length (default: the model's).
 
     Raises:
         MissingDependencyError: vLLM or openai not installed (message says how to install).
@@ -84,7 +86,7 @@ def serve_and_ask(
     from serving.manifest import VllmSettings, manifest_from_flags
 
     settings = VllmSettings(port=free_port(), dtype=dtype, max_loras=max(1, len(adapters)),
-                            kv_cache_memory_bytes=kv_cache_bytes, max_model_len=2048,
+                            kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len,
                             runtime_lora_updating=False, health_timeout=health_timeout)
     manifest = manifest_from_flags(str(base), [f"{n}={p}" for n, p in adapters.items()], served_name="base",
                                    settings=settings, extra_args=("--enforce-eager",))

@@ -209,3 +209,16 @@ def test_serve_refuses_bad_adapters_before_launch(capsys, tiny_llama, tiny_qwen2
 def test_adapters_cli_unreachable_server(capsys):
     code = run(["adapters", "list", "--url", "http://127.0.0.1:9"])
     assert code == 1 and "cannot reach" in capsys.readouterr().err
+
+
+def test_serve_without_vllm_says_how_to_install(capsys, tiny_llama, monkeypatch):
+    """--dry-run works without vLLM; a real start says which extra to install (exit 1, one line)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert run(["serve", "--base", str(tiny_llama), "--dry-run"]) == 0
+    capsys.readouterr()
+    assert run(["serve", "--base", str(tiny_llama), "--port", "8767"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vllm is not installed" in err[0] and "pip install -e '.[serve-cpu]'" in err[0]
