@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pissa.errors import InvalidOptionsError
 
@@ -331,7 +332,7 @@ def resolve_manifest(
             problems.append(f"{flag} must be >= 1, got {value}")
     if problems:
         raise InvalidOptionsError("invalid serve options", problems, fix="see `pissa serve --help`")
-    overrides = {k: v for k, v in (("host", host), ("port", port), ("dtype", dtype), ("max_loras", max_loras),
+    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port), ("dtype", dtype), ("max_loras", max_loras),
                                    ("kv_cache_memory_bytes", kv)) if v is not None}
     if path is None:
         assert base is not None

@@ -18,7 +18,7 @@ def make_peft_adapter(
     *,
     seed: int,
     rank: int = 8,
-    alpha: float | None = None,
+    alpha: int | None = None,
     targets: tuple[str, ...] = LLAMA_TARGETS,
     std: float = 0.1,
     base_model_name_or_path: str | None = None,

@@ -1,9 +1,9 @@
 """Real vLLM server tests: the whole pipeline into `pissa serve`, through the OpenAI client.
 
-One session-scoped server (start-up ~30 s on 2 cores) serves the tiny Llama (fp32, 64 MiB KV cache,
+One module-scoped server (start-up ~30 s on 2 cores) serves the tiny Llama (fp32, 64 MiB KV cache,
 2 LoRA slots) with two tenants made by the real pipeline: convert → train (6 steps, two datasets)
 → export (exact, rank 2r = 16). It is started as a user would, ``python -m pissa serve MANIFEST``,
-and stopped with SIGINT at the end of the session; then no process it spawned may be left.
+and stopped with SIGINT after the last test of this module; then no process it spawned may be left.
 
 Equality with transformers + PEFT: same base folder, same adapter folder, fp32, greedy
 (temperature 0 / do_sample=False), 12 new tokens; the generated TOKEN IDS are compared exactly
@@ -73,7 +73,7 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tenants(tmp_path_factory, tiny_llama_bundle) -> dict[str, Path]:
     """Two exported adapters for the ORIGINAL tiny Llama, from two short trainings of its bundle."""
     from converter.export import export
@@ -91,7 +91,7 @@ def tenants(tmp_path_factory, tiny_llama_bundle) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_llama, tenants):
     """``pissa serve`` in a subprocess; yields (url, process); SIGINT and leftover check at teardown."""
     root = tmp_path_factory.mktemp("serve")
@@ -137,14 +137,14 @@ extra_args: [--enforce-eager]
     assert not left, f"processes left behind: {left}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def client(server):
     from openai import OpenAI
 
     return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def references(tiny_llama, tenants) -> dict[tuple[str, str], tuple[int, ...]]:
     """Greedy completions of transformers (+ PEFT) in fp32 for the base and each tenant."""
     import torch
