@@ -37,7 +37,7 @@ from typing import Any
 from converter.options import ConvertOptions
 from converter.zoo_manifest import ZooManifest, load_zoo_manifest, resolve_embedded
 from converter.zoo_report import CONVERTED, FAILED, RESUMED, SKIPPED, JobResult, write_reports
-from pissa.errors import InvalidOptionsError, PissaError, VerificationError, format_problems
+from pissa.errors import InvalidOptionsError, OutputBusyError, PissaError, VerificationError, format_problems
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,36 @@ def _one_process_conversion() -> Iterator[None]:
             os.environ["WORLD_SIZE"] = saved
 
 
+@contextlib.contextmanager
+def _job_lock(out: Path) -> Iterator[None]:
+    """Hold ``.<name>.lock`` next to the bundle: two zoo runs never write the same bundle at once.
+
+    Raises:
+        OutputBusyError: another process holds the lock (its pid is in the message).
+    """
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = out.parent / f".{out.name}.lock"
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            raise OutputBusyError(
+                str(out), fix=f"another zoo run (pid {holder}) is on it: let it finish, or use another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _source_identity(text: str) -> set[str]:
     text = text.removeprefix("hub:")
     return {text, os.path.realpath(text)} if text else set()
@@ -199,7 +229,7 @@ def run_job(job: ZooJob) -> JobResult:
     report = None
     try:
         source = resolve_embedded(job.source)
-        with _one_process_conversion():
+        with _job_lock(out), _one_process_conversion():
             if (out / "pissa.json").exists():
                 problems = reuse_problems(out, job, source)
                 if not problems:

@@ -182,6 +182,17 @@ class ZooError(MultiProblemError):
     """Some jobs of a zoo failed (one problem per failed job); the others completed."""
 
 
+class OutputBusyError(PissaError, BlockingIOError):
+    """Another process is writing the same output right now (its lock is held)."""
+
+    def __init__(self, path: str, *, fix: str | None = None) -> None:
+        super().__init__(
+            f"{path} is being written by another process (lock held)",
+            fix=fix or "wait for the other run to finish, or give this one another output root",
+        )
+        self.path = path
+
+
 def format_problems(exc: PissaError) -> list[str]:
     """Lines the CLI prints for ``exc``: one ``error: ...`` line per problem.
 

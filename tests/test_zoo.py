@@ -113,7 +113,7 @@ def test_broken_middle_entry_is_isolated_then_fixed(tmp_path: Path, tiny_llama: 
     assert "| middle | 4 | failed |" in md and "## Failures" in md
     assert not (root / "middle" / "r4").exists()  # nothing half-written at the bundle's path
     done = {name: _files(root / name / f"r{r}") for name, r in (("first", 4), ("last", 8))}
-    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and "middle" not in p.parts}
+    mtimes = {p: p.stat().st_mtime_ns for p in root.glob("*/r*/**/*") if p.is_file() and "middle" not in p.parts}
 
     # fix the manifest: the second run converts only the fixed entry
     _write(manifest, text.format(first=tiny_llama, middle=tiny_llama_sharded, last=tiny_llama))
@@ -121,9 +121,9 @@ def test_broken_middle_entry_is_isolated_then_fixed(tmp_path: Path, tiny_llama: 
     report = _report(root)
     assert [r["status"] for r in report.values()] == ["skipped", "converted", "skipped"]
     assert {name: _files(root / name / f"r{r}") for name, r in (("first", 4), ("last", 8))} == done
+    assert len(mtimes) > 10
     for p, t in mtimes.items():
-        if "zoo-report" not in p.name:
-            assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
+        assert p.stat().st_mtime_ns == t, f"{p} was rewritten"
 
 
 def test_changed_options_or_damaged_bundle_are_redone(tmp_path: Path, tiny_llama: Path) -> None:
@@ -151,6 +151,21 @@ def test_bad_rank_fails_alone_and_only_filters(tmp_path: Path, tiny_llama: Path)
     only = run_zoo(manifest, out=tmp_path / "out", only=["fine"], progress=False)
     assert [(r.entry, r.status) for r in only.results] == [("fine", "skipped")] and only.ok
     assert run(["zoo", str(manifest), "--out", str(tmp_path / "out"), "--only", "nope"]) == 2
+
+
+def test_concurrent_run_on_the_same_bundle_is_refused(tmp_path: Path, tiny_llama: Path) -> None:
+    import fcntl
+
+    manifest = _write(tmp_path / "zoo.yaml", f"entries:\n  - {{name: m, source: {tiny_llama}, ranks: 4}}\n")
+    (tmp_path / "out" / "m").mkdir(parents=True)
+    with open(tmp_path / "out" / "m" / ".r4.lock", "w") as held:  # another run converting m r4
+        held.write("4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        busy = run_zoo(manifest, out=tmp_path / "out", progress=False).results[0]
+    assert busy.status == "failed" and "being written by another process" in (busy.error or "")
+    assert "pid 4242" in (busy.error or "") and not (tmp_path / "out" / "m" / "r4").exists()
+    assert run_zoo(manifest, out=tmp_path / "out", progress=False).results[0].status == "converted"
 
 
 KILLER = """\
