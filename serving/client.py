@@ -14,6 +14,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,12 @@ def list_models(url: str, *, api_key: str | None = None) -> list[ServedModel]:
     return sorted(models, key=lambda m: (m.is_adapter, m.name))
 
 
-def check_runtime_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = None) -> ValidationReport:
+def check_runtime_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = None,
+                          aliases: Sequence[str] = ()) -> ValidationReport:
     """Validate ``path`` against the base the server at ``url`` serves (see :mod:`serving.validate`).
+
+    The served base's identities are its ``root`` (what vLLM was started with) and ``aliases``
+    (give the manifest's ``base.aliases`` again: the server does not know them).
 
     Raises:
         AdapterValidationError: every problem of the adapter.
@@ -106,12 +111,12 @@ def check_runtime_adapter(url: str, name: str, path: str | Path, *, api_key: str
         raise ServingError(f"{name!r} is already served at {url}",
                            fix="pick another name, or `pissa adapters remove` it first")
     root = bases[0].root
-    base = read_base(root, is_local=Path(root).is_dir(), given=bases[0].name)
+    base = read_base(root, is_local=Path(root).is_dir(), aliases=aliases)
     return validate_adapters(base, [(name, str(folder.resolve()), True)])
 
 
 def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = None,
-                validate: bool = True) -> ValidationReport | None:
+                validate: bool = True, aliases: Sequence[str] = ()) -> ValidationReport | None:
     """Validate, then load ``path`` as ``name`` on the running server.
 
     Returns:
@@ -121,7 +126,7 @@ def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = 
         AdapterValidationError: refused before loading (nothing sent to the engine).
         ServingError: the server refused it (its message included) or is unreachable.
     """
-    report = check_runtime_adapter(url, name, path, api_key=api_key) if validate else None
+    report = check_runtime_adapter(url, name, path, api_key=api_key, aliases=aliases) if validate else None
     lora_path = str(Path(path).expanduser().resolve())
     status, text = _request(url.rstrip("/") + "/v1/load_lora_adapter", "POST",
                             {"lora_name": name, "lora_path": lora_path}, api_key=api_key, timeout=300)

@@ -25,11 +25,13 @@ def adapters() -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @_url
 @_key
-def add(name: str, path: Path, url: str, api_key_env: str | None) -> None:
+@click.option("--base-alias", "aliases", multiple=True,
+              help="Another name of the served base (as the manifest's base.aliases; repeatable).")
+def add(name: str, path: Path, url: str, api_key_env: str | None, aliases: tuple[str, ...]) -> None:
     """Validate the adapter at PATH against the served base, then load it as NAME."""
     from serving.client import add_adapter
 
-    report = add_adapter(url, name, path, api_key=_api_key(api_key_env))
+    report = add_adapter(url, name, path, api_key=_api_key(api_key_env), aliases=aliases)
     rank = report.ranks.get(name) if report else None
     click.echo(f"added {name} (rank {rank}) from {path.resolve()}")
 
@@ -56,5 +58,3 @@ def list_(url: str, api_key_env: str | None) -> None:
     for m in list_models(url, api_key=_api_key(api_key_env)):
         click.echo(f"{'adapter' if m.is_adapter else 'base':8} {m.name}  {m.root}")
 
-
-list_.name = "list"
