@@ -97,7 +97,14 @@ def part_is_complete(job: ShardJob) -> bool:
 
 @contextlib.contextmanager
 def single_threaded_blas() -> Iterator[None]:
-    """One BLAS/LAPACK thread per matrix (torch and scipy's OpenBLAS); restored afterwards."""
+    """One BLAS/LAPACK thread per matrix (torch and scipy's OpenBLAS); restored afterwards.
+
+    threadpoolctl only limits BLAS libraries already loaded when the limit is entered, so scipy's
+    OpenBLAS (used by :func:`converter.svd.exact_top_r`, which imports scipy lazily) is loaded first.
+    Without that, ``--svd exact`` ran every eigensolve with all-core OpenBLAS inside each pool
+    thread: oversubscribed and spinning, 10x slower (186 s instead of 18 s on SmolLM2, 2 cores).
+    """
+    import scipy.linalg  # noqa: F401 - load scipy's BLAS before limiting it
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
