@@ -10,7 +10,9 @@ threads (OpenAI client, non-streaming, greedy, ``ignore_eos`` so every request p
 ``--max-tokens`` tokens):
 
 * ``base``: all requests to the base;
-* ``k adapters``: requests spread round-robin over the first k adapters (no base request).
+* ``k adapters``: requests spread round-robin over the first k adapters (no base request);
+* ``base + 4 adapters``: round-robin over the base and 4 adapters (base rows share batches with
+  adapter rows while every slot is busy: the case the plugin fixes).
 
 Each scenario runs ``--repeats`` times, interleaved with the others; the run with the median
 throughput is reported (with every repeat's tokens/s). Reported per scenario: wall time, completion tokens/s (all tokens / wall time), requests/s, and
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                                    extra_args=("--enforce-eager",))
     plan = plan_serving(manifest)
     names = [a.name for a in manifest.adapters]
-    scenarios = {"base": ["base"], "1 adapter": names[:1], "2 adapters": names[:2], "4 adapters": names[:4]}
+    scenarios = {"base": ["base"], "1 adapter": names[:1], "2 adapters": names[:2], "4 adapters": names[:4],
+                 "base + 4 adapters": ["base", *names[:4]]}
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     with VllmServer(plan, work / "vllm.log", health_timeout=300) as server:
