@@ -157,10 +157,10 @@ def _result_options(options: ConvertOptions) -> dict[str, Any]:
     return record
 
 
-def _dist() -> tuple[int, int]:
+def _dist(distributed: bool) -> tuple[int, int]:
     """(rank, world size) under torchrun / accelerate launch, else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 or not distributed:
         return 0, 1
     import torch.distributed as dist
 
@@ -372,6 +372,7 @@ def convert(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    distributed: bool = True,
 ) -> ConvertReport:
     """Convert ``source`` into a PiSSA bundle at ``out``.
 
@@ -382,6 +383,9 @@ def convert(
         overwrite: replace a non-empty ``out``.
         resume: continue an interrupted conversion of the same source with the same options.
         progress: show a progress bar.
+        distributed: under torchrun (``WORLD_SIZE`` > 1), split the shards across the ranks; every
+            rank must then call ``convert`` with the same arguments. ``False`` converts in this
+            process alone (e.g. a zoo whose ranks split the models instead).
 
     Returns:
         A :class:`ConvertReport` (also readable later from ``out/pissa.json``).
@@ -400,7 +404,7 @@ def convert(
     source_resolved = resolve_source(str(source), revision=options.revision)
     staging = staging_path(out)
     plan = _plan(source_resolved, options, staging)
-    rank, world = _dist()
+    rank, world = _dist(distributed)
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         _prepare_staging(staging, plan, resume)

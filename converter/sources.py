@@ -91,11 +91,10 @@ def _looks_like_repo_id(text: str) -> bool:
 def _from_hub(repo_id: str, revision: str | None) -> ResolvedSource:
     from converter.hub import download_checkpoint
 
-    folder = download_checkpoint(repo_id, revision)
-    resolved_rev = revision or "main"
-    return ResolvedSource(
-        Path(folder), "hub", repo_id, record={"repo_id": repo_id, "revision": resolved_rev, "path": str(folder)}
-    )
+    folder = Path(download_checkpoint(repo_id, revision))
+    # huggingface_hub names snapshot folders by commit: record the exact commit, not just the branch.
+    record = {"repo_id": repo_id, "revision": revision or "main", "commit": folder.name, "path": str(folder)}
+    return ResolvedSource(folder, "hub", repo_id, record=record)
 
 
 def materialize_gguf(path: Path) -> ResolvedSource:
@@ -104,8 +103,9 @@ def materialize_gguf(path: Path) -> ResolvedSource:
     digest = sha256_file(path)
     folder = cache_root() / "gguf" / digest[:16]
     record = {"path": str(path), "gguf_sha256": digest}
+    # The base an exported LoRA applies to (and vLLM should serve) is the dequantized folder.
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
-        return ResolvedSource(folder, "gguf", str(path), "bfloat16", record)
+        return ResolvedSource(folder, "gguf", str(folder), "bfloat16", record)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", dir=folder.parent))
     try:
@@ -117,7 +117,7 @@ def materialize_gguf(path: Path) -> ResolvedSource:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ResolvedSource(folder, "gguf", str(path), "bfloat16", record)
+    return ResolvedSource(folder, "gguf", str(folder), "bfloat16", record)
 
 
 def _dequantize_gguf(path: Path, out: Path) -> None:

@@ -129,24 +129,6 @@ def plan_jobs(
 
 # --- one job ------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _one_process_conversion() -> Iterator[None]:
-    """Make ``convert`` run in this process alone even under torchrun.
-
-    ``converter.convert`` splits one conversion's shards across ranks when ``WORLD_SIZE`` > 1; in a
-    zoo the ranks split the *jobs* instead, so each rank's conversions must not wait for the others.
-    """
-    saved = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = "1"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("WORLD_SIZE", None)
-        else:
-            os.environ["WORLD_SIZE"] = saved
-
-
-@contextlib.contextmanager
 def _job_lock(out: Path) -> Iterator[None]:
     """Hold ``.<name>.lock`` next to the bundle: two zoo runs never write the same bundle at once.
 
@@ -229,7 +211,7 @@ def run_job(job: ZooJob) -> JobResult:
     report = None
     try:
         source = resolve_embedded(job.source)
-        with _job_lock(out), _one_process_conversion():
+        with _job_lock(out):
             if (out / "pissa.json").exists():
                 problems = reuse_problems(out, job, source)
                 if not problems:
@@ -239,10 +221,10 @@ def run_job(job: ZooJob) -> JobResult:
                     status = SKIPPED
                 else:
                     logger.warning("%s r%d: converting again (%s)", job.entry, job.rank, "; ".join(problems))
-                    report = convert(source, out, job.options, overwrite=True, progress=job.progress)
+                    report = convert(source, out, job.options, overwrite=True, progress=job.progress, distributed=False)
                     status = CONVERTED
             else:
-                report = convert(source, out, job.options, resume=True, progress=job.progress)
+                report = convert(source, out, job.options, resume=True, progress=job.progress, distributed=False)
                 status = RESUMED if report.shards_reused > 0 else CONVERTED
         if status != SKIPPED:
             verified = verify_bundle(out)

@@ -131,10 +131,94 @@ def step_recipe(state: _State) -> str:
     return f"{PROMPT!r} → {expected!r} (source) — bundle gives the {same}; max |Δlogit| {diff:.3f}"
 
 
+# The fine-tune: short enough for a demo on 2 CPU cores, long enough to change held-out answers.
+TRAIN_STEPS = 60
+TRAIN_LR = 2e-4
+HELDOUT = 40
+
+
+def step_train(state: _State) -> str:
+    from training.tasks import ARITH_HELDOUT, ARITH_TRAIN
+    from training.train import train
+
+    assert state.bundle is not None
+    run = state.workdir / "run"
+    result = train(
+        state.bundle, ARITH_TRAIN, run, max_steps=TRAIN_STEPS, lr=TRAIN_LR, batch_size=8, warmup=5,
+        eval_data=str(ARITH_HELDOUT), save_every=TRAIN_STEPS, progress=False,
+    )
+    state.extras["run"] = run
+    first, last = result.first_loss, result.final_loss
+    return f"{TRAIN_STEPS} steps on {ARITH_TRAIN.name}: loss {first:.2f} → {last:.2f} → {run}"
+
+
+def step_export(state: _State) -> str:
+    from converter.export import export
+
+    run = state.extras["run"]
+    exact = export(run, state.workdir / "adapter-exact")
+    compact = export(run, state.workdir / "adapter-auto", rank="auto")
+    state.extras["adapters"] = {"arith-exact": exact.out, "arith-auto": compact.out}
+    return (
+        f"exact LoRA rank {exact.rank} (error {exact.max_rel_error:.1e}); "
+        f"--rank auto → rank {compact.rank} (worst-layer error {compact.max_rel_error:.1e}); "
+        "both name the original base"
+    )
+
+
+def _heldout(n: int) -> list[dict[str, str]]:
+    import json
+
+    from training.tasks import ARITH_HELDOUT
+
+    lines = ARITH_HELDOUT.read_text().splitlines()
+    return [json.loads(line) for line in lines[:n]]
+
+
+def step_answer(state: _State) -> str:
+    """Original base alone vs original base + exported LoRA, on held-out prompts (transformers + PEFT)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.tasks import accuracy
+
+    assert state.source_folder is not None
+    records = _heldout(HELDOUT)
+    tokenizer = AutoTokenizer.from_pretrained(state.source_folder)
+    base = AutoModelForCausalLM.from_pretrained(state.source_folder, dtype=torch.float32).eval()
+    before = accuracy(base, tokenizer, records)
+    tuned = PeftModel.from_pretrained(base, state.extras["adapters"]["arith-exact"]).eval()
+    after = accuracy(tuned, tokenizer, records)
+    example = records[0]["prompt"]
+    state.extras["accuracy"] = (before.accuracy, after.accuracy)
+    return (
+        f"held-out accuracy on {len(records)} prompts: base {before.accuracy:.0%} → base + exported LoRA "
+        f"{after.accuracy:.0%}; {example!r}: {before.answers[0]!r} → {after.answers[0]!r}"
+    )
+
+
+def step_serve(state: _State) -> str:
+    from serving.session import serve_and_ask
+
+    assert state.source_folder is not None
+    prompts = [r["prompt"] for r in _heldout(2)]
+    try:
+        result = serve_and_ask(state.source_folder, state.extras["adapters"], prompts, max_tokens=12, dtype="float32")
+    except MissingDependencyError as exc:
+        return f"skipped: {exc.message} — {exc.fix} (the answers above came from transformers + PEFT)"
+    parts = [f"{model}: {answers[prompts[0]]!r}" for model, answers in result.answers.items()]
+    return f"vLLM at {result.url} (ready in {result.startup_s:.0f} s) answered {prompts[0]!r}: " + "; ".join(parts)
+
+
 STEPS: list[tuple[str, Callable[[_State], str]]] = [
     ("convert", step_convert),
     ("verify", step_verify),
     ("authors' recipe", step_recipe),
+    ("train", step_train),
+    ("export", step_export),
+    ("answer", step_answer),
+    ("serve (vLLM)", step_serve),
 ]
 
 
