@@ -59,10 +59,16 @@ def main() -> None:
     parser.add_argument("--schedule", default="linear")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout", type=int, default=100, help="Held-out prompts scored (max 100).")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (1 is much faster on a machine shared with other jobs).")
     parser.add_argument("--reuse", action="store_true",
                         help="Reuse finished runs in OUT trained with the same recipe (re-score only).")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from converter.export import export
     from training.data import read_records
@@ -128,6 +134,7 @@ def main() -> None:
         # Training-loop time only (metrics.jsonl time_s of the last step), without model loading.
         "seconds_per_step": {init: read_metrics(args.out / init)[-1]["time_s"] / args.steps for init in results},
         "timings_s": timings,
+        "threads": args.threads,
         "plot": str(plot),
     }
     (args.out / "converge.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -131,7 +131,7 @@ def load_model(bundle: Bundle, options: TrainOptions) -> Any:
     set_seed(options.seed)
     config = LoraConfig(
         r=int(init_config["r"]),
-        lora_alpha=float(init_config["lora_alpha"]),
+        lora_alpha=init_config["lora_alpha"],
         use_rslora=bool(init_config.get("use_rslora")),
         target_modules=init_config["target_modules"],
         fan_in_fan_out=bool(init_config.get("fan_in_fan_out")),
