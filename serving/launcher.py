@@ -2,7 +2,8 @@
 
 The server runs in its own process group (``start_new_session``) so that stopping it reaches every
 process vLLM spawned (API server, engine core, workers): SIGTERM to the group, then SIGKILL to the
-group after a grace period. SIGINT/SIGTERM sent to ``pissa serve`` are forwarded that way.
+group after a grace period. SIGINT/SIGTERM sent to ``pissa serve`` are forwarded that way, and on
+Linux the server gets SIGTERM if ``pissa serve`` itself is killed (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -120,7 +122,7 @@ class VllmServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 list(self.plan.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True,
+                env=env, start_new_session=True, preexec_fn=_die_with_parent,
             )
 
     def wait_healthy(self) -> float:
@@ -187,6 +189,17 @@ class VllmServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): get SIGTERM if the launching process dies, even by SIGKILL,
+    so a killed ``pissa serve`` does not leave vLLM running (vLLM then stops its own children)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

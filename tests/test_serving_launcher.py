@@ -7,6 +7,7 @@ on death, the health timeout, SIGTERM forwarding, and that no process is left be
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -138,6 +139,43 @@ sys.exit(9)
 def test_unexpected_death_while_serving_is_an_error(tmp_path):
     with pytest.raises(ServingError, match="(?s)exited unexpectedly \\(code 9\\).*fatal: engine died"):
         run_plan(_plan(HEALTHY_THEN_DIES, _free_port()), health_timeout=30, log_path=tmp_path / "log")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_server_dies_when_the_launcher_is_killed(tmp_path):
+    """SIGKILL to the launching process (no chance to forward anything): the server still stops."""
+    import subprocess
+
+    log = tmp_path / "log"
+    port = _free_port()
+    launcher = textwrap.dedent(f"""
+        import sys, time, textwrap
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_serving_launcher import HEALTHY, _plan
+        from serving.launcher import VllmServer
+        server = VllmServer(_plan(HEALTHY, {port}), Path({str(log)!r}), health_timeout=30)
+        server.start(); server.wait_healthy()
+        print("SERVER", server.process.pid, flush=True)
+        time.sleep(300)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("SERVER"), line
+    server_pid = int(line.split()[1])
+    assert _alive(server_pid)
+    proc.kill()
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert not _alive(server_pid)
+    finally:
+        proc.stdout.close()
+        # The stand-in (unlike vLLM) does not stop its own child on SIGTERM: clean its group up.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server_pid, signal.SIGKILL)
 
 
 def test_tail(tmp_path):
