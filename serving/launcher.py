@@ -118,7 +118,7 @@ class VllmServer:
             os.close(fd)
             self.log_path = Path(name)
         env = {**os.environ, **self.plan.env}
-        logger.info("starting: %s", self.plan.shell())
+        logger.info("starting vLLM (log: %s): %s", self.log_path, self.plan.shell())
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 list(self.plan.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
