@@ -1,0 +1,160 @@
+"""Runtime adapter client against a stand-in OpenAI/vLLM server on loopback (no vLLM needed).
+
+The stand-in speaks the three endpoints the client calls, requires a bearer key, and answers like
+vLLM 0.32 does (400 with ``{"error": {"message"}}`` for a duplicate, 404 for an unknown adapter).
+The real server is exercised in tests/test_vllm_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from pissa.cli import run
+from pissa.errors import AdapterValidationError, MissingDependencyError, ServingError
+from serving.client import add_adapter, list_models, remove_adapter
+
+KEY = "s3cret"
+
+
+@pytest.fixture()
+def standin(tiny_llama):
+    state = {"adapters": {}, "loads": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, code, body):
+            data = json.dumps(body).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _authorized(self):
+            if self.headers.get("Authorization") != f"Bearer {KEY}":
+                self._send(401, {"error": "Unauthorized"})
+                return False
+            return True
+
+        def do_GET(self):
+            if not self._authorized():
+                return
+            data = [{"id": "base", "root": str(tiny_llama), "parent": None}]
+            data += [{"id": n, "root": p, "parent": "base"} for n, p in state["adapters"].items()]
+            self._send(200, {"object": "list", "data": data})
+
+        def do_POST(self):
+            if not self._authorized():
+                return
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            name = body["lora_name"]
+            if self.path == "/v1/load_lora_adapter":
+                state["loads"].append(body)
+                if name in state["adapters"]:
+                    self._send(400, {"error": {"message": f"The lora adapter '{name}' has already been loaded."}})
+                    return
+                state["adapters"][name] = body["lora_path"]
+                self._send(200, {})
+            elif self.path == "/v1/unload_lora_adapter":
+                if name not in state["adapters"]:
+                    self._send(404, {"error": {"message": f"The lora adapter '{name}' cannot be found."}})
+                    return
+                del state["adapters"][name]
+                self._send(200, {})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", state
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_llama, tiny_qwen2):
+    from serving.testing import make_peft_adapter
+
+    root = tmp_path_factory.mktemp("client-adapters")
+    return {"good": make_peft_adapter(tiny_llama, root / "good", seed=1),
+            "other": make_peft_adapter(tiny_qwen2, root / "other", seed=2)}
+
+
+def test_add_list_remove_with_api_key(standin, adapters):
+    url, state = standin
+    report = add_adapter(url, "t1", adapters["good"], api_key=KEY)
+    assert report is not None and report.ranks == {"t1": 8}
+    assert state["loads"] == [{"lora_name": "t1", "lora_path": str(adapters["good"].resolve())}]
+    models = list_models(url, api_key=KEY)
+    assert [(m.name, m.is_adapter) for m in models] == [("base", False), ("t1", True)]
+    remove_adapter(url, "t1", api_key=KEY)
+    assert [m.name for m in list_models(url, api_key=KEY)] == ["base"]
+
+
+def test_wrong_key_is_a_clean_error(standin):
+    url, _ = standin
+    with pytest.raises(ServingError, match="HTTP 401"):
+        list_models(url, api_key="wrong")
+
+
+def test_refused_before_sending(standin, adapters):
+    """Another base's adapter never reaches the server."""
+    url, state = standin
+    with pytest.raises(AdapterValidationError, match="made for base"):
+        add_adapter(url, "x", adapters["other"], api_key=KEY)
+    assert state["loads"] == []
+
+
+def test_alias_makes_the_pairing_explicit(standin, adapters, tmp_path):
+    """An adapter recording a hub id of which the served folder is a copy: refused, unless aliased."""
+    import shutil
+
+    url, _ = standin
+    copy = tmp_path / "aliased"
+    shutil.copytree(adapters["good"], copy)
+    cfg = json.loads((copy / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "org/tiny-llama"
+    (copy / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterValidationError, match="org/tiny-llama"):
+        add_adapter(url, "a", copy, api_key=KEY)
+    add_adapter(url, "a", copy, api_key=KEY, aliases=["org/tiny-llama"])
+
+
+def test_server_refusal_message_surfaces(standin, adapters):
+    url, _ = standin
+    add_adapter(url, "dup", adapters["good"], api_key=KEY)
+    with pytest.raises(ServingError, match="HTTP 400\\): The lora adapter 'dup' has already been loaded"):
+        add_adapter(url, "dup", adapters["good"], api_key=KEY, validate=False)
+    with pytest.raises(ServingError, match="HTTP 404\\): The lora adapter 'nope' cannot be found"):
+        remove_adapter(url, "nope", api_key=KEY)
+
+
+def test_cli(standin, adapters, monkeypatch, capsys):
+    url, _ = standin
+    monkeypatch.setenv("MY_KEY", KEY)
+    assert run(["adapters", "add", "c1", str(adapters["good"]), "--url", url, "--api-key-env", "MY_KEY"]) == 0
+    assert run(["adapters", "list", "--url", url, "--api-key-env", "MY_KEY"]) == 0
+    out = capsys.readouterr().out
+    assert "added c1 (rank 8)" in out and "adapter  c1" in out
+    assert run(["adapters", "add", "c2", "/no/such/adapter", "--url", url, "--api-key-env", "MY_KEY"]) == 1
+    assert "adapter path /no/such/adapter does not exist" in capsys.readouterr().err
+    assert run(["adapters", "remove", "c1", "--url", url, "--api-key-env", "MY_KEY"]) == 0
+    assert "removed c1" in capsys.readouterr().out
+
+
+def test_session_without_vllm(monkeypatch, tiny_llama):
+    import importlib.util
+
+    from serving.session import serve_and_ask, vllm_available
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert not vllm_available()
+    with pytest.raises(MissingDependencyError) as exc:
+        serve_and_ask(tiny_llama, {}, ["hi"])
+    assert "serve-cpu" in exc.value.fix
