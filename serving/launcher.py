@@ -122,7 +122,7 @@ class VllmServer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 list(self.plan.argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                env=env, start_new_session=True, preexec_fn=_die_with_parent_hook(),
             )
 
     def wait_healthy(self) -> float:
@@ -191,15 +191,27 @@ class VllmServer:
         self.stop()
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): get SIGTERM if the launching process dies, even by SIGKILL,
-    so a killed ``pissa serve`` does not leave vLLM running (vLLM then stops its own children)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` (Linux) that asks for SIGTERM when the launching process dies, even by SIGKILL,
+    so a killed ``pissa serve`` does not leave vLLM running (vLLM then stops its own children).
 
-        pr_set_pdeathsig = 1
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    libc's ``prctl`` is resolved here, in the parent: the hook run between fork and exec only calls
+    it (no imports, no library loading, which could deadlock in a forked child of a threaded parent).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return hook
 
 
 def _signal_group(pgid: int, sig: int) -> None:
