@@ -16,7 +16,7 @@ def run_label(run: Path) -> str:
     if record.exists():
         try:
             init = json.loads(record.read_text()).get("options", {}).get("init")
-            if init:
+            if init and init not in run.name:
                 return f"{run.name} ({init})"
         except (OSError, ValueError):
             pass
