@@ -85,14 +85,19 @@ def pissa_split(
     lora_b = (u * root.unsqueeze(-2)).to(adapter_dtype)
     lora_a = (root.unsqueeze(-1) * vh).to(adapter_dtype)
 
-    # The residual is taken against the adapter as stored, so only its own cast rounds.
-    delta = scaling * (lora_b.to(w.dtype) @ lora_a.to(w.dtype))
-    res = (w - delta).to(residual_dtype)
+    # The residual is taken against the adapter as stored, so only its own cast rounds:
+    # D = W − s·B A in one BLAS call (baddbmm/addmm with beta=1, alpha=−s), then W_res = D cast,
+    # and the reconstruction error is ‖W − (W_res + s·BA)‖ = ‖D − W_res‖ (no dense s·BA kept).
+    b_w, a_w = lora_b.to(w.dtype), lora_a.to(w.dtype)
+    d = torch.baddbmm(w, b_w, a_w, alpha=-scaling) if w.dim() > 2 else torch.addmm(w, b_w, a_w, alpha=-scaling)
+    res = d.to(residual_dtype)
 
-    norm_sq = w.square().sum(dim=(-2, -1))
-    energy = (s.double().square().sum(dim=-1) / norm_sq.double()).clamp(max=1.0)
-    recon = res.to(w.dtype) + delta
-    rel_error = torch.linalg.matrix_norm(w - recon).double() / norm_sq.double().sqrt()
+    norm_sq = torch.linalg.vector_norm(w, dim=(-2, -1)).double().square()
+    energy = (s.double().square().sum(dim=-1) / norm_sq).clamp(max=1.0)
+    if res.dtype == d.dtype:
+        rel_error = torch.zeros_like(norm_sq)
+    else:
+        rel_error = torch.linalg.vector_norm(d.sub_(res.to(d.dtype)), dim=(-2, -1)).double() / norm_sq.sqrt()
 
     if fan_in_fan_out:
         res = res.transpose(-2, -1)

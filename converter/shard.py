@@ -96,15 +96,17 @@ def part_is_complete(job: ShardJob) -> bool:
 
 
 @contextlib.contextmanager
-def single_threaded_blas() -> Iterator[None]:
+def single_threaded_blas(scipy: bool = True) -> Iterator[None]:
     """One BLAS/LAPACK thread per matrix (torch and scipy's OpenBLAS); restored afterwards.
 
     threadpoolctl only limits BLAS libraries already loaded when the limit is entered, so scipy's
     OpenBLAS (used by :func:`converter.svd.exact_top_r`, which imports scipy lazily) is loaded first.
     Without that, ``--svd exact`` ran every eigensolve with all-core OpenBLAS inside each pool
     thread: oversubscribed and spinning, 10x slower (186 s instead of 18 s on SmolLM2, 2 cores).
+    ``scipy=False`` skips that import (~0.3 s) when no matrix can reach the exact path.
     """
-    import scipy.linalg  # noqa: F401 - load scipy's BLAS before limiting it
+    if scipy:
+        import scipy.linalg  # noqa: F401 - load scipy's BLAS before limiting it
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
@@ -114,6 +116,11 @@ def single_threaded_blas() -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(before)
+
+
+def _may_use_scipy(job: ShardJob) -> bool:
+    """Whether :func:`converter.svd.exact_top_r` (scipy's eigensolver) can run for this shard's targets."""
+    return job.svd.method == "exact" or any(job.rank + job.svd.oversample >= min(t.out_in) for t in job.targets)
 
 
 def _reader(job: ShardJob) -> Callable[[TensorInfo], torch.Tensor]:
@@ -193,7 +200,7 @@ def convert_shard(job: ShardJob, progress: Callable[[int], None] | None = None) 
 
     out_path = Path(job.staging) / job.output_file
     threads = max(1, job.threads) if job.device == "cpu" else 1
-    ctx = single_threaded_blas() if job.device == "cpu" else contextlib.nullcontext()
+    ctx = single_threaded_blas(_may_use_scipy(job)) if job.device == "cpu" else contextlib.nullcontext()
     metadata = {**dict(job.metadata), "format": "pt"}
     # torch's intra-op thread count is per thread (OpenMP): set it in every pool thread too.
     with ctx, ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool, _writer(out_path, layout, metadata) as res_w, _writer(
