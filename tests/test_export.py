@@ -358,3 +358,30 @@ def test_cli_export_and_output_exists(tmp_path, llama_trained, capsys):
         export(trained, tmp_path / "cli")
     assert run(["export", str(trained), "--out", str(tmp_path / "cli")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_merge_keeps_shard_layout_and_conv1d(tmp_path, tiny_llama_sharded, tiny_gpt2_bundle):
+    """--merge on a 6-shard source keeps shard names and index; on GPT-2 (Conv1D, Wᵀ stored) the
+    merged weights give the logits of residual + trained adapter."""
+    from transformers import AutoModelForCausalLM
+
+    from converter.convert import convert
+    from converter.options import ConvertOptions
+
+    bundle = tmp_path / "sharded-bundle"
+    convert(tiny_llama_sharded, bundle, ConvertOptions(rank=4, svd="exact"), progress=False)
+    trained, _ = fake_training(bundle, tmp_path / "t1")
+    export(trained, tmp_path / "m1", merge=True)
+    shards = sorted(p.name for p in tiny_llama_sharded.glob("*.safetensors"))
+    assert len(shards) > 1 and sorted(p.name for p in (tmp_path / "m1").glob("*.safetensors")) == shards
+    index = json.loads((tmp_path / "m1/model.safetensors.index.json").read_text())["weight_map"]
+    assert index == json.loads((tiny_llama_sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m1", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(merged), logits(load_residual_with_adapter(bundle, trained)),
+                               atol=ATOL_LOGITS, rtol=0)
+
+    trained, _ = fake_training(tiny_gpt2_bundle, tmp_path / "t2")
+    export(trained, tmp_path / "m2", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m2", dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(merged), logits(load_residual_with_adapter(tiny_gpt2_bundle, trained)),
+                               atol=ATOL_LOGITS, rtol=0)
