@@ -30,7 +30,7 @@ from converter.export_math import (
     pick_auto_rank,
     truncate_delta,
 )
-from pissa.errors import ExportError, InvalidOptionsError
+from pissa.errors import AdapterMismatchError, ExportError, InvalidOptionsError
 from training.artifacts import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -195,7 +195,7 @@ def check_compatible(trained: TrainedAdapter) -> tuple[dict[str, Any], dict[str,
         ``(trained_config, trained_pairs, init_pairs)``.
 
     Raises:
-        ExportError: listing every problem found.
+        AdapterMismatchError: listing every problem found.
     """
     bundle = trained.bundle
     problems: list[str] = []
@@ -251,8 +251,8 @@ def check_compatible(trained: TrainedAdapter) -> tuple[dict[str, Any], dict[str,
             if (b_out, a_in) != (out_f, in_f):
                 problems.append(f"{module}: adapter is [{b_out}, {a_in}], pissa.json records [{out_f}, {in_f}]")
     if problems:
-        raise ExportError(
-            "; ".join(problems) if len(problems) == 1 else f"{len(problems)} problems: " + "; ".join(problems),
+        raise AdapterMismatchError(
+            f"{trained.path} does not match the bundle {bundle.path}", problems,
             fix="export the adapter with the bundle it was trained from",
         )
     return config, pairs, init_pairs

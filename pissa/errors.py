@@ -144,6 +144,17 @@ class ExportError(PissaError, ValueError):
     """A trained adapter that cannot be exported (not from a bundle, init mismatch, bad shapes)."""
 
 
+class AdapterMismatchError(ExportError):
+    """A trained adapter and a bundle that do not belong together (init checksums, modules, shapes; all listed)."""
+
+    def __init__(self, summary: str, problems: Sequence[str], *, fix: str | None = None) -> None:
+        super().__init__(summary, fix=fix)
+        self._problems = list(problems)
+
+    def problems(self) -> list[str]:
+        return list(self._problems) or [self.message]
+
+
 # --- serving ------------------------------------------------------------------------------------
 class AdapterValidationError(MultiProblemError, ValueError):
     """One or more adapters would be refused by (or silently wrong in) vLLM for this base."""

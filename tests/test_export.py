@@ -306,7 +306,7 @@ def test_refuses_adapter_not_from_bundle(tmp_path, llama_trained):
     assert not (tmp_path / "out").exists()
 
 
-def test_refuses_init_mismatch(tmp_path, llama_trained, tiny_llama_bundle):
+def test_refuses_init_mismatch(tmp_path, llama_trained, tiny_llama_bundle, capsys):
     """A bundle whose pissa_init differs from the one the adapter was trained from is refused."""
     trained, _ = llama_trained
     other = tmp_path / "bundle"
@@ -319,6 +319,10 @@ def test_refuses_init_mismatch(tmp_path, llama_trained, tiny_llama_bundle):
         export(trained, tmp_path / "out", bundle=other)
     assert "different pissa_init" in str(err.value)
     assert not (tmp_path / "out").exists()
+    assert run(["export", str(trained), "--out", str(tmp_path / "out"), "--bundle", str(other)]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and "changed since conversion" in lines[0] and "different pissa_init" in lines[1]
+    assert lines[2].startswith("error: 2 problems — export the adapter with the bundle it was trained from")
 
 
 def test_refuses_shape_mismatch(tmp_path, tmp_path_factory, tiny_llama):
