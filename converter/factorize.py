@@ -92,7 +92,7 @@ def pissa_split(
     d = torch.baddbmm(w, b_w, a_w, alpha=-scaling) if w.dim() > 2 else torch.addmm(w, b_w, a_w, alpha=-scaling)
     res = d.to(residual_dtype)
 
-    norm_sq = torch.linalg.vector_norm(w, dim=(-2, -1)).double().square()
+    norm_sq = w.square().sum(dim=(-2, -1), dtype=torch.float64)  # float64 accumulation: energy to ~1e-10
     energy = (s.double().square().sum(dim=-1) / norm_sq).clamp(max=1.0)
     if res.dtype == d.dtype:
         rel_error = torch.zeros_like(norm_sq)

@@ -133,8 +133,8 @@ def _flat_matrix() -> tuple[torch.Tensor, torch.Tensor]:
     return w, sigma
 
 
-def _randomized_capture(w, sigma, rank, niter, oversample, seed=0):
-    opts = SvdOptions(method="randomized", niter=niter, oversample=oversample, precision="float64")
+def _randomized_capture(w, sigma, rank, niter, oversample, seed=0, tol=0.0):
+    opts = SvdOptions(method="randomized", niter=niter, oversample=oversample, precision="float64", tol=tol)
     _, s, _ = top_r_svd(w, rank, opts, seeds=[seed])
     return captured(s, sigma, rank)
 
@@ -166,6 +166,41 @@ def test_randomized_converges_with_oversampling():
     assert gaps[-1] < gaps[0] / 3
 
 
+def _count_qr(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real_qr = torch.linalg.qr
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real_qr(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "qr", spy)
+    return calls
+
+
+def test_randomized_stops_early_on_a_fast_decaying_spectrum(monkeypatch):
+    """tol > 0: a steep spectrum (σ_i = i^-2) converges in a few iterations, and stopping there
+    loses nothing measurable; tol = 0 runs all ``niter`` (2 QRs per iteration + 1)."""
+    w, _, sigma, _ = known_spectrum(300, 400, power_law(300, 2.0), seed=13)
+    calls = _count_qr(monkeypatch)
+    full = _randomized_capture(w, sigma, 8, 20, 8, tol=0.0)
+    assert len(calls) == 1 + 2 * 20
+    calls.clear()
+    early = _randomized_capture(w, sigma, 8, 20, 8, tol=1e-4)
+    iterations = (len(calls) - 1) // 2
+    assert 2 <= iterations <= 6, iterations
+    assert early == pytest.approx(full, abs=1e-8)
+
+
+def test_randomized_early_stop_keeps_accuracy_on_a_flat_spectrum():
+    """On a flat spectrum the gain per iteration stays above tol for longer: the early-stopped
+    result is within a few tol of the full run (the remaining gain decays geometrically)."""
+    w, sigma = _flat_matrix()
+    full = 1 - _randomized_capture(w, sigma, 16, 12, 8, tol=0.0)
+    early = 1 - _randomized_capture(w, sigma, 16, 12, 8, tol=1e-4)
+    assert full <= early <= full + 1e-3
+
+
 def test_randomized_exact_when_spectrum_has_a_gap():
     """A rank-r matrix plus tiny noise: one power iteration recovers the top-r triple to noise level."""
     w, u_true, sigma, vh_true = known_spectrum(200, 300, power_law(200, 2.0), seed=5)
@@ -195,7 +230,7 @@ def test_randomized_is_seeded_and_deterministic():
 def test_randomized_batched_equals_per_matrix():
     """A batch with per-matrix seeds gives each matrix its own result (to float64 rounding)."""
     ws = torch.stack([known_spectrum(64, 96, power_law(64), seed=i)[0] for i in range(3)])
-    opts = SvdOptions(niter=3, oversample=8, precision="float64")
+    opts = SvdOptions(niter=3, oversample=8, precision="float64", tol=0.0)
     u, s, vh = top_r_svd(ws, 5, opts, seeds=[10, 11, 12])
     for i in range(3):
         ui, si, vhi = top_r_svd(ws[i], 5, opts, seeds=[10 + i])
