@@ -373,8 +373,9 @@ def train(
     )
     trainer.remove_callback(PrinterCallback)
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    if eval_examples is not None:
-        trainer.evaluate()
+    evaluated = [h.get("step") for h in trainer.state.log_history if "eval_loss" in h]
+    if eval_examples is not None and (not evaluated or evaluated[-1] != trainer.state.global_step):
+        trainer.evaluate()  # the final eval loss, unless the last step just logged one
 
     adapter = out_path / ADAPTER
     plot: Path | None = None
