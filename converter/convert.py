@@ -300,10 +300,12 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
     }
     (staging / B.CARD).write_text(render_model_card(record))
     files = {}
+    # Residual shards were hashed when their writer re-read them (part markers): not again.
+    known = {p["output_file"]: p["output_sha256"] for p in parts}
     for path in sorted(staging.rglob("*")):
         rel = path.relative_to(staging).as_posix()
         if path.is_file() and not rel.startswith((PARTS, PLAN)) and rel != B.RECORD:
-            files[rel] = sha256_file(path)
+            files[rel] = known.get(rel) or sha256_file(path)
     record["files"] = files
     record["timings"] = {
         "total_seconds": round(time.perf_counter() - started, 3),

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +62,11 @@ class SafetensorsWriter:
         digest = w.sha256  # of the whole file, after the reload check
 
     On close every declared tensor must have been written; the file is then re-read once to
-    compute its sha256 and to check each tensor's bytes against the digest taken when it was
-    written (the "reload and compare" step), and fsynced.
+    compute its sha256 and to check each tensor's bytes against the CRC-32 taken when it was
+    written (the "reload and compare" step), and fsynced. CRC-32 (zlib, ~1.8 GB/s here) rather
+    than a second and third sha256 pass (~0.4 GB/s without SHA extensions): it only has to catch
+    bytes that changed between writing and reading back, and sha256 hashing was the conversion's
+    largest serial cost.
     """
 
     def __init__(
@@ -84,7 +88,7 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)
         self._data_start = 8 + len(raw)
         self._layout = layout
-        self._digests: dict[str, bytes] = {}
+        self._digests: dict[str, int] = {}
         self.sha256: str | None = None
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
         self._f.write(struct.pack("<Q", len(raw)))
@@ -99,7 +103,7 @@ class SafetensorsWriter:
         begin, _ = self._spans[key]
         self._f.seek(self._data_start + begin)
         self._f.write(data)
-        self._digests[key] = hashlib.sha256(data).digest()
+        self._digests[key] = zlib.crc32(data)
 
     def close(self) -> None:
         if self._f.closed:
@@ -124,16 +128,16 @@ class SafetensorsWriter:
         with open(self.path, "rb") as f:
             whole.update(f.read(self._data_start))
             for key, (begin, end) in spans:
-                part = hashlib.sha256()
+                crc = 0
                 remaining = end - begin
                 while remaining:
                     block = f.read(min(remaining, 16 << 20))
                     if not block:
                         raise OSError(f"{self.path}: truncated while re-reading {key!r}")
-                    part.update(block)
+                    crc = zlib.crc32(block, crc)
                     whole.update(block)
                     remaining -= len(block)
-                if part.digest() != self._digests[key]:
+                if crc != self._digests[key]:
                     raise OSError(f"{self.path}: tensor {key!r} differs after reloading")
             if f.read(1):
                 raise OSError(f"{self.path}: unexpected bytes after the last tensor")
