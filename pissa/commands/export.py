@@ -30,6 +30,6 @@ def export(source: str, out: str, rank: str | None, tol: float, merge: bool, bun
         tried = ", ".join(f"{k}:{v:.3g}" for k, v in report.candidates.items())
         click.echo(f"  --rank auto, worst-layer error per rank: {tried}")
     worst = max(report.layers, key=lambda e: e.rel_error, default=None)
-    if worst is not None:
+    if worst is not None and report.mode == "compressed":
         click.echo(f"  worst-layer relative error of ΔW: {worst.rel_error:.3g} ({worst.name})")
     click.echo(f"  serve with vLLM: --enable-lora --max-lora-rank {report.max_lora_rank}")
