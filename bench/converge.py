@@ -11,12 +11,15 @@ It prints and writes (``OUT/converge.json``, ``OUT/loss-compare.png``):
 - held-out accuracy (training.tasks: first integer of the greedy answer == the reference) of the
   original model, of PiSSA (residual + trained adapter), of LoRA, and of the original model + the
   exported PiSSA adapter (``pissa export``), which must equal PiSSA's;
+- with ``--export-ranks``: the PiSSA run exported at those ranks (``--rank K``), each layer's
+  truncation error and the held-out accuracy of the original model + each compressed adapter;
 - training throughput (input tokens per second) of both runs.
 
 Usage::
 
     python bench/converge.py --out /tmp/converge                 # converts the embedded GGUF first
     python bench/converge.py --bundle BUNDLE --out DIR --steps 60 --lr 2e-5 --batch-size 8
+    python bench/converge.py --bundle BUNDLE --out DIR --reuse --export-ranks 16,8,1   # re-score only
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def main() -> None:
     parser.add_argument("--schedule", default="linear")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout", type=int, default=100, help="Held-out prompts scored (max 100).")
+    parser.add_argument("--export-ranks", default="",
+                        help="Also export the PiSSA run at these ranks (e.g. 16,8,1) and score each on the original model.")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (1 is much faster on a machine shared with other jobs).")
     parser.add_argument("--reuse", action="store_true",
@@ -108,6 +113,11 @@ def main() -> None:
     t = time.perf_counter()
     export(args.out / "pissa", args.out / "pissa-exported", overwrite=True)
     timings["export_s"] = time.perf_counter() - t
+    compressed = {}
+    for k in [int(x) for x in args.export_ranks.split(",") if x.strip()]:
+        report = export(args.out / "pissa", args.out / f"pissa-rank-{k}", rank=k, overwrite=True)
+        errors = sorted(e.rel_error for e in report.layers)
+        compressed[k] = {"rank": report.rank, "worst_error": errors[-1], "median_error": errors[len(errors) // 2]}
 
     c = {init: curves(args.out / init) for init in results}
     lora_final = sum(c["lora"].loss[-5:]) / len(c["lora"].loss[-5:])
@@ -117,7 +127,9 @@ def main() -> None:
 
     heldout = read_records(ARITH_HELDOUT)[: args.heldout]
     t = time.perf_counter()
-    acc = held_out_accuracy(bundle, args.out, heldout)
+    acc = held_out_accuracy(bundle, args.out, heldout, sorted(compressed, reverse=True))
+    for k, entry in compressed.items():
+        entry["heldout_correct"] = acc.pop(f"pissa_rank_{k}").correct
     timings["accuracy_s"] = time.perf_counter() - t
 
     summary = {
@@ -130,6 +142,7 @@ def main() -> None:
         "pissa_steps_to_lora_final_loss": reach,
         "heldout_accuracy": {k: {"correct": v.correct, "total": v.total, "accuracy": v.accuracy,
                                  "sample_answers": list(v.answers[:5])} for k, v in acc.items()},
+        "compressed_exports": {str(k): v for k, v in compressed.items()},
         "tokens_per_second": {init: results[init]["tokens_per_second"] for init in results},
         # Training-loop time only (metrics.jsonl time_s of the last step), without model loading.
         "seconds_per_step": {init: read_metrics(args.out / init)[-1]["time_s"] / args.steps for init in results},
@@ -154,8 +167,8 @@ def finished_run(run: Path, init: str, common: dict) -> tuple[dict, float] | Non
     return ({"tokens_per_second": bench["tokens_per_second"]}, bench["seconds"]) if same else None
 
 
-def held_out_accuracy(bundle: Path, out: Path, heldout: list[dict[str, str]]) -> dict:
-    """Accuracy of the original model, PiSSA, LoRA and original + exported PiSSA adapter."""
+def held_out_accuracy(bundle: Path, out: Path, heldout: list[dict[str, str]], ranks: list[int]) -> dict:
+    """Accuracy of the original model, PiSSA, LoRA and original + exported PiSSA adapter(s)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -178,6 +191,10 @@ def held_out_accuracy(bundle: Path, out: Path, heldout: list[dict[str, str]]) ->
     base = original()
     results["pissa_exported"] = accuracy(PeftModel.from_pretrained(base, out / "pissa-exported").eval(), tok,
                                          heldout)
+    for k in ranks:
+        base = original()
+        results[f"pissa_rank_{k}"] = accuracy(PeftModel.from_pretrained(base, out / f"pissa-rank-{k}").eval(), tok,
+                                              heldout)
     residual = AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
     results["pissa"] = accuracy(PeftModel.from_pretrained(residual, out / "pissa" / "adapter").eval(), tok, heldout)
     return results
@@ -193,6 +210,9 @@ def print_summary(s: dict) -> None:
         ("PiSSA reaches LoRA's final loss at step", str(s["pissa_steps_to_lora_final_loss"])),
         *[(f"held-out accuracy: {k}", f"{v['correct']}/{v['total']} ({100 * v['accuracy']:.0f}%)")
           for k, v in acc.items()],
+        *[(f"exported at rank {k}: worst / median layer error, held-out",
+           f"{v['worst_error']:.3f} / {v['median_error']:.3f}, {v['heldout_correct']}/{acc['pissa']['total']}")
+          for k, v in s["compressed_exports"].items()],
         ("tokens/s: PiSSA / LoRA",
          f"{s['tokens_per_second']['pissa']:.0f} / {s['tokens_per_second']['lora']:.0f}"),
         ("s/step: PiSSA / LoRA", f"{s['seconds_per_step']['pissa']:.2f} / {s['seconds_per_step']['lora']:.2f}"),
