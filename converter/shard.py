@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -231,17 +232,27 @@ def convert_shard(job: ShardJob, progress: Callable[[int], None] | None = None) 
             if progress:
                 progress(out_f * in_f * 4)
 
-        pending = []
+        # Outputs are written in source order (a copied tensor waits behind the matrices read
+        # before it), so the writer sees ascending offsets and hashes the file as it goes, while
+        # this thread would otherwise only wait for the factoring threads.
+        pending: deque[tuple[str, Any]] = deque()
+
+        def drain(limit: int) -> None:
+            while pending and (len(pending) > limit or pending[0][0] == "copy" or pending[0][1].done()):
+                kind, item = pending.popleft()
+                if kind == "copy":
+                    res_w.write(*item)
+                else:
+                    collect(*item.result())
+
         for info in job.tensors:
             tensor = read(info)
             if info.key in by_key:
-                pending.append(pool.submit(factor, by_key[info.key], tensor))
-                if len(pending) >= 2 * threads:  # bound the matrices in flight
-                    collect(*pending.pop(0).result())
+                pending.append(("split", pool.submit(factor, by_key[info.key], tensor)))
             else:
-                res_w.write(info.key, tensor.to(layout[info.key][0]))
-        for fut in pending:
-            collect(*fut.result())
+                pending.append(("copy", (info.key, tensor.to(layout[info.key][0]))))
+            drain(2 * threads - 1)  # bound the matrices in flight
+        drain(0)
 
     stats.sort(key=lambda s: s["key"])
     record = {

@@ -90,9 +90,13 @@ class SafetensorsWriter:
         self._layout = layout
         self._digests: dict[str, int] = {}
         self.sha256: str | None = None
+        self._header = struct.pack("<Q", len(raw)) + raw
+        self._size = offset
+        # sha256 of the file taken while writing, as long as tensors arrive in file order.
+        self._whole = hashlib.sha256(self._header)
+        self._hashed_to = 0
         self._f = open(self.path, "wb")  # noqa: SIM115 - closed in close()
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        self._f.write(self._header)
         self._f.truncate(self._data_start + offset)
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -104,6 +108,11 @@ class SafetensorsWriter:
         self._f.seek(self._data_start + begin)
         self._f.write(data)
         self._digests[key] = zlib.crc32(data)
+        if begin == self._hashed_to:
+            self._whole.update(data)
+            self._hashed_to += len(data)
+        else:
+            self._hashed_to = -1  # out of order: the whole-file sha256 is taken on re-reading
 
     def close(self) -> None:
         if self._f.closed:
@@ -122,11 +131,21 @@ class SafetensorsWriter:
         self.path.unlink(missing_ok=True)
 
     def _check(self) -> str:
-        """Re-read the file: its sha256, and every tensor's bytes against what was written."""
-        whole = hashlib.sha256()
+        """Re-read the file: its sha256, and every tensor's bytes against what was written.
+
+        When every tensor was written in file order the sha256 was already taken from the bytes
+        written, and the re-read only compares CRC-32s (and the header bytes); else it is
+        computed here from the bytes read back.
+        """
+        streamed = self._hashed_to == self._size
+        whole = self._whole if streamed else hashlib.sha256()
         spans = sorted(self._spans.items(), key=lambda kv: kv[1][0])
         with open(self.path, "rb") as f:
-            whole.update(f.read(self._data_start))
+            header = f.read(self._data_start)
+            if header != self._header:
+                raise OSError(f"{self.path}: header differs after reloading")
+            if not streamed:
+                whole.update(header)
             for key, (begin, end) in spans:
                 crc = 0
                 remaining = end - begin
@@ -135,7 +154,8 @@ class SafetensorsWriter:
                     if not block:
                         raise OSError(f"{self.path}: truncated while re-reading {key!r}")
                     crc = zlib.crc32(block, crc)
-                    whole.update(block)
+                    if not streamed:
+                        whole.update(block)
                     remaining -= len(block)
                 if crc != self._digests[key]:
                     raise OSError(f"{self.path}: tensor {key!r} differs after reloading")
