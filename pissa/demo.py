@@ -135,6 +135,7 @@ def step_recipe(state: _State) -> str:
 TRAIN_STEPS = 60
 TRAIN_LR = 2e-4
 HELDOUT = 40
+AUTO_TOL = 0.5
 
 
 def step_train(state: _State) -> str:
@@ -157,11 +158,13 @@ def step_export(state: _State) -> str:
 
     run = state.extras["run"]
     exact = export(run, state.workdir / "adapter-exact")
-    compact = export(run, state.workdir / "adapter-auto", rank="auto")
+    # A tenant that wants a smaller adapter: the smallest vLLM rank whose worst layer keeps ΔW within
+    # 50% (held-out accuracy barely moves down to rank 8 on this task: docs/training.md).
+    compact = export(run, state.workdir / "adapter-auto", rank="auto", tol=AUTO_TOL)
     state.extras["adapters"] = {"arith-exact": exact.out, "arith-auto": compact.out}
     return (
         f"exact LoRA rank {exact.rank} (error {exact.max_rel_error:.1e}); "
-        f"--rank auto → rank {compact.rank} (worst-layer error {compact.max_rel_error:.1e}); "
+        f"--rank auto --tol {AUTO_TOL} → rank {compact.rank} (worst-layer error of ΔW {compact.max_rel_error:.2f}); "
         "both name the original base"
     )
 
@@ -204,7 +207,9 @@ def step_serve(state: _State) -> str:
     assert state.source_folder is not None
     prompts = [r["prompt"] for r in _heldout(2)]
     try:
-        result = serve_and_ask(state.source_folder, state.extras["adapters"], prompts, max_tokens=12, dtype="float32")
+        result = serve_and_ask(
+            state.source_folder, state.extras["adapters"], prompts, max_tokens=12, dtype="float32", max_model_len=2048
+        )
     except MissingDependencyError as exc:
         return f"skipped: {exc.message} — {exc.fix} (the answers above came from transformers + PEFT)"
     parts = [f"{model}: {answers[prompts[0]]!r}" for model, answers in result.answers.items()]
