@@ -236,6 +236,8 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    for name in ("converter", "training", "serving"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run_demo(
