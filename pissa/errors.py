@@ -169,8 +169,8 @@ class ServingError(PissaError, RuntimeError):
 class MissingDependencyError(PissaError, ImportError):
     """An optional dependency (vLLM, bitsandbytes, openai, ...) is not installed."""
 
-    def __init__(self, package: str, *, extra: str | None = None, purpose: str = "") -> None:
-        how = f"pip install -e '.[{extra}]'" if extra else f"pip install {package}"
+    def __init__(self, package: str, *, extra: str | None = None, purpose: str = "", install: str | None = None) -> None:
+        how = install or (f"pip install -e '.[{extra}]'" if extra else f"pip install {package}")
         what = f" (needed {purpose})" if purpose else ""
         super().__init__(f"{package} is not installed{what}", fix=f"install it: {how}")
         self.package = package
