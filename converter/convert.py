@@ -116,7 +116,9 @@ def _plan(source: ResolvedSource, options: ConvertOptions, staging: Path) -> _Pl
         )
     residual_dtype = options.dtype or source.default_dtype
     threads = options.threads or max(1, (os.cpu_count() or 1) // options.workers)
-    svd = SvdOptions(method=options.svd, niter=options.niter, oversample=options.oversample)  # type: ignore[arg-type]
+    svd = SvdOptions(
+        method=options.svd, niter=options.niter, oversample=options.oversample, tol=options.svd_tol  # type: ignore[arg-type]
+    )
     scaling = lora_scaling(options.lora_alpha, options.rank, options.rslora)
     jobs = tuple(
         ShardJob(

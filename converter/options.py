@@ -24,6 +24,8 @@ class ConvertOptions:
         svd: ``randomized`` (default) or ``exact``.
         niter: power iterations of the randomized SVD.
         oversample: oversampling columns of the randomized SVD.
+        svd_tol: stop the power iterations once one raises the sketch's top-r energy by less than
+            this share of it (0: always run ``niter``; ``niter`` is then a maximum).
         seed: seed of the randomized sketches (per matrix: derived from seed and the tensor name).
         dtype: residual dtype (``None``: the source's; for GGUF sources: bfloat16).
         adapter_dtype: dtype of lora_A / lora_B.
@@ -41,6 +43,7 @@ class ConvertOptions:
     svd: str = "randomized"
     niter: int = 10
     oversample: int = 16
+    svd_tol: float = 1e-4
     seed: int = 0
     dtype: str | None = None
     adapter_dtype: str = "float32"
@@ -68,6 +71,8 @@ class ConvertOptions:
             p.append(f"--niter must be >= 0, got {self.niter}")
         if self.oversample < 0:
             p.append(f"--oversample must be >= 0, got {self.oversample}")
+        if not 0 <= self.svd_tol < 1:
+            p.append(f"--svd-tol must be in [0, 1), got {self.svd_tol}")
         if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
             p.append(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
         if self.adapter_dtype not in FLOAT_DTYPES:
