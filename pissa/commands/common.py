@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
+from converter.zoo_report import human_bytes  # one implementation, shared with the zoo report
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+__all__ = ["human_bytes", "table"]
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

@@ -1,0 +1,52 @@
+"""The CLI front: instant help (no torch/transformers/vLLM import), every command reachable, errors mapped."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pissa.cli import COMMANDS, run
+from pissa.errors import InvalidOptionsError, PissaError, format_problems
+
+HEAVY = ("torch", "transformers", "peft", "vllm", "safetensors.torch")
+
+
+def _heavy_imports(args: list[str]) -> list[str]:
+    code = (
+        "import sys\nfrom pissa.cli import run\n"
+        f"try:\n    run({args!r})\nexcept SystemExit:\n    pass\n"
+        f"print('HEAVY:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("HEAVY:"))
+    return [m for m in line.removeprefix("HEAVY:").split(",") if m]
+
+
+def test_top_level_help_imports_nothing_heavy():
+    assert _heavy_imports(["--help"]) == []
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_has_help_without_heavy_imports(command):
+    assert _heavy_imports([command, "--help"]) == []
+
+
+def test_unknown_command(capsys):
+    assert run(["nope"]) == 2
+    assert "No such command" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_each_with_the_fix():
+    single = PissaError("the thing is broken", fix="repair it")
+    assert format_problems(single) == ["error: the thing is broken — repair it"]
+    multi = InvalidOptionsError("bad", ["--a is wrong", "--b is wrong"], fix="correct them")
+    assert format_problems(multi) == ["error: --a is wrong", "error: --b is wrong", "error: 2 problems — correct them"]
+
+
+def test_debug_env_shows_traceback(monkeypatch, tmp_path):
+    monkeypatch.setenv("PISSA_DEBUG", "1")
+    with pytest.raises(PissaError):
+        run(["verify", str(tmp_path)])
