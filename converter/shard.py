@@ -97,16 +97,16 @@ def part_is_complete(job: ShardJob) -> bool:
 
 
 @contextlib.contextmanager
-def single_threaded_blas(scipy: bool = True) -> Iterator[None]:
+def single_threaded_blas(load_scipy: bool = True) -> Iterator[None]:
     """One BLAS/LAPACK thread per matrix (torch and scipy's OpenBLAS); restored afterwards.
 
     threadpoolctl only limits BLAS libraries already loaded when the limit is entered, so scipy's
     OpenBLAS (used by :func:`converter.svd.exact_top_r`, which imports scipy lazily) is loaded first.
     Without that, ``--svd exact`` ran every eigensolve with all-core OpenBLAS inside each pool
     thread: oversubscribed and spinning, 10x slower (186 s instead of 18 s on SmolLM2, 2 cores).
-    ``scipy=False`` skips that import (~0.3 s) when no matrix can reach the exact path.
+    ``load_scipy=False`` skips that import (~0.3 s) when no matrix can reach the exact path.
     """
-    if scipy:
+    if load_scipy:
         import scipy.linalg  # noqa: F401 - load scipy's BLAS before limiting it
     from threadpoolctl import threadpool_limits
 
