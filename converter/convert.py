@@ -31,12 +31,13 @@ from converter.card import render_model_card
 from converter.checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
 from converter.factorize import lora_scaling
 from converter.options import ConvertOptions
-from converter.shard import PARTS, ShardJob, convert_shard, part_is_complete, sha256_file
+from converter.shard import PARTS, ShardJob, convert_shard, part_is_complete
 from converter.sources import ResolvedSource, resolve_source
 from converter.svd import SvdOptions
 from converter.targets import linear_layers, peft_target_modules, select_targets
 from pissa import __version__
 from pissa.errors import InvalidOptionsError, OutputExistsError, OutputWriteError, PissaError, TargetError
+from pissa.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,6 @@ The card renderer and the bundle verifier are injectable (tests; other front-end
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pissa.errors import HubError, SourceNotFoundError, VerificationError
+from pissa.hashing import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -167,14 +167,6 @@ def check_merged_folder(path: Path) -> list[str]:
     return problems + _check_recorded_checksums(path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_recorded_checksums(path: Path) -> list[str]:
     problems: list[str] = []
     for record in sorted(path.glob("*.json")):
@@ -191,7 +183,7 @@ def _check_recorded_checksums(path: Path) -> list[str]:
             target = path / name
             if not target.is_file():
                 problems.append(f"{name}: listed in {record.name} but missing")
-            elif _sha256(target) != digest:
+            elif sha256_file(target) != digest:
                 problems.append(f"{name}: sha256 differs from {record.name}")
     return problems
 

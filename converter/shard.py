@@ -31,6 +31,7 @@ from converter.stio import CODE_TO_TORCH, SafetensorsWriter, read_tensor
 from converter.svd import SvdOptions
 from converter.targets import Target
 from pissa.errors import NonFiniteWeightError, OutputWriteError
+from pissa.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ class ShardJob:
 def matrix_seed(seed: int, key: str) -> int:
     """Per-matrix sketch seed from the run seed and the tensor key (order- and process-independent)."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def part_is_complete(job: ShardJob) -> bool:

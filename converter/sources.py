@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pissa.errors import CorruptCheckpointError, SourceNotFoundError
+from pissa.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +45,6 @@ class ResolvedSource:
 
 def cache_root() -> Path:
     return Path(os.environ.get("PISSA_CACHE") or Path.home() / ".cache" / "pissa")
-
-
-def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_source(source: str, *, revision: str | None = None) -> ResolvedSource:

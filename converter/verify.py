@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from converter import bundle as B
-from converter.shard import TORCH_DTYPES, sha256_file
+from converter.shard import TORCH_DTYPES
 from pissa.errors import VerificationError
+from pissa.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import alive
 
 from pissa.errors import ServingError
 from serving.command import LaunchPlan
@@ -33,15 +34,6 @@ def _free_port() -> int:
 def _plan(code: str, port: int) -> LaunchPlan:
     return LaunchPlan((sys.executable, "-c", textwrap.dedent(code), str(port)), {}, f"http://127.0.0.1:{port}",
                       ("base",), 8, "127.0.0.1", port)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 DIES = """
@@ -93,7 +85,7 @@ def test_health_timeout_stops_the_whole_group(tmp_path):
         child = _child_pid(log)
         server.wait_healthy()
     assert time.monotonic() - t0 < 30
-    assert not _alive(server.process.pid) and not _alive(child)
+    assert not alive(server.process.pid) and not alive(child)
 
 
 def test_port_in_use(tmp_path):
@@ -119,7 +111,7 @@ def test_sigterm_is_forwarded_and_nothing_left(tmp_path):
     result = run_plan(_plan(HEALTHY, _free_port()), health_timeout=30, log_path=log, on_ready=on_ready)
     assert ready and result.stopped_by == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
-    assert not _alive(_child_pid(log))
+    assert not alive(_child_pid(log))
 
 
 HEALTHY_THEN_DIES = """
@@ -163,14 +155,14 @@ def test_server_dies_when_the_launcher_is_killed(tmp_path):
     line = proc.stdout.readline()
     assert line.startswith("SERVER"), line
     server_pid = int(line.split()[1])
-    assert _alive(server_pid)
+    assert alive(server_pid)
     proc.kill()
     proc.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while _alive(server_pid) and time.monotonic() < deadline:
+    while alive(server_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     try:
-        assert not _alive(server_pid)
+        assert not alive(server_pid)
     finally:
         proc.stdout.close()
         # The stand-in (unlike vLLM) does not stop its own child on SIGTERM: clean its group up.

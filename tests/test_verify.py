@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from converter.convert import convert
 from converter.options import ConvertOptions
-from converter.shard import sha256_file
 from converter.verify import verify_bundle
 from pissa.cli import run
 from pissa.errors import VerificationError
+from pissa.hashing import sha256_file
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ output.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from procs import alive
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -62,15 +62,6 @@ def _descendants(pid: int) -> set[int]:
         frontier = {c for c, p in parents.items() if p in frontier} - out
         out |= frontier
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +124,7 @@ extra_args: [--enforce-eager]
     assert code == 0, text[-2000:]
     assert "stopped (SIGINT)" in text
     time.sleep(0.5)
-    left = [p for p in spawned | _descendants(proc.pid) if _alive(p)]
+    left = [p for p in spawned | _descendants(proc.pid) if alive(p)]
     assert not left, f"processes left behind: {left}"
 
 

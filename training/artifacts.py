@@ -12,7 +12,6 @@ Layouts (see docs/training.md):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pissa.errors import CorruptCheckpointError, OutputExistsError, SourceNotFoundError
+from pissa.hashing import sha256_file
 
 BUNDLE_MANIFEST = "pissa.json"
 INIT_SUBFOLDER = "pissa_init"
@@ -29,15 +29,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINING_RECORD = "pissa_training.json"
 RUN_RECORD = "run.json"
 INIT_WEIGHTS_KEY = f"{INIT_SUBFOLDER}/{ADAPTER_WEIGHTS}"
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_json(path: Path) -> dict[str, Any]:
