@@ -20,18 +20,21 @@ import multiprocessing
 import os
 import shutil
 import statistics
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from converter import bundle as B
+from converter.alloc import tune_allocator
 from converter.card import render_model_card
 from converter.checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
 from converter.factorize import lora_scaling
 from converter.options import ConvertOptions
-from converter.shard import PARTS, ShardJob, convert_shard, part_is_complete
+from converter.shard import PARTS, ShardJob, convert_shard, factor_pool, may_use_scipy, part_is_complete
 from converter.sources import ResolvedSource, resolve_source
 from converter.svd import SvdOptions
 from converter.targets import linear_layers, peft_target_modules, select_targets
@@ -194,27 +197,98 @@ def _prepare_staging(staging: Path, plan: _Plan, resume: bool) -> None:
     B.write_json(staging / PLAN, plan.fingerprint)
 
 
+def _job_bytes(job: ShardJob) -> int:
+    """The progress weight of a shard: float32 bytes of its target matrices."""
+    return sum(t.out_in[0] * t.out_in[1] * 4 for t in job.targets)
+
+
+def convert_jobs(jobs: list[ShardJob], progress: Callable[[int], None] | None = None) -> None:
+    """Convert ``jobs`` in this process: one pool of factoring threads, two shards in flight.
+
+    One shard reads and submits matrices while the one before it finishes (last writes, ``fsync``,
+    re-read); see :class:`converter.shard.FactorPool`. Every shard's files depend on that shard
+    alone, so the order in which they finish does not matter.
+    """
+    if not jobs:
+        return
+    import torch
+
+    load_scipy = any(may_use_scipy(j) for j in jobs)
+    with factor_pool(jobs[0].threads, jobs[0].device, load_scipy) as pool:
+        if len(jobs) == 1:
+            convert_shard(jobs[0], progress, pool)
+            return
+        lanes = ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,))
+        try:
+            for fut in [lanes.submit(convert_shard, job, progress, pool) for job in jobs]:
+                fut.result()  # re-raises the first failing shard's error
+        finally:
+            lanes.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(progress_queue: Any) -> None:
+    """Initializer of the converter's worker processes."""
+    global _PROGRESS_QUEUE
+    tune_allocator()
+    _PROGRESS_QUEUE = progress_queue
+
+
+_PROGRESS_QUEUE: Any = None
+
+
+def _convert_in_worker(jobs: list[ShardJob]) -> None:
+    convert_jobs(jobs, _PROGRESS_QUEUE.put if _PROGRESS_QUEUE is not None else None)
+
+
+def split_jobs(jobs: list[ShardJob], parts: int) -> list[list[ShardJob]]:
+    """Share shards among ``parts`` processes: largest first, each to the least loaded (LPT)."""
+    shares: list[list[ShardJob]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for job in sorted(jobs, key=lambda j: (-_job_bytes(j), j.source_file)):
+        k = loads.index(min(loads))
+        shares[k].append(job)
+        loads[k] += _job_bytes(job) + 1
+    return [sorted(s, key=lambda j: j.source_file) for s in shares if s]
+
+
 def _run_jobs(jobs: list[ShardJob], workers: int, show_progress: bool) -> None:
-    """Convert ``jobs`` here or in ``workers`` processes, with one bytes-weighted progress bar."""
+    """Convert ``jobs`` here, or spread over ``workers`` processes (this one included), with one progress bar."""
     from tqdm.auto import tqdm
 
-    total = sum(t.out_in[0] * t.out_in[1] * 4 for j in jobs for t in j.targets)
+    total = sum(_job_bytes(j) for j in jobs)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="factoring", disable=not show_progress or total == 0)
     try:
         if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                convert_shard(job, progress=bar.update)  # type: ignore[arg-type]
+            convert_jobs(jobs, bar.update)  # type: ignore[arg-type]
             return
+        mine, *theirs = split_jobs(jobs, workers)
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx) as pool:
-            futures = {pool.submit(convert_shard, job): job for job in jobs}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
+        queue = ctx.SimpleQueue()
+        stop = threading.Event()
+
+        def relay() -> None:  # workers' progress -> the bar
+            while not stop.is_set() or not queue.empty():
+                if queue.empty():
+                    time.sleep(0.05)
+                    continue
+                bar.update(queue.get())
+
+        relay_thread = threading.Thread(target=relay, daemon=True)
+        relay_thread.start()
+        # The other workers start (interpreter, torch import) while this process converts its share.
+        with ProcessPoolExecutor(len(theirs), mp_context=ctx, initializer=_worker_init, initargs=(queue,)) as pool:
+            futures = [pool.submit(_convert_in_worker, share) for share in theirs]
+            try:
+                convert_jobs(mine, bar.update)  # type: ignore[arg-type]
+                for fut in futures:
                     fut.result()  # re-raises the worker's error
-                    job = futures[fut]
-                    bar.update(sum(t.out_in[0] * t.out_in[1] * 4 for t in job.targets))
+            except BaseException:
+                for fut in futures:
+                    fut.cancel()
+                raise
+            finally:
+                stop.set()
+                relay_thread.join()
     finally:
         bar.close()
 
@@ -280,6 +354,8 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
     matrices = sorted((m for p in parts for m in p["matrices"]), key=lambda m: m["key"])
     source_files = {p["source_file"]: p["source_sha256"] for p in parts}
     source_files.update({name: sha256_file(ckpt.folder / name) for name in ckpt.extra_files})
+    if (ckpt.folder / SAFETENSORS_INDEX).is_file():
+        source_files[SAFETENSORS_INDEX] = sha256_file(ckpt.folder / SAFETENSORS_INDEX)
     record: dict[str, Any] = {
         "format": B.FORMAT,
         "format_version": B.FORMAT_VERSION,

@@ -33,6 +33,10 @@ def lora_scaling(alpha: float, rank: int, use_rslora: bool) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+class NonFiniteError(ValueError):
+    """The weight holds NaN or Inf (callers name the tensor)."""
+
+
 @dataclass(frozen=True)
 class PissaSplit:
     """Result of :func:`pissa_split` (batched like the input)."""
@@ -68,7 +72,9 @@ def pissa_split(
         residual_dtype: dtype of the residual (default: ``weight.dtype``).
 
     Raises:
-        ValueError: rank out of range, or a non-finite weight (callers name the tensor).
+        ValueError: rank out of range.
+        NonFiniteError: the weight holds NaN or Inf; found from ‖W‖², so finite weights cost no
+            extra pass.
     """
     residual_dtype = residual_dtype or weight.dtype
     # One private float copy of the stored tensor; the residual is formed in place in it. Fresh
@@ -83,7 +89,7 @@ def pissa_split(
     norm_sq = torch.linalg.vector_norm(stored, dim=-1).double().square().sum(dim=-1)
     if not bool(torch.isfinite(norm_sq).all()):
         if not bool(torch.isfinite(stored).all()):
-            raise ValueError("weight contains NaN or Inf")
+            raise NonFiniteError("weight contains NaN or Inf")
         norm_sq = stored.double().square().sum(dim=(-2, -1))  # float32 squares overflowed
 
     u, s, vh = top_r_svd(w, rank, svd, seeds)

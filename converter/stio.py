@@ -47,7 +47,8 @@ def read_tensor(path: Path | str, info: TensorInfo) -> torch.Tensor:
     return buf.view(dtype).reshape(info.shape)
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a tensor (contiguous, on the CPU) as a flat memoryview that keeps the tensor alive."""
     t = t.detach().contiguous().cpu()
     return memoryview(t.view(torch.uint8).reshape(-1).numpy())  # type: ignore[arg-type]
 
@@ -103,7 +104,7 @@ class SafetensorsWriter:
         dtype, shape = self._layout[key]
         if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"{key}: got {tensor.dtype} {list(tensor.shape)}, declared {dtype} {list(shape)}")
-        data = _tensor_bytes(tensor)
+        data = tensor_bytes(tensor)
         begin, _ = self._spans[key]
         self._f.seek(self._data_start + begin)
         self._f.write(data)

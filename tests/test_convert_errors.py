@@ -221,8 +221,8 @@ import os, signal, sys
 import converter.convert as c
 real = c.convert_shard
 done = {"n": 0}
-def convert_then_die(job, progress=None):
-    record = real(job, progress)
+def convert_then_die(job, progress=None, pool=None):
+    record = real(job, progress, pool)
     done["n"] += 1
     if done["n"] == int(os.environ["DIE_AFTER"]):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -241,13 +241,15 @@ def test_killed_midway_then_resume_is_bit_identical(tiny_llama_sharded, referenc
     proc = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()
-    assert len(list((staging_path(out) / ".parts").glob("*.json"))) == 3
+    # Two shards are in flight at once, so the other one may just have finished too.
+    finished = len(list((staging_path(out) / ".parts").glob("*.json")))
+    assert finished in (3, 4)
 
     resumed = subprocess.run(
         [sys.executable, "-m", "pissa", *args, "--resume"], capture_output=True, text=True, timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert "(3)" in resumed.stdout  # three shards reused
+    assert f"({finished})" in resumed.stdout  # the finished shards are reused
     assert _bundle_files(out) == _bundle_files(reference_bundle)
     assert _record_without_timings(out) == {
         **_record_without_timings(reference_bundle),

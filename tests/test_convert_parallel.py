@@ -115,3 +115,23 @@ def test_torchrun_two_ranks_give_the_same_bundle(tiny_llama_sharded: Path, singl
         assert done == [s for i, s in enumerate(shards) if i % 2 == rank], (rank, text[-2000:])
         assert "energy share" in text, text[-2000:]
     assert_same_bundle(out, single_bundle)
+
+
+def test_source_checksums_are_the_files_sha256(tiny_llama_sharded: Path, tmp_path: Path) -> None:
+    """pissa.json's source sha256s come from the bytes read for conversion when the tensors tile a
+    shard, and from a separate pass when they do not (here: trailing bytes after the last tensor);
+    both must equal the file's sha256."""
+    import shutil
+
+    from pissa.hashing import sha256_file
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_llama_sharded, src)
+    shards = sorted(src.glob("model-*.safetensors"))
+    with open(shards[1], "ab") as f:
+        f.write(b"\0" * 24)  # not covered by any tensor: the streamed hash would miss these bytes
+    out = tmp_path / "out"
+    convert(src, out, ConvertOptions(**OPTIONS), progress=False)
+    recorded = json.loads((out / "pissa.json").read_text())["source"]["files"]
+    expected = {p.name: sha256_file(p) for p in src.iterdir() if p.is_file()}
+    assert recorded == expected

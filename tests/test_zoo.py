@@ -176,12 +176,12 @@ calls = 0
 real = C.convert_shard
 
 
-def convert_shard(job, progress=None):
+def convert_shard(job, progress=None, pool=None):
     global calls
     calls += 1
     if calls == int(os.environ["KILL_AT_SHARD"]):
         os.kill(os.getpid(), signal.SIGKILL)  # as abrupt as a node failure
-    return real(job, progress=progress)
+    return real(job, progress, pool)
 
 
 C.convert_shard = convert_shard
@@ -203,7 +203,8 @@ def test_kill_mid_zoo_then_rerun_is_bit_identical(tmp_path: Path, three_model_zo
     assert (root / "llama" / "r4" / "pissa.json").exists()
     assert not (root / "llama-sharded" / "r4").exists() and not (root / "zoo-report.json").exists()
     partial = root / "llama-sharded" / ".r4.partial"
-    assert len(list(partial.glob(".parts/*.json"))) == 3  # three shards were finished before the kill
+    # Shards 1-2 finished before the kill; a converter has two shards in flight, so the 3rd may have too.
+    assert len(list(partial.glob(".parts/*.json"))) in (2, 3)
 
     report = run_zoo(manifest, out=root, progress=False)
     assert [(r.entry, r.rank, r.status) for r in report.results] == [

@@ -32,8 +32,11 @@ from pissa.commands.common import human_bytes
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert(source: str, out: str, targets: str | None, overwrite: bool, resume: bool, quiet: bool, **kw) -> None:
     """Convert SOURCE (model folder, .gguf file, or hub:ORG/NAME) into a PiSSA bundle at OUT."""
+    from converter.alloc import tune_allocator
     from converter.convert import convert as run_convert
     from converter.options import ConvertOptions
+
+    tune_allocator()
 
     names = tuple(t for t in targets.split(",")) if targets else None
     options = ConvertOptions(targets=names, **kw)

@@ -20,9 +20,12 @@ def zoo(manifest: str, out: str | None, only: tuple[str, ...], push: bool, worke
     Run it under `torchrun --nproc-per-node N` (or one torchrun job per node) to split the jobs
     across processes and machines; rank 0 writes ROOT/zoo-report.json and zoo-report.md.
     """
+    from converter.alloc import tune_allocator
     from converter.zoo import run_zoo
     from converter.zoo_report import HEADERS, rows
     from pissa.errors import ZooError
+
+    tune_allocator()
 
     report = run_zoo(manifest, out=out, only=only, push=push, workers=workers, progress=not quiet)
     if report.rank != 0:
