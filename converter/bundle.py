@@ -23,6 +23,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RECORD = "pissa.json"
 CARD = "README.md"
+PARTS = ".parts"  # per-shard results of an unfinished conversion, in its staging folder
 FORMAT = "pissa-bundle"
 FORMAT_VERSION = 1
 

@@ -26,21 +26,22 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from converter import bundle as B
 from converter.alloc import tune_allocator
+from converter.bundle import PARTS
 from converter.card import render_model_card
 from converter.checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
-from converter.factorize import lora_scaling
 from converter.options import ConvertOptions
-from converter.shard import PARTS, ShardJob, convert_shard, factor_pool, may_use_scipy, part_is_complete
 from converter.sources import ResolvedSource, resolve_source
-from converter.svd import SvdOptions
 from converter.targets import linear_layers, peft_target_modules, select_targets
 from pissa import __version__
 from pissa.errors import InvalidOptionsError, OutputExistsError, OutputWriteError, PissaError, TargetError
-from pissa.hashing import sha256_file
+from pissa.hashing import BackgroundDigests, sha256_file
+
+if TYPE_CHECKING:
+    from converter.shard import ShardJob
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,12 @@ class _Plan:
     fingerprint: dict[str, Any]
 
 
-def _plan(source: ResolvedSource, options: ConvertOptions, staging: Path) -> _Plan:
-    """Open the checkpoint, choose targets, check ranks and dtypes: every problem at once."""
-    ckpt = open_checkpoint(source.folder, allow_pickle=options.allow_pickle)
+def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, staging: Path) -> _Plan:
+    """Choose targets, check ranks and dtypes (every problem at once), and make the shard jobs."""
+    from converter.factorize import lora_scaling
+    from converter.shard import ShardJob
+    from converter.svd import SvdOptions
+
     all_linear = linear_layers(ckpt)
     targets = select_targets(all_linear, options.targets)
     problems = []
@@ -163,6 +167,14 @@ def _result_options(options: ConvertOptions) -> dict[str, Any]:
     return record
 
 
+def _env_rank(distributed: bool) -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment, before any process group exists."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or not distributed:
+        return 0, 1
+    return int(os.environ.get("RANK", "0")), world
+
+
 def _dist(distributed: bool) -> tuple[int, int]:
     """(rank, world size) under torchrun / accelerate launch, else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -202,25 +214,33 @@ def _job_bytes(job: ShardJob) -> int:
     return sum(t.out_in[0] * t.out_in[1] * 4 for t in job.targets)
 
 
-def convert_jobs(jobs: list[ShardJob], progress: Callable[[int], None] | None = None) -> None:
+def convert_jobs(
+    jobs: list[ShardJob], progress: Callable[[int], None] | None = None, digests: BackgroundDigests | None = None
+) -> None:
     """Convert ``jobs`` in this process: one pool of factoring threads, two shards in flight.
 
     One shard reads and submits matrices while the one before it finishes (last writes, ``fsync``,
     re-read); see :class:`converter.shard.FactorPool`. Every shard's files depend on that shard
-    alone, so the order in which they finish does not matter.
+    alone, so the order in which they finish does not matter. ``digests``: source checksums
+    already being computed (see :func:`convert`).
     """
     if not jobs:
         return
     import torch
 
+    from converter.shard import convert_shard, factor_pool, may_use_scipy
+
+    def known(job: ShardJob) -> Any:
+        return digests.get(Path(job.source_folder) / job.source_file) if digests else None
+
     load_scipy = any(may_use_scipy(j) for j in jobs)
     with factor_pool(jobs[0].threads, jobs[0].device, load_scipy) as pool:
         if len(jobs) == 1:
-            convert_shard(jobs[0], progress, pool)
+            convert_shard(jobs[0], progress, pool, known(jobs[0]))
             return
         lanes = ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,))
         try:
-            for fut in [lanes.submit(convert_shard, job, progress, pool) for job in jobs]:
+            for fut in [lanes.submit(convert_shard, job, progress, pool, known(job)) for job in jobs]:
                 fut.result()  # re-raises the first failing shard's error
         finally:
             lanes.shutdown(wait=True, cancel_futures=True)
@@ -251,7 +271,7 @@ def split_jobs(jobs: list[ShardJob], parts: int) -> list[list[ShardJob]]:
     return [sorted(s, key=lambda j: j.source_file) for s in shares if s]
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int, show_progress: bool) -> None:
+def _run_jobs(jobs: list[ShardJob], workers: int, show_progress: bool, digests: BackgroundDigests | None) -> None:
     """Convert ``jobs`` here, or spread over ``workers`` processes (this one included), with one progress bar."""
     from tqdm.auto import tqdm
 
@@ -259,10 +279,10 @@ def _run_jobs(jobs: list[ShardJob], workers: int, show_progress: bool) -> None:
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="factoring", disable=not show_progress or total == 0)
     try:
         if workers <= 1 or len(jobs) <= 1:
-            convert_jobs(jobs, bar.update)  # type: ignore[arg-type]
+            convert_jobs(jobs, bar.update, digests)  # type: ignore[arg-type]
             return
         mine, *theirs = split_jobs(jobs, workers)
-        ctx = multiprocessing.get_context("spawn")
+        ctx = multiprocessing.get_context(os.environ.get("PISSA_MP", "spawn"))
         queue = ctx.SimpleQueue()
         stop = threading.Event()
 
@@ -298,6 +318,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
     import torch
     from safetensors import safe_open
 
+    from converter.factorize import lora_scaling
     from converter.shard import TORCH_DTYPES, _writer
 
     ckpt = plan.ckpt
@@ -484,7 +505,19 @@ def convert(
         return report_from_record(out, B.read_record(out), shards_reused=-1)
     source_resolved = resolve_source(str(source), revision=options.revision)
     staging = staging_path(out)
-    plan = _plan(source_resolved, options, staging)
+    ckpt = open_checkpoint(source_resolved.folder, allow_pickle=options.allow_pickle)
+    digests = None
+    if options.workers <= 1 and not resume:
+        # Hash this process's source shards now, on the other core, while torch is imported and the
+        # plan is made (~1 s of one idle core otherwise); the shards then only wait for the result.
+        env_rank, env_world = _env_rank(distributed)
+        digests = BackgroundDigests([ckpt.folder / f for i, f in enumerate(ckpt.weight_files) if i % env_world == env_rank])
+    try:
+        plan = _plan(source_resolved, ckpt, options, staging)
+    except BaseException:
+        if digests:
+            digests.cancel()
+        raise
     rank, world = _dist(distributed)
     if rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -492,12 +525,14 @@ def convert(
     _barrier(world)
 
     mine = [j for i, j in enumerate(plan.jobs) if i % world == rank]
+    from converter.shard import part_is_complete
+
     todo = [j for j in mine if not (resume and part_is_complete(j))]
     reused = len(mine) - len(todo)
     if reused:
         log.info("resuming: %d of %d shard(s) already converted", reused, len(mine))
     try:
-        _run_jobs(todo, options.workers, progress and rank == 0)
+        _run_jobs(todo, options.workers, progress and rank == 0, digests)
     except OutputWriteError:
         raise  # partial work stays in staging for --resume (the error says so)
     except PissaError:

@@ -18,14 +18,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from converter.bundle import adapter_key
+from converter.bundle import PARTS, adapter_key
 from converter.checkpoint import TensorInfo
 from converter.factorize import NonFiniteError, pissa_split
 from converter.stio import CODE_TO_TORCH, SafetensorsWriter, read_tensor, tensor_bytes
@@ -36,7 +36,6 @@ from pissa.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
-PARTS = ".parts"
 TORCH_DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
 }
@@ -187,18 +186,21 @@ def _contiguous_data_start(job: ShardJob) -> int | None:
 class _SourceDigest:
     """The source shard's sha256 (provenance), without a second pass over the file when possible.
 
-    The conversion reads every tensor of the shard in file order; when they tile the file, the
-    header plus those very buffers are the whole file, and one background thread hashes them as they
-    are read (hashlib releases the GIL). Otherwise (pickle shards, gaps) a background thread hashes
-    the file on its own.
+    Either the digest is already being computed (``known``: the driver hashes the shards it converts
+    in process while torch is still being imported), or: the conversion reads every tensor of the
+    shard in file order; when they tile the file, the header plus those very buffers are the whole
+    file, and one background thread hashes them as they are read (hashlib releases the GIL).
+    Otherwise (pickle shards, gaps) a background thread hashes the file on its own.
     """
 
-    def __init__(self, job: ShardJob) -> None:
+    def __init__(self, job: ShardJob, known: Future[str] | None = None) -> None:
         path = Path(job.source_folder) / job.source_file
         self._pool = ThreadPoolExecutor(1)
-        start = _contiguous_data_start(job)
+        start = None if known is not None else _contiguous_data_start(job)
         self._streaming = start is not None
-        if start is not None:
+        if known is not None:
+            self._result: Future[str] | None = known
+        elif start is not None:
             with open(path, "rb") as f:
                 self._hash = hashlib.sha256(f.read(start))
             self._result = None
@@ -218,7 +220,10 @@ class _SourceDigest:
 
 
 def convert_shard(
-    job: ShardJob, progress: Callable[[int], None] | None = None, pool: FactorPool | None = None
+    job: ShardJob,
+    progress: Callable[[int], None] | None = None,
+    pool: FactorPool | None = None,
+    source_digest: Future[str] | None = None,
 ) -> dict[str, Any]:
     """Convert one shard; return (and write as its marker) the part record.
 
@@ -229,6 +234,7 @@ def convert_shard(
         job: the shard and every option.
         progress: called with the bytes of each finished matrix (progress bars live in the driver).
         pool: factoring threads shared with other shards (default: a pool for this shard alone).
+        source_digest: the source file's sha256 if something already computes it.
 
     Raises:
         NonFiniteWeightError: a target holds NaN/Inf.
@@ -236,11 +242,13 @@ def convert_shard(
     """
     if pool is None:
         with factor_pool(job.threads, job.device, may_use_scipy(job)) as own:
-            return _convert_shard(job, progress, own)
-    return _convert_shard(job, progress, pool)
+            return _convert_shard(job, progress, own, source_digest)
+    return _convert_shard(job, progress, pool, source_digest)
 
 
-def _convert_shard(job: ShardJob, progress: Callable[[int], None] | None, pool: FactorPool) -> dict[str, Any]:
+def _convert_shard(
+    job: ShardJob, progress: Callable[[int], None] | None, pool: FactorPool, known_digest: Future[str] | None
+) -> dict[str, Any]:
     start = time.perf_counter()
     read = _reader(job)
     res_dtype = TORCH_DTYPES[job.residual_dtype] if job.residual_dtype else None
@@ -279,7 +287,7 @@ def _convert_shard(job: ShardJob, progress: Callable[[int], None] | None, pool: 
     out_path = Path(job.staging) / job.output_file
     metadata = {**dict(job.metadata), "format": "pt"}
     threads = pool.threads
-    digest = _SourceDigest(job)
+    digest = _SourceDigest(job, known_digest)
     pending: deque[tuple[str, Any]] = deque()
     try:
         with _writer(out_path, layout, metadata) as res_w, _writer(job.adapter_part, adapter_layout, {"format": "pt"}) as ada_w:

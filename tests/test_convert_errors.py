@@ -218,11 +218,11 @@ def test_disk_write_failure_then_resume(tiny_llama_sharded, reference_bundle, tm
 
 KILLER = """
 import os, signal, sys
-import converter.convert as c
+import converter.shard as c
 real = c.convert_shard
 done = {"n": 0}
-def convert_then_die(job, progress=None, pool=None):
-    record = real(job, progress, pool)
+def convert_then_die(job, progress=None, pool=None, source_digest=None):
+    record = real(job, progress, pool, source_digest)
     done["n"] += 1
     if done["n"] == int(os.environ["DIE_AFTER"]):
         os.kill(os.getpid(), signal.SIGKILL)

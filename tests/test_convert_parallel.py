@@ -117,10 +117,12 @@ def test_torchrun_two_ranks_give_the_same_bundle(tiny_llama_sharded: Path, singl
     assert_same_bundle(out, single_bundle)
 
 
-def test_source_checksums_are_the_files_sha256(tiny_llama_sharded: Path, tmp_path: Path) -> None:
-    """pissa.json's source sha256s come from the bytes read for conversion when the tensors tile a
-    shard, and from a separate pass when they do not (here: trailing bytes after the last tensor);
-    both must equal the file's sha256."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_source_checksums_are_the_files_sha256(tiny_llama_sharded: Path, tmp_path: Path, workers: int) -> None:
+    """pissa.json's source sha256s: one process hashes its shards in a background thread from the
+    start; worker processes hash the bytes they read for conversion when the tensors tile a shard,
+    and make a separate pass when they do not (here: trailing bytes after the last tensor). All
+    must equal the file's sha256."""
     import shutil
 
     from pissa.hashing import sha256_file
@@ -131,7 +133,7 @@ def test_source_checksums_are_the_files_sha256(tiny_llama_sharded: Path, tmp_pat
     with open(shards[1], "ab") as f:
         f.write(b"\0" * 24)  # not covered by any tensor: the streamed hash would miss these bytes
     out = tmp_path / "out"
-    convert(src, out, ConvertOptions(**OPTIONS), progress=False)
+    convert(src, out, ConvertOptions(**OPTIONS, workers=workers), progress=False)
     recorded = json.loads((out / "pissa.json").read_text())["source"]["files"]
     expected = {p.name: sha256_file(p) for p in src.iterdir() if p.is_file()}
     assert recorded == expected

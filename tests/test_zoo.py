@@ -170,18 +170,18 @@ def test_concurrent_run_on_the_same_bundle_is_refused(tmp_path: Path, tiny_llama
 
 KILLER = """\
 import os, signal, sys
-import converter.convert as C
+import converter.shard as C
 
 calls = 0
 real = C.convert_shard
 
 
-def convert_shard(job, progress=None, pool=None):
+def convert_shard(job, progress=None, pool=None, source_digest=None):
     global calls
     calls += 1
     if calls == int(os.environ["KILL_AT_SHARD"]):
         os.kill(os.getpid(), signal.SIGKILL)  # as abrupt as a node failure
-    return real(job, progress, pool)
+    return real(job, progress, pool, source_digest)
 
 
 C.convert_shard = convert_shard
