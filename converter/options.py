@@ -22,10 +22,10 @@ class ConvertOptions:
         targets: module names (last path component, e.g. ``q_proj``, or full module paths) to
             convert; ``None`` means every linear layer except the output layer.
         svd: ``randomized`` (default) or ``exact``.
-        niter: power iterations of the randomized SVD.
-        oversample: oversampling columns of the randomized SVD.
-        svd_tol: stop the power iterations once one raises the sketch's top-r energy by less than
-            this share of it (0: always run ``niter``; ``niter`` is then a maximum).
+        niter: maximum Krylov steps of the randomized SVD (two passes over W each).
+        oversample: extra columns per Krylov block of the randomized SVD (block size r + oversample).
+        svd_tol: stop the Krylov steps once one raises the top-r energy of the space by less than
+            this share of it (0: always run ``niter``).
         seed: seed of the randomized sketches (per matrix: derived from seed and the tensor name).
         dtype: residual dtype (``None``: the source's; for GGUF sources: bfloat16).
         adapter_dtype: dtype of lora_A / lora_B.
@@ -42,8 +42,8 @@ class ConvertOptions:
     targets: tuple[str, ...] | None = None
     svd: str = "randomized"
     niter: int = 10
-    oversample: int = 16
-    svd_tol: float = 1e-4
+    oversample: int = 0
+    svd_tol: float = 1e-3
     seed: int = 0
     dtype: str | None = None
     adapter_dtype: str = "float32"

@@ -16,8 +16,9 @@ YAML layout (every key but ``entries[].name`` / ``entries[].source`` optional)::
         rslora: false
         targets: [q_proj, v_proj] # default: every linear layer but the output layer
         svd: randomized           # or exact
-        niter: 6
-        oversample: 16
+        niter: 10                 # randomized SVD: max Krylov steps, extra block columns, early stop
+        oversample: 0             # (defaults: those of pissa convert)
+        svd_tol: 0.001
         seed: 0
         dtype: bfloat16           # residual dtype (default: the source's)
         adapter_dtype: float32
@@ -58,6 +59,7 @@ OPTION_KEYS = (
     "svd",
     "niter",
     "oversample",
+    "svd_tol",
     "seed",
     "dtype",
     "adapter_dtype",
@@ -95,8 +97,9 @@ class ZooEntry:
     rslora: bool = False
     targets: tuple[str, ...] | None = None
     svd: str = "randomized"
-    niter: int = 6
-    oversample: int = 16
+    niter: int = ConvertOptions.niter
+    oversample: int = ConvertOptions.oversample
+    svd_tol: float = ConvertOptions.svd_tol
     seed: int = 0
     dtype: str | None = None
     adapter_dtype: str = "float32"
@@ -116,6 +119,7 @@ class ZooEntry:
             svd=self.svd,
             niter=self.niter,
             oversample=self.oversample,
+            svd_tol=self.svd_tol,
             seed=self.seed,
             dtype=self.dtype,
             adapter_dtype=self.adapter_dtype,
@@ -182,6 +186,7 @@ def _read_options(node: Node) -> dict[str, Any]:
         "svd": node.get_str("svd", choices=("randomized", "exact")),
         "niter": node.get_int("niter", minimum=0),
         "oversample": node.get_int("oversample", minimum=0),
+        "svd_tol": node.get_float("svd_tol", minimum=0),
         "seed": node.get_int("seed"),
         "dtype": node.get_str("dtype", choices=FLOAT_DTYPES),
         "adapter_dtype": node.get_str("adapter_dtype", choices=FLOAT_DTYPES),

@@ -15,10 +15,10 @@ from pissa.commands.common import human_bytes
 @click.option("--rslora", is_flag=True, help="Rank-stabilised scaling alpha/√r.")
 @click.option("--targets", default=None, help="Comma-separated layer names (default: all linear but lm_head).")
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
-@click.option("--niter", default=10, show_default=True, help="Power iterations (randomized SVD).")
-@click.option("--oversample", default=16, show_default=True, help="Oversampling columns (randomized SVD).")
-@click.option("--svd-tol", default=1e-4, show_default=True,
-              help="Stop power iterations when one adds less than this share of the top-r energy (0: never).")
+@click.option("--niter", default=10, show_default=True, help="Maximum Krylov steps (randomized SVD; 2 passes over W each).")
+@click.option("--oversample", default=0, show_default=True, help="Extra sketch columns per Krylov block (randomized SVD).")
+@click.option("--svd-tol", default=1e-3, show_default=True,
+              help="Stop the Krylov steps when one adds less than this share of the top-r energy (0: never).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the randomized sketches.")
 @click.option("--dtype", default=None, help="Residual dtype (default: the source's; GGUF: bfloat16).")
 @click.option("--adapter-dtype", default="float32", show_default=True, help="Dtype of lora_A / lora_B.")
