@@ -1,11 +1,13 @@
 """Benchmark ``pissa convert`` against PEFT's PiSSA route, in one run on one machine.
 
     python bench/convert.py [--workdir /tmp/pissa-bench] [--size 1.0] [--models smollm2,synth]
-                            [--routes pissa,pissa-exact,pissa-workers2,peft-niter16,peft-exact]
+                            [--routes pissa,pissa-exact,pissa-workers2,pissa-torchrun2,peft-niter16,peft-exact]
+                            [--repeat N]
 
 Every route runs as its own whole process (interpreter start, imports, reading, SVDs, writing):
-- ``pissa``: ``pissa convert SRC OUT`` (defaults: randomized SVD, niter 10, oversample 16, r 16);
-- ``pissa-exact``: ``--svd exact``;  ``pissa-workers2``: ``--workers 2`` (multi-shard models only);
+- ``pissa``: ``pissa convert SRC OUT`` (defaults: randomized block Krylov SVD, at most 10 steps, r 16);
+- ``pissa-exact``: ``--svd exact``;  ``pissa-workers2``: ``--workers 2``;  ``pissa-torchrun2``:
+  ``torchrun --standalone --nproc_per_node 2 -m pissa convert`` (gloo; these two on multi-shard models only);
 - ``peft-niter16`` / ``peft-exact`` / ``peft-niter4``: the PiSSA authors' recipe with PEFT
   (bench/_peft_route.py: load, ``get_peft_model(LoraConfig(r=16, init_lora_weights="pissa_niter_16" |
   "pissa", target_modules="all-linear"))``, save pissa_init, unload, save the residual model).
@@ -25,6 +27,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -41,13 +44,18 @@ ROUTES = {
     "pissa": [PY, "-m", "pissa", "convert", "{src}", "{out}", "-q"],
     "pissa-exact": [PY, "-m", "pissa", "convert", "{src}", "{out}", "-q", "--svd", "exact"],
     "pissa-workers2": [PY, "-m", "pissa", "convert", "{src}", "{out}", "-q", "--workers", "2"],
+    "pissa-torchrun2": [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "pissa", "convert", "{src}", "{out}", "-q"],
     "peft-niter16": [PY, str(HERE / "_peft_route.py"), "{src}", "{out}", "--init", "pissa_niter_16"],
     "peft-niter4": [PY, str(HERE / "_peft_route.py"), "{src}", "{out}", "--init", "pissa_niter_4"],
     "peft-exact": [PY, str(HERE / "_peft_route.py"), "{src}", "{out}", "--init", "pissa"],
 }
-DEFAULT_ROUTES = "pissa-exact,pissa,pissa-workers2,peft-niter16,peft-exact"
+DEFAULT_ROUTES = "pissa-exact,pissa,pissa-workers2,pissa-torchrun2,peft-niter16,peft-exact"
+MULTI_SHARD_ONLY = ("pissa-workers2", "pissa-torchrun2")
 # (ours, reference, what is compared)
-RATIOS = [("pissa", "peft-niter16"), ("pissa-exact", "peft-exact"), ("pissa-workers2", "pissa")]
+RATIOS = [
+    ("pissa", "peft-niter16"), ("pissa-exact", "peft-exact"), ("pissa-workers2", "pissa"), ("pissa-torchrun2", "pissa"),
+]
 
 
 def smollm2_gguf() -> Path:
@@ -61,48 +69,59 @@ def load_average() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def bench_model(name: str, src: Path, routes: list[str], workdir: Path, keep: bool) -> list[dict]:
+def bench_model(name: str, src: Path, routes: list[str], workdir: Path, keep: bool, repeat: int = 1) -> list[dict]:
+    """Run every route ``repeat`` times, interleaved (route A, B, ..., A, B, ...), so that a change in
+    machine load hits all routes alike; wall time is the median, peak RSS the largest."""
     multi = (src / "model.safetensors.index.json").exists()
     out_root = workdir / "out" / name
     shutil.rmtree(out_root, ignore_errors=True)
     out_root.mkdir(parents=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
-    rows, energies = [], {}
+    routes = [r for r in routes if multi or r not in MULTI_SHARD_ONLY]
+    rows: dict[str, dict] = {}
+    energies: dict[str, dict[str, float]] = {}
     norms: dict[str, float] | None = None
-    for route in routes:
-        if route == "pissa-workers2" and not multi:
-            continue
-        out = out_root / route
-        cmd = [a.format(src=src, out=out) for a in ROUTES[route]]
-        print(f"[{time.strftime('%H:%M:%S')}] {name} {route}: {' '.join(cmd)} (load {load_average()})", flush=True)
-        run = run_process(cmd, out_root / f"{route}.log", env)
-        if run.returncode != 0:
-            print(f"  FAILED (exit {run.returncode}):\n{run.log}", flush=True)
-            rows.append({"model": name, "route": route, "failed": run.returncode})
-            continue
-        if norms is None:
-            keys = [k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-                    for k in _adapter_keys(out / "pissa_init")]
-            norms = weight_norms_sq(src, keys)
-        energies[route] = adapter_energy(out / "pissa_init", norms)
-        rows.append({
-            "model": name, "route": route, "seconds": round(run.seconds, 2), "maxrss_mib": round(run.maxrss_mib),
-            "tree_mib": round(run.tree_mib), "matrices": len(energies[route]), "command": " ".join(cmd),
-        })
-        print(f"  {run.seconds:.1f} s, peak RSS {run.maxrss_mib:.0f} MiB (tree {run.tree_mib:.0f} MiB)", flush=True)
-        if not keep:  # keep only the adapters (small): 1 GB residuals per route add up
-            for f in out.iterdir():
-                if f.is_file():
-                    f.unlink()
+    for rep in range(repeat):
+        for route in routes:
+            if rows.get(route, {}).get("failed"):
+                continue
+            out = out_root / route
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [a.format(src=src, out=out) for a in ROUTES[route]]
+            print(f"[{time.strftime('%H:%M:%S')}] {name} {route} #{rep + 1}: {' '.join(cmd)} (load {load_average()})",
+                  flush=True)
+            run = run_process(cmd, out_root / f"{route}.log", env)
+            if run.returncode != 0:
+                print(f"  FAILED (exit {run.returncode}):\n{run.log}", flush=True)
+                rows[route] = {"model": name, "route": route, "failed": run.returncode}
+                continue
+            if route not in energies:
+                if norms is None:
+                    keys = [k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+                            for k in _adapter_keys(out / "pissa_init")]
+                    norms = weight_norms_sq(src, keys)
+                energies[route] = adapter_energy(out / "pissa_init", norms)
+            row = rows.setdefault(route, {"model": name, "route": route, "runs": [], "maxrss_mib": 0, "tree_mib": 0,
+                                          "matrices": len(energies[route]), "command": " ".join(cmd)})
+            row["runs"].append(round(run.seconds, 2))
+            row["seconds"] = statistics.median(row["runs"])
+            row["maxrss_mib"] = max(row["maxrss_mib"], round(run.maxrss_mib))
+            row["tree_mib"] = max(row["tree_mib"], round(run.tree_mib))
+            print(f"  {run.seconds:.1f} s, peak RSS {run.maxrss_mib:.0f} MiB (tree {run.tree_mib:.0f} MiB)", flush=True)
+            if not keep:  # keep only the adapters (small): 1 GB residuals per route add up
+                for f in out.iterdir():
+                    if f.is_file():
+                        f.unlink()
+    rows_list = list(rows.values())
     exact = energies.get("pissa-exact")
-    for row in rows:
+    for row in rows_list:
         if "failed" in row:
             continue
         absolute = energies[row["route"]]
         row["energy_mean"] = sum(absolute.values()) / len(absolute)
         if exact:
             row["captured_mean"], row["captured_worst"] = captured(absolute, exact)
-    return rows
+    return rows_list
 
 
 def _adapter_keys(adapter_dir: Path) -> list[str]:
@@ -132,7 +151,7 @@ def ratios(rows: list[dict]) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| model | route | wall s | peak RSS MiB (process) | peak RSS MiB (tree) | captured mean | captured worst |"
+    head = "| model | route | wall s (median; runs) | peak RSS MiB (process) | peak RSS MiB (tree) | captured mean | captured worst |"
     lines = [head, "|" + "---|" * 7]
     for r in rows:
         if "failed" in r:
@@ -140,7 +159,8 @@ def table(rows: list[dict]) -> str:
             continue
         cm = f"{r['captured_mean']:.4f}" if "captured_mean" in r else "-"
         cw = f"{r['captured_worst']:.4f}" if "captured_worst" in r else "-"
-        lines.append(f"| {r['model']} | {r['route']} | {r['seconds']:.1f} | {r['maxrss_mib']} | {r['tree_mib']} | {cm} | {cw} |")
+        runs = ", ".join(f"{x:.1f}" for x in r["runs"])
+        lines.append(f"| {r['model']} | {r['route']} | {r['seconds']:.1f} ({runs}) | {r['maxrss_mib']} | {r['tree_mib']} | {cm} | {cw} |")
     return "\n".join(lines)
 
 
@@ -151,6 +171,7 @@ def main() -> None:
     parser.add_argument("--models", default="smollm2,synth")
     parser.add_argument("--routes", default=DEFAULT_ROUTES, help=f"comma-separated, from {', '.join(ROUTES)}")
     parser.add_argument("--keep", action="store_true", help="keep every route's output")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per route, interleaved (median wall time)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
@@ -178,7 +199,7 @@ def main() -> None:
     started = time.time()
     rows = []
     for name, src in sources.items():
-        rows += bench_model(name, src, routes, args.workdir, args.keep)
+        rows += bench_model(name, src, routes, args.workdir, args.keep, args.repeat)
     print()
     print(table(rows))
     print()
