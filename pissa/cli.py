@@ -11,6 +11,7 @@ code; anything else becomes a one-line "internal error". ``PISSA_DEBUG=1`` shows
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -105,4 +106,10 @@ def run(args: list[str] | None = None, **kwargs: Any) -> int:
 
 
 def main() -> None:
-    sys.exit(run())
+    code = run()
+    # Exit without the interpreter's last full garbage collection over every object torch and
+    # transformers created (~0.3 s of a `pissa convert` of SmolLM2 that takes ~3.5 s, measured with
+    # `time python -c "import torch"` against the same plus `gc.freeze()`): frozen objects are
+    # skipped by that collection. atexit handlers, buffered output and finalizers of modules run as usual.
+    gc.freeze()
+    sys.exit(code)
