@@ -114,3 +114,24 @@ def test_embedded_resolution() -> None:
             resolve_embedded("embedded:smollm2")
     else:
         assert resolve_embedded("embedded:smollm2").endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_svd_settings_default_to_converts_and_can_be_set(tmp_path: Path) -> None:
+    from converter.options import ConvertOptions
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "zoo.yaml").write_text(
+        "entries:\n"
+        "  - name: a\n    source: m\n"
+        "  - name: b\n    source: m\n    niter: 4\n    oversample: 8\n    svd_tol: 0\n"
+        "  - name: c\n    source: m\n    svd_tol: -1\n"
+    )
+    with pytest.raises(ManifestError) as err:
+        load_zoo_manifest(tmp_path / "zoo.yaml")
+    assert any("line 11: entries[2].svd_tol: must be >= 0" in p for p in err.value.problems()), err.value.problems()
+    (tmp_path / "zoo.yaml").write_text("\n".join((tmp_path / "zoo.yaml").read_text().splitlines()[:-3]) + "\n")
+    a, b = load_zoo_manifest(tmp_path / "zoo.yaml").entries
+    default = ConvertOptions()
+    got_a, got_b = a.options(16), b.options(16)
+    assert (got_a.niter, got_a.oversample, got_a.svd_tol) == (default.niter, default.oversample, default.svd_tol)
+    assert (got_b.niter, got_b.oversample, got_b.svd_tol) == (4, 8, 0.0)
