@@ -50,6 +50,16 @@ def captured(s: torch.Tensor, sigma: torch.Tensor, rank: int) -> float:
     return float(s.double().square().sum() / sigma[:rank].square().sum())
 
 
+def assert_rank3_factors(u, s, vh, w, sigma, *, values: float, vectors: float) -> None:
+    """Six float64 triples of a rank-3 ``w``: its three singular values, zeros, orthonormal vectors, exact product."""
+    torch.testing.assert_close(s[:3], sigma, rtol=values, atol=0)
+    assert float(s[3:].abs().max()) < values
+    eye = torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(u.T @ u, eye, atol=vectors, rtol=0)
+    torch.testing.assert_close(vh @ vh.T, eye, atol=vectors, rtol=0)
+    torch.testing.assert_close((u * s) @ vh, w, atol=values, rtol=0)
+
+
 # --- exact_top_r ------------------------------------------------------------------------------
 
 
@@ -111,12 +121,7 @@ def test_exact_rank_deficient_falls_back_to_full_svd(monkeypatch):
     u, s, vh = exact_top_r(w, 6)
     assert calls == [(64, 128)], "the rank-deficient matrix did not take the full-SVD fallback"
     assert torch.isfinite(u).all() and torch.isfinite(vh).all()
-    torch.testing.assert_close(s[:3], sigma, rtol=1e-12, atol=0)
-    assert float(s[3:].abs().max()) < 1e-12
-    eye = torch.eye(6, dtype=torch.float64)
-    torch.testing.assert_close(u.T @ u, eye, atol=1e-10, rtol=0)
-    torch.testing.assert_close(vh @ vh.T, eye, atol=1e-10, rtol=0)
-    torch.testing.assert_close((u * s) @ vh, w, atol=1e-12, rtol=0)
+    assert_rank3_factors(u, s, vh, w, sigma, values=1e-12, vectors=1e-10)
 
     # A well-conditioned matrix of the same shape stays on the Gram-eigh path (no full SVD).
     calls.clear()
@@ -296,12 +301,7 @@ def test_krylov_rank_deficient_matrix(shape):
     w, _, sigma, _ = known_spectrum(*shape, torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64), seed=7)
     u, s, vh = top_r_svd(w, 6, SvdOptions(niter=6, oversample=2, precision="float64", tol=0.0), seeds=[0])
     assert torch.isfinite(u).all() and torch.isfinite(s).all() and torch.isfinite(vh).all()
-    torch.testing.assert_close(s[:3], sigma, rtol=1e-10, atol=0)
-    assert float(s[3:].abs().max()) < 1e-10
-    eye = torch.eye(6, dtype=torch.float64)
-    torch.testing.assert_close(u.T @ u, eye, atol=1e-8, rtol=0)
-    torch.testing.assert_close(vh @ vh.T, eye, atol=1e-8, rtol=0)
-    torch.testing.assert_close((u * s) @ vh, w, atol=1e-10, rtol=0)
+    assert_rank3_factors(u, s, vh, w, sigma, values=1e-10, vectors=1e-8)
     zero = top_r_svd(torch.zeros(*shape), 4, SvdOptions(), seeds=[0])
     assert all(torch.isfinite(x).all() for x in zero) and float(zero[1].abs().max()) == 0.0
 
