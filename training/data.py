@@ -140,7 +140,7 @@ def _read_dataset_folder(path: Path) -> list[Any]:
     try:
         import datasets
     except ImportError as exc:
-        raise MissingDependencyError("datasets", purpose="to read a saved datasets folder") from exc
+        raise MissingDependencyError("datasets", extra="data", purpose="to read a saved datasets folder") from exc
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises FileNotFoundError / its own errors for non-dataset folders
