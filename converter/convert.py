@@ -180,8 +180,7 @@ def _env_rank(distributed: bool) -> tuple[int, int]:
 
 def _dist(distributed: bool) -> tuple[int, int]:
     """(rank, world size) under torchrun / accelerate launch, else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or not distributed:
+    if _env_rank(distributed)[1] == 1:
         return 0, 1
     import torch.distributed as dist
 

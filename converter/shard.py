@@ -32,7 +32,7 @@ from converter.stio import CODE_TO_TORCH, SafetensorsWriter, read_tensor, tensor
 from converter.svd import SvdOptions
 from converter.targets import Target
 from pissa.errors import NonFiniteWeightError, OutputWriteError
-from pissa.hashing import sha256_file
+from pissa.hashing import BackgroundDigests, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,13 @@ class _SourceDigest:
     in process while torch is still being imported), or: the conversion reads every tensor of the
     shard in file order; when they tile the file, the header plus those very buffers are the whole
     file, and one background thread hashes them as they are read (hashlib releases the GIL).
-    Otherwise (pickle shards, gaps) a background thread hashes the file on its own.
+    Otherwise (pickle shards, gaps) a :class:`~pissa.hashing.BackgroundDigests` hashes the file on its own.
     """
 
     def __init__(self, job: ShardJob, known: Future[str] | None = None) -> None:
         path = Path(job.source_folder) / job.source_file
         self._pool = ThreadPoolExecutor(1)
+        self._own: BackgroundDigests | None = None
         start = None if known is not None else _contiguous_data_start(job)
         self._streaming = start is not None
         if known is not None:
@@ -205,7 +206,8 @@ class _SourceDigest:
                 self._hash = hashlib.sha256(f.read(start))
             self._result = None
         else:
-            self._result = self._pool.submit(sha256_file, path)
+            self._own = BackgroundDigests([path])
+            self._result = self._own.get(path)
 
     def feed(self, tensor: torch.Tensor) -> None:
         if self._streaming:
@@ -217,6 +219,8 @@ class _SourceDigest:
 
     def cancel(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._own is not None:
+            self._own.cancel()
 
 
 def convert_shard(

@@ -8,11 +8,17 @@ import threading
 from concurrent.futures import Future
 
 
-def sha256_file(path: str | os.PathLike[str], chunk: int = 8 << 20) -> str:
-    """Hex sha256 of a file, read in chunks (8 MiB by default)."""
+def sha256_file(path: str | os.PathLike[str], chunk: int = 8 << 20, stop: threading.Event | None = None) -> str:
+    """Hex sha256 of a file, read in chunks (8 MiB by default).
+
+    Raises:
+        InterruptedError: ``stop`` was set before the file was read to its end.
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"hashing {os.fspath(path)} was cancelled")
             h.update(block)
     return h.hexdigest()
 
@@ -37,13 +43,7 @@ class BackgroundDigests:
             if self._stop.is_set() or not fut.set_running_or_notify_cancel():
                 continue
             try:
-                h = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while (block := f.read(self._chunk)) and not self._stop.is_set():
-                        h.update(block)
-                if self._stop.is_set():
-                    raise InterruptedError("cancelled")
-                fut.set_result(h.hexdigest())
+                fut.set_result(sha256_file(path, self._chunk, stop=self._stop))
             except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the digest
                 fut.set_exception(exc)
 
