@@ -166,8 +166,8 @@ def randomized_top_r(
     kmax = blocks * block
     qs = a.new_empty(*batch, k, kmax)  # orthonormal Krylov basis Q, block by block
     zs = a.new_empty(*batch, big, kmax)  # Z = Aᵀ Q, i.e. B = Qᵀ A = Zᵀ
-    zd = torch.empty(*batch, big, kmax, dtype=torch.float64)  # Z in float64, for the Gram matrix
-    gram = torch.zeros(*batch, kmax, kmax, dtype=torch.float64)  # G = Zᵀ Z = Qᵀ A Aᵀ Q (lower part)
+    zd = torch.empty(*batch, big, kmax, dtype=torch.float64, device=a.device)  # Z in float64, for the Gram matrix
+    gram = torch.zeros(*batch, kmax, kmax, dtype=torch.float64, device=a.device)  # G = Zᵀ Z = Qᵀ A Aᵀ Q (lower part)
     # Block 0: Q₀ = orth(A Ω) for a wide W; for a tall one Ω already lives on the short side.
     qs[..., :block] = _orth(omega if tall else a @ omega)
     used = 0
