@@ -173,7 +173,7 @@ def held_out_accuracy(bundle: Path, out: Path, heldout: list[dict[str, str]], ra
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from training.artifacts import open_bundle
+    from pissa.core.formats.bundle import open_bundle
     from training.tasks import accuracy
     from training.train import load_original_model, load_tokenizer
 

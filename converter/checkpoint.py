@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import CorruptCheckpointError, SourceNotFoundError, UnsupportedCheckpointError
+from pissa.core.errors import CorruptCheckpointError, SourceNotFoundError, UnsupportedCheckpointError
+from pissa.core.formats import bundle
+from pissa.core.formats.dtypes import CODE_BYTES, FLOAT_CODES, code_of
+from pissa.core.jsonio import read_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -22,13 +25,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
 # Files of the source that the bundle does not copy (we write our own model card and records).
-NOT_COPIED = {"README.md", "pissa.json", SAFETENSORS_INDEX, BIN_INDEX}
+NOT_COPIED = {bundle.CARD, bundle.RECORD, SAFETENSORS_INDEX, BIN_INDEX}
 
-FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
-}
 
 
 @dataclass(frozen=True)
@@ -43,14 +41,14 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_BYTES.get(self.dtype, 4)
+        n = CODE_BYTES.get(self.dtype, 4)
         for d in self.shape:
             n *= d
         return n
 
     @property
     def is_float(self) -> bool:
-        return self.dtype in FLOAT_DTYPES
+        return self.dtype in FLOAT_CODES
 
 
 @dataclass(frozen=True)
@@ -132,18 +130,6 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     return tensors, metadata
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise SourceNotFoundError(f"{path} not found", path=str(path), fix=f"the folder needs its {what}") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path} is not valid JSON ({exc})", path=str(path)) from exc
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{path} is not a JSON object", path=str(path))
-    return data
-
-
 def open_checkpoint(folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
     """Open and validate a local checkpoint folder (all problems of the weight files reported at once).
 
@@ -155,7 +141,7 @@ def open_checkpoint(folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceNotFoundError(f"{folder} is not a folder", path=str(folder), fix="give a checkpoint folder")
-    config = _read_json(folder / "config.json", "config.json")
+    config = read_json(folder / "config.json", fix="the folder needs its config.json")
 
     index_metadata: dict[str, Any] = {}
     weight_map: dict[str, str] | None = None
@@ -178,7 +164,7 @@ def open_checkpoint(folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
             fix="point at a Hugging Face model folder with its weights",
         )
     if (folder / index_name).exists():
-        index = _read_json(folder / index_name, index_name)
+        index = read_json(folder / index_name, fix=f"the folder needs its {index_name}")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CorruptCheckpointError(f"{folder / index_name} has no weight_map", path=str(folder / index_name))
@@ -230,9 +216,6 @@ def open_checkpoint(folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
     return Checkpoint(folder, config, fmt, weight_files, tensors, index_metadata, extra, file_metadata)
 
 
-_TORCH_TO_CODE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-
-
 def _bin_headers(path: Path) -> dict[str, TensorInfo]:
     """Tensor infos of a pickle checkpoint, read with ``weights_only=True`` and memory-mapped."""
     import torch
@@ -243,6 +226,6 @@ def _bin_headers(path: Path) -> dict[str, TensorInfo]:
         raise CorruptCheckpointError(f"{path} cannot be read safely ({exc})", path=str(path)) from exc
     out = {}
     for key, t in state.items():
-        code = _TORCH_TO_CODE.get(str(t.dtype).removeprefix("torch."), str(t.dtype))
+        code = code_of(t.dtype)
         out[key] = TensorInfo(key, path.name, code, tuple(t.shape))
     return out

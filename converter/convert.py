@@ -29,17 +29,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from converter import bundle as B
 from converter.alloc import tune_allocator
-from converter.bundle import PARTS
 from converter.card import render_model_card
 from converter.checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
 from converter.options import ConvertOptions
 from converter.sources import ResolvedSource, resolve_source
 from converter.targets import linear_layers, peft_target_modules, select_targets
-from pissa import __version__
-from pissa.errors import InvalidOptionsError, OutputExistsError, OutputWriteError, PissaError, TargetError
-from pissa.hashing import BackgroundDigests, sha256_file
+from pissa.core import __version__
+from pissa.core.errors import (
+    InvalidOptionsError,
+    OutputExistsError,
+    OutputWriteError,
+    PissaError,
+    TargetError,
+)
+from pissa.core.formats import adapter as adapter_format
+from pissa.core.formats import bundle as B
+from pissa.core.formats.bundle import PARTS
+from pissa.core.formats.dtypes import torch_dtype
+from pissa.core.hashing import BackgroundDigests, sha256_file
+from pissa.core.jsonio import write_json
 
 if TYPE_CHECKING:
     from converter.shard import ShardJob
@@ -208,7 +217,7 @@ def _prepare_staging(staging: Path, plan: _Plan, resume: bool) -> None:
     elif staging.exists():
         shutil.rmtree(staging)
     (staging / PARTS).mkdir(parents=True, exist_ok=True)
-    B.write_json(staging / PLAN, plan.fingerprint)
+    write_json(staging / PLAN, plan.fingerprint)
 
 
 def _job_bytes(job: ShardJob) -> int:
@@ -331,11 +340,11 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
     from safetensors import safe_open
 
     from converter.factorize import lora_scaling
-    from converter.shard import TORCH_DTYPES, _writer
+    from converter.shard import _writer
 
     ckpt = plan.ckpt
     parts = [json.loads(j.marker.read_text()) for j in plan.jobs]
-    adapter_dir = staging / B.ADAPTER_DIR
+    adapter_dir = staging / B.INIT_DIR
     adapter_dir.mkdir(exist_ok=True)
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     handles = []
@@ -344,14 +353,14 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
         handles.append(handle)
         for key in handle.keys():  # noqa: SIM118 - safe_open handles are not iterable
             sl = handle.get_slice(key)
-            layout[key] = (TORCH_DTYPES[options.adapter_dtype], tuple(sl.get_shape()))
-    with _writer(adapter_dir / B.ADAPTER_WEIGHTS, layout, {"format": "pt"}) as w:
+            layout[key] = (torch_dtype(options.adapter_dtype), tuple(sl.get_shape()))
+    with _writer(adapter_dir / adapter_format.WEIGHTS, layout, {"format": "pt"}) as w:
         for handle in handles:
             for key in handle.keys():  # noqa: SIM118
                 w.write(key, handle.get_tensor(key))
-    B.write_json(
-        adapter_dir / B.ADAPTER_CONFIG,
-        B.adapter_config(
+    write_json(
+        adapter_dir / adapter_format.CONFIG,
+        adapter_format.lora_config(
             rank=options.rank,
             alpha=options.lora_alpha,
             rslora=options.rslora,
@@ -373,14 +382,14 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
                     n *= d
                 total += n
         metadata = {**ckpt.index_metadata, "total_size": total}
-        B.write_json(staging / SAFETENSORS_INDEX, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
+        write_json(staging / SAFETENSORS_INDEX, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
 
     for name in ckpt.extra_files:
         if name == "config.json" and plan.residual_dtype:
             config = dict(ckpt.config)
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = plan.residual_dtype
             config.pop("quantization_config", None)
-            B.write_json(staging / name, config)
+            write_json(staging / name, config)
         else:
             shutil.copyfile(ckpt.folder / name, staging / name)
 
@@ -399,7 +408,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
         "options": _result_options(options),
         "residual_dtype": plan.residual_dtype,
         "adapter": {
-            "path": B.ADAPTER_DIR,
+            "path": B.INIT_DIR,
             "r": options.rank,
             "lora_alpha": options.lora_alpha,
             "use_rslora": options.rslora,
@@ -424,7 +433,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
         "shard_seconds": {p["source_file"]: p["seconds"] for p in parts},
         "execution": {"workers": options.workers, "threads": options.threads, "device": options.device},
     }
-    B.write_json(staging / B.RECORD, record)
+    write_json(staging / B.RECORD, record)
     return record
 
 

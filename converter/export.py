@@ -14,7 +14,6 @@ the source's) tensor names, dtypes and shard layout.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -30,27 +29,20 @@ from converter.export_math import (
     pick_auto_rank,
     truncate_delta,
 )
-from pissa.errors import AdapterMismatchError, ExportError, InvalidOptionsError
-from training.artifacts import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    RUN_RECORD,
-    TRAINING_RECORD,
-    Bundle,
-    is_adapter_dir,
-    is_bundle,
-    load_adapter,
-    move_into_place,
-    open_bundle,
-    prepare_output,
-    read_json,
-    sha256_file,
-    write_json,
-)
+from pissa.core.errors import AdapterMismatchError, ExportError, InvalidOptionsError
+from pissa.core.formats import bundle as bundle_format
+from pissa.core.formats import run as run_format
+from pissa.core.formats.adapter import CONFIG as ADAPTER_CONFIG
+from pissa.core.formats.adapter import WEIGHTS as ADAPTER_WEIGHTS
+from pissa.core.formats.adapter import is_adapter_dir, load_adapter, lora_scaling, split_adapter_key
+from pissa.core.formats.bundle import Bundle, is_bundle, open_bundle
+from pissa.core.formats.export import RECORD as EXPORT_RECORD
+from pissa.core.hashing import sha256_file
+from pissa.core.jsonio import read_json, write_json
+from pissa.core.outputs import move_into_place, prepare_output
 
 logger = logging.getLogger(__name__)
 
-EXPORT_RECORD = "pissa_export.json"
 DEFAULT_TOL = 0.01
 # Config keys that vLLM refuses or that make no sense for an adapter on the original base.
 _DROPPED_CONFIG_KEYS = ("modules_to_save", "layers_to_transform", "layers_pattern", "megatron_config")
@@ -105,8 +97,8 @@ class TrainedAdapter:
 
 
 def _find_record(adapter: Path) -> dict[str, Any] | None:
-    if (adapter / TRAINING_RECORD).is_file():
-        return read_json(adapter / TRAINING_RECORD)
+    if (adapter / run_format.TRAINING_RECORD).is_file():
+        return read_json(adapter / run_format.TRAINING_RECORD)
     return None
 
 
@@ -125,8 +117,8 @@ def resolve_trained_adapter(source: str | os.PathLike[str], bundle: str | os.Pat
     if not src.exists():
         raise ExportError(f"{src} does not exist", fix="pass a run folder of `pissa train` or an adapter folder")
     adapter = src
-    if not is_adapter_dir(src) and (src / RUN_RECORD).is_file():
-        adapter = src / "adapter"
+    if not is_adapter_dir(src) and run_format.is_run(src):
+        adapter = src / run_format.ADAPTER_DIR
     if not is_adapter_dir(adapter):
         raise ExportError(
             f"{src} holds no trained adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})",
@@ -157,12 +149,10 @@ def resolve_trained_adapter(source: str | os.PathLike[str], bundle: str | os.Pat
 
 def _module_name(key: str) -> tuple[str, str]:
     """``base_model.model.<module>.lora_A.weight`` → ``(<module>, 'lora_A')``."""
-    for part in ("lora_A", "lora_B"):
-        marker = f".{part}."
-        if marker in key:
-            prefix = key.split(marker)[0]
-            return prefix.removeprefix("base_model.model."), part
-    raise ExportError(f"unexpected adapter tensor {key!r}", fix="export LoRA adapters (lora_A/lora_B only)")
+    split = split_adapter_key(key)
+    if split is None or split[1] not in ("lora_A", "lora_B"):
+        raise ExportError(f"unexpected adapter tensor {key!r}", fix="export LoRA adapters (lora_A/lora_B only)")
+    return split
 
 
 def _pairs(tensors: dict[str, Any], what: str) -> dict[str, dict[str, Any]]:
@@ -177,11 +167,6 @@ def _pairs(tensors: dict[str, Any], what: str) -> dict[str, dict[str, Any]]:
     if broken:
         raise ExportError(f"{what}: modules without both lora_A and lora_B: {', '.join(sorted(broken))}")
     return out
-
-
-def _scaling(config: dict[str, Any]) -> float:
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
 def check_compatible(trained: TrainedAdapter) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -214,7 +199,7 @@ def check_compatible(trained: TrainedAdapter) -> tuple[dict[str, Any], dict[str,
                 f"bundle's {actual_init_sha[:12]}…)"
             )
     else:
-        logger.warning("%s has no %s: cannot check which init it was trained from", trained.path, TRAINING_RECORD)
+        logger.warning("%s has no %s: cannot check which init it was trained from", trained.path, run_format.TRAINING_RECORD)
 
     config, tensors = load_adapter(trained.path)
     init_config, init_tensors = load_adapter(bundle.init_dir)
@@ -388,7 +373,7 @@ def _write_adapter(
     r = int(config["r"])
     alpha = float(config["lora_alpha"])
     rslora = bool(config.get("use_rslora"))
-    scaling = _scaling(config)
+    scaling = lora_scaling(config)
     base = trained.bundle.base_model
     modules = sorted(pairs)
     candidates: dict[int, float] = {}
@@ -481,7 +466,7 @@ def _write_merged(
     from safetensors.torch import save_file
 
     bundle = trained.bundle
-    scaling = _scaling(config)
+    scaling = lora_scaling(config)
     records = bundle.matrices()
     shards = sorted(p.name for p in bundle.path.glob("*.safetensors"))
     if not shards:
@@ -517,7 +502,7 @@ def _write_merged(
     missing = sorted(set(pairs) - done)
     if missing:
         raise ExportError(f"residual weights not found for: {', '.join(missing[:5])}", fix="re-create the bundle")
-    skip = {"pissa.json", "README.md"}
+    skip = {bundle_format.RECORD, bundle_format.CARD}
     for item in bundle.path.iterdir():
         if item.is_file() and item.suffix != ".safetensors" and item.name not in skip:
             shutil.copy2(item, tmp / item.name)

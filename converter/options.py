@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pissa.errors import InvalidOptionsError
+from pissa.core.errors import InvalidOptionsError
+from pissa.core.formats.dtypes import FLOAT_NAMES
 
-FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 DEVICES = ("cpu", "cuda")
 
 
@@ -73,10 +73,10 @@ class ConvertOptions:
             p.append(f"--oversample must be >= 0, got {self.oversample}")
         if not 0 <= self.svd_tol < 1:
             p.append(f"--svd-tol must be in [0, 1), got {self.svd_tol}")
-        if self.dtype is not None and self.dtype not in FLOAT_DTYPES:
-            p.append(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.dtype!r}")
-        if self.adapter_dtype not in FLOAT_DTYPES:
-            p.append(f"--adapter-dtype must be one of {', '.join(FLOAT_DTYPES)}, got {self.adapter_dtype!r}")
+        if self.dtype is not None and self.dtype not in FLOAT_NAMES:
+            p.append(f"--dtype must be one of {', '.join(FLOAT_NAMES)}, got {self.dtype!r}")
+        if self.adapter_dtype not in FLOAT_NAMES:
+            p.append(f"--adapter-dtype must be one of {', '.join(FLOAT_NAMES)}, got {self.adapter_dtype!r}")
         if self.workers < 1:
             p.append(f"--workers must be >= 1, got {self.workers}")
         if self.threads < 0:

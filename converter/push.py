@@ -32,8 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import HubError, SourceNotFoundError, VerificationError
-from pissa.hashing import sha256_file
+from pissa.core.errors import HubError, SourceNotFoundError, VerificationError
+from pissa.core.formats import adapter as adapter_format
+from pissa.core.formats import bundle as bundle_format
+from pissa.core.formats import export as export_format
+from pissa.core.hashing import sha256_file
+from pissa.core.jsonio import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -83,17 +87,17 @@ def detect_kind(path: Path) -> str:
     """
     if not path.is_dir():
         raise SourceNotFoundError(f"{path} is not a folder", path=str(path), fix="give a bundle or adapter folder")
-    record = path / "pissa.json"
+    record = path / bundle_format.RECORD
     if record.is_file():
         try:
             data = json.loads(record.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise VerificationError(f"{record} is not valid JSON: {exc}", [], fix="re-run pissa convert") from None
-        if isinstance(data, dict) and data.get("format") == "pissa-bundle":
+        if isinstance(data, dict) and data.get("format") == bundle_format.FORMAT:
             return "bundle"
-    if (path / "adapter_config.json").is_file():
+    if (path / adapter_format.CONFIG).is_file():
         return "adapter"
-    export = path / "pissa_export.json"
+    export = path / export_format.RECORD
     if export.is_file() and (path / "config.json").is_file():
         try:
             data = json.loads(export.read_text())
@@ -121,7 +125,7 @@ def check_adapter_folder(path: Path) -> list[str]:
 
     problems: list[str] = []
     try:
-        config = json.loads((path / "adapter_config.json").read_text())
+        config = json.loads((path / adapter_format.CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return [f"adapter_config.json: cannot be read as JSON: {exc}"]
     if str(config.get("peft_type", "")).upper() != "LORA":
@@ -129,7 +133,7 @@ def check_adapter_folder(path: Path) -> list[str]:
     r = config.get("r")
     if not isinstance(r, int) or r < 1:
         problems.append(f"adapter_config.json: r must be a positive integer, got {r!r}")
-    weights = path / "adapter_model.safetensors"
+    weights = path / adapter_format.WEIGHTS
     if not weights.is_file():
         problems.append("adapter_model.safetensors is missing")
         return problems
@@ -155,7 +159,7 @@ def check_adapter_folder(path: Path) -> list[str]:
 
 def check_merged_folder(path: Path) -> list[str]:
     """Problems of a merged export (``pissa export --merge``): every weight file checksummed and intact."""
-    record = json.loads((path / "pissa_export.json").read_text())
+    record = read_json(path / export_format.RECORD)
     files = record.get("files") or {}
     problems = [
         f"{rel}: not listed in pissa_export.json"
@@ -260,7 +264,7 @@ def push(
     """
     from huggingface_hub import CommitOperationAdd
 
-    from converter.hub import hub_api, hub_endpoint, hub_error
+    from pissa.core.hub import hub_api, hub_endpoint, hub_error
 
     start = time.perf_counter()
     folder = Path(path)
@@ -269,7 +273,7 @@ def push(
     card: bytes | None = None
     if kind == "bundle":
         _raise_if_failed(folder, (verifier or _default_verifier)(folder))
-        record = json.loads((folder / "pissa.json").read_text())
+        record = bundle_format.read_record(folder)
         # The card is checksummed in pissa.json when convert wrote it: regenerate it exactly as
         # convert did (no repo id), so the published bundle still verifies after a download.
         checksummed = "README.md" in (record.get("files") or {})

@@ -25,21 +25,18 @@ from typing import Any
 
 import torch
 
-from converter.bundle import PARTS, adapter_key
 from converter.checkpoint import TensorInfo
 from converter.factorize import NonFiniteError, pissa_split
-from converter.stio import CODE_TO_TORCH, SafetensorsWriter, read_tensor, tensor_bytes
+from converter.stio import SafetensorsWriter, read_tensor, tensor_bytes
 from converter.svd import SvdOptions
 from converter.targets import Target
-from pissa.errors import NonFiniteWeightError, OutputWriteError
-from pissa.hashing import BackgroundDigests, sha256_file
+from pissa.core.errors import NonFiniteWeightError, OutputWriteError
+from pissa.core.formats.adapter import adapter_key
+from pissa.core.formats.bundle import PARTS
+from pissa.core.formats.dtypes import torch_dtype
+from pissa.core.hashing import BackgroundDigests, sha256_file
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {
-    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-}
-
 
 @dataclass(frozen=True)
 class ShardJob:
@@ -190,7 +187,7 @@ class _SourceDigest:
     in process while torch is still being imported), or: the conversion reads every tensor of the
     shard in file order; when they tile the file, the header plus those very buffers are the whole
     file, and one background thread hashes them as they are read (hashlib releases the GIL).
-    Otherwise (pickle shards, gaps) a :class:`~pissa.hashing.BackgroundDigests` hashes the file on its own.
+    Otherwise (pickle shards, gaps) a :class:`~pissa.core.hashing.BackgroundDigests` hashes the file on its own.
     """
 
     def __init__(self, job: ShardJob, known: Future[str] | None = None) -> None:
@@ -255,13 +252,13 @@ def _convert_shard(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     read = _reader(job)
-    res_dtype = TORCH_DTYPES[job.residual_dtype] if job.residual_dtype else None
-    adapter_dtype = TORCH_DTYPES[job.adapter_dtype]
+    res_dtype = torch_dtype(job.residual_dtype) if job.residual_dtype else None
+    adapter_dtype = torch_dtype(job.adapter_dtype)
     by_key = {t.key: t for t in job.targets}
     source_path = str(Path(job.source_folder) / job.source_file)
 
     def out_dtype(info: TensorInfo) -> torch.dtype:
-        dtype = CODE_TO_TORCH[info.dtype]
+        dtype = torch_dtype(info.dtype)
         return res_dtype if res_dtype is not None and dtype.is_floating_point else dtype
 
     layout = {info.key: (out_dtype(info), info.shape) for info in job.tensors}

@@ -5,7 +5,7 @@
   safetensors folder in the cache (``$PISSA_CACHE`` or ``~/.cache/pissa``), keyed by the file's
   sha256, so converting it again (other ranks, a zoo) reuses it.
 - ``hub:ORG/NAME`` or ``ORG/NAME`` that is not a local path is downloaded with huggingface_hub
-  (``converter.hub.download_checkpoint``: revision, HF_TOKEN and HF_ENDPOINT honoured).
+  (``pissa.core.hub.download_checkpoint``: revision, HF_TOKEN and HF_ENDPOINT honoured).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import CorruptCheckpointError, SourceNotFoundError
-from pissa.hashing import sha256_file
+from pissa.core.errors import CorruptCheckpointError, SourceNotFoundError
+from pissa.core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _looks_like_repo_id(text: str) -> bool:
 
 
 def _from_hub(repo_id: str, revision: str | None) -> ResolvedSource:
-    from converter.hub import download_checkpoint
+    from pissa.core.hub import download_checkpoint
 
     folder = Path(download_checkpoint(repo_id, revision))
     # huggingface_hub names snapshot folders by commit: record the exact commit, not just the branch.

@@ -26,18 +26,12 @@ from typing import Any
 import torch
 
 from converter.checkpoint import TensorInfo
-
-CODE_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-TORCH_TO_CODE = {v: k for k, v in CODE_TO_TORCH.items()}
+from pissa.core.formats.dtypes import code_of, torch_dtype
 
 
 def read_tensor(path: Path | str, info: TensorInfo) -> torch.Tensor:
     """Read one tensor (its own buffer, no memory map) using the header offsets in ``info``."""
-    dtype = CODE_TO_TORCH[info.dtype]
+    dtype = torch_dtype(info.dtype)
     buf = torch.empty(info.nbytes, dtype=torch.uint8)
     with open(path, "rb", buffering=0) as f:
         f.seek(info.offset)
@@ -82,7 +76,7 @@ class SafetensorsWriter:
             n = torch.empty((), dtype=dtype).element_size()
             for d in shape:
                 n *= d
-            header[key] = {"dtype": TORCH_TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[key] = {"dtype": code_of(dtype), "shape": list(shape), "data_offsets": [offset, offset + n]}
             self._spans[key] = (offset, offset + n)
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from converter.checkpoint import Checkpoint
-from pissa.errors import TargetError, UnsupportedCheckpointError
+from pissa.core.errors import TargetError, UnsupportedCheckpointError
 
 log = logging.getLogger(__name__)
 

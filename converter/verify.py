@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from converter import bundle as B
-from converter.shard import TORCH_DTYPES
-from pissa.errors import VerificationError
-from pissa.hashing import sha256_file
+from pissa.core.errors import VerificationError
+from pissa.core.formats import adapter as adapter_format
+from pissa.core.formats import bundle as B
+from pissa.core.formats.dtypes import torch_dtype
+from pissa.core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +70,9 @@ def check_files(bundle: Path, record: dict[str, Any]) -> list[str]:
 def check_adapter_config(bundle: Path, record: dict[str, Any]) -> list[str]:
     adapter = record["adapter"]
     try:
-        cfg = json.loads((bundle / B.ADAPTER_DIR / B.ADAPTER_CONFIG).read_text())
+        cfg = json.loads((bundle / B.INIT_DIR / adapter_format.CONFIG).read_text())
     except (OSError, ValueError) as exc:
-        return [f"{B.ADAPTER_DIR}/{B.ADAPTER_CONFIG}: unreadable ({exc})"]
+        return [f"{B.INIT_DIR}/{adapter_format.CONFIG}: unreadable ({exc})"]
     problems = []
     for key, rec_key in (("r", "r"), ("lora_alpha", "lora_alpha"), ("use_rslora", "use_rslora"),
                          ("target_modules", "target_modules"), ("fan_in_fan_out", "fan_in_fan_out")):
@@ -111,7 +112,7 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
     by_key = {m["key"]: m for m in record["matrices"]}
     weight_map = _weight_map(bundle)
     worst: float | None = None
-    lora = safe_open(str(bundle / B.ADAPTER_DIR / B.ADAPTER_WEIGHTS), framework="pt")
+    lora = safe_open(str(bundle / B.INIT_DIR / adapter_format.WEIGHTS), framework="pt")
     lora_keys = set(lora.keys())
     for shard in sorted(set(weight_map.values())):
         res = safe_open(str(bundle / shard), framework="pt")
@@ -130,12 +131,12 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
             w_res = res.get_tensor(key)
             if m is None:
                 if src is not None:
-                    expected = src.to(TORCH_DTYPES[residual_dtype]) if residual_dtype and src.is_floating_point() else src
+                    expected = src.to(torch_dtype(residual_dtype)) if residual_dtype and src.is_floating_point() else src
                     if not torch.equal(w_res, expected):
                         problems.append(f"{key}: differs from the source (not a target, should be copied)")
                 continue
-            a_key = f"base_model.model.{m['name']}.lora_A.weight"
-            b_key = f"base_model.model.{m['name']}.lora_B.weight"
+            a_key = adapter_format.adapter_key(m["name"], "lora_A")
+            b_key = adapter_format.adapter_key(m["name"], "lora_B")
             if a_key not in lora_keys or b_key not in lora_keys:
                 problems.append(f"{m['name']}: adapter tensors missing")
                 continue

@@ -37,7 +37,14 @@ from typing import Any
 from converter.options import ConvertOptions
 from converter.zoo_manifest import ZooManifest, load_zoo_manifest, resolve_embedded
 from converter.zoo_report import CONVERTED, FAILED, RESUMED, SKIPPED, JobResult, write_reports
-from pissa.errors import InvalidOptionsError, OutputBusyError, PissaError, VerificationError, format_problems
+from pissa.core.errors import (
+    InvalidOptionsError,
+    OutputBusyError,
+    PissaError,
+    VerificationError,
+    format_problems,
+)
+from pissa.core.formats import bundle as B
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +176,6 @@ def reuse_problems(bundle: Path, job: ZooJob, source: str) -> list[str]:
     Checks every recorded file's sha256, that the recorded content options equal the job's, and
     that the recorded source (path or repo id) is the job's.
     """
-    from converter import bundle as B
     from converter.verify import check_files
 
     try:
@@ -212,11 +218,9 @@ def run_job(job: ZooJob) -> JobResult:
     try:
         source = resolve_embedded(job.source)
         with _job_lock(out):
-            if (out / "pissa.json").exists():
+            if (out / B.RECORD).exists():
                 problems = reuse_problems(out, job, source)
                 if not problems:
-                    from converter import bundle as B
-
                     report = report_from_record(out, B.read_record(out))
                     status = SKIPPED
                 else:

@@ -27,7 +27,7 @@ YAML layout (every key but ``entries[].name`` / ``entries[].source`` optional)::
         private: false
 
 Relative local sources are resolved against the manifest's folder. Every problem of the file is
-reported at once, with its line (:class:`pissa.errors.ManifestError`); conversion options are
+reported at once, with its line (:class:`pissa.core.errors.ManifestError`); conversion options are
 checked with :meth:`converter.options.ConvertOptions.problems` for every rank.
 """
 
@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from converter.options import FLOAT_DTYPES, ConvertOptions
-from pissa.errors import SourceNotFoundError
-from pissa.manifests import Node, Problems, load_yaml, validate
+from converter.options import ConvertOptions
+from pissa.core.errors import SourceNotFoundError
+from pissa.core.formats.dtypes import FLOAT_NAMES
+from pissa.core.manifests import Node, Problems, load_yaml, validate
 
 # Models shipped inside Python packages (offline defaults): name -> (module, file in its folder).
 EMBEDDED: dict[str, tuple[str, str, str]] = {
@@ -188,8 +189,8 @@ def _read_options(node: Node) -> dict[str, Any]:
         "oversample": node.get_int("oversample", minimum=0),
         "svd_tol": node.get_float("svd_tol", minimum=0),
         "seed": node.get_int("seed"),
-        "dtype": node.get_str("dtype", choices=FLOAT_DTYPES),
-        "adapter_dtype": node.get_str("adapter_dtype", choices=FLOAT_DTYPES),
+        "dtype": node.get_str("dtype", choices=FLOAT_NAMES),
+        "adapter_dtype": node.get_str("adapter_dtype", choices=FLOAT_NAMES),
         "allow_pickle": node.get_bool("allow_pickle"),
         "push": node.get_str("push"),
         "private": node.get_bool("private"),

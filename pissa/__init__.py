@@ -1,7 +1,10 @@
 """pissa-pipeline: checkpoints → PiSSA bundles → fine-tuned adapters → LoRA on the original base → vLLM.
 
-This package is the command-line front (``pissa``) and the shared error types; the work is done by
-the ``converter``, ``training`` and ``serving`` packages. Importing it is cheap (no torch).
+This package is the command-line front (``pissa.cli``, ``pissa.commands``, ``pissa.demo``) and, in
+``pissa.core``, the base layer that every stage (``converter``, ``training``, ``serving``) builds
+on. Importing it is cheap (no torch).
 """
 
-__version__ = "0.1.0"
+from pissa.core import __version__
+
+__all__ = ["__version__"]

@@ -5,7 +5,7 @@ parses its options, calls one public library function and formats the result. Th
 knows the names and one-line help of the commands, so ``pissa --help`` imports neither torch nor
 transformers.
 
-Errors: every :class:`pissa.errors.PissaError` becomes one line per problem on stderr and its exit
+Errors: every :class:`pissa.core.errors.PissaError` becomes one line per problem on stderr and its exit
 code; anything else becomes a one-line "internal error". ``PISSA_DEBUG=1`` shows the traceback.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import click
 
-from pissa import __version__
-from pissa.errors import PissaError, format_problems
+from pissa.core import __version__
+from pissa.core.errors import PissaError, format_problems
 
 # name -> (module under pissa.commands, one-line help). Order is the order of ``pissa --help``.
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import MissingDependencyError, PissaError
+from pissa.core.errors import MissingDependencyError, PissaError
+from pissa.core.formats.bundle import INIT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def step_verify(state: _State) -> str:
 
 
 def step_recipe(state: _State) -> str:
-    """The authors' recipe: residual + PeftModel(subfolder="pissa_init") answers like the source."""
+    """The authors' recipe: residual + PeftModel(subfolder=INIT_DIR) answers like the source."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,7 +123,7 @@ def step_recipe(state: _State) -> str:
     tokenizer = AutoTokenizer.from_pretrained(state.bundle)
     source = AutoModelForCausalLM.from_pretrained(state.source_folder, dtype=torch.float32).eval()
     residual = AutoModelForCausalLM.from_pretrained(state.bundle, dtype=torch.float32)
-    pissa = PeftModel.from_pretrained(residual, state.bundle, subfolder="pissa_init").eval()
+    pissa = PeftModel.from_pretrained(residual, state.bundle, subfolder=INIT_DIR).eval()
     expected = greedy_answer(source, tokenizer, PROMPT)
     got = greedy_answer(pissa, tokenizer, PROMPT)
     enc = _chat_ids(tokenizer, PROMPT)

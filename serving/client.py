@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import ServingError, SourceNotFoundError
+from pissa.core.errors import ServingError, SourceNotFoundError
 from serving.validate import ValidationReport, read_base, validate_adapters
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from pissa.errors import InvalidOptionsError
+from pissa.core.errors import InvalidOptionsError
 from serving.manifest import ServeManifest
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"

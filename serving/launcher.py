@@ -24,10 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from pissa.errors import ServingError
+from pissa.core.errors import ServingError
 from serving.command import LaunchPlan, build_command
 from serving.manifest import ServeManifest
 from serving.validate import ValidationReport, read_base, validate_adapters
+from serving.vllm_env import require_vllm
 
 logger = logging.getLogger(__name__)
 
@@ -285,8 +286,6 @@ def serve(
     plan = plan_serving(manifest)
     if dry_run:
         return ServeResult(plan, None, None, None)
-    from serving.session import require_vllm
-
     require_vllm("to run `pissa serve` (--dry-run works without it)")
     return run_plan(plan, health_timeout=manifest.vllm.health_timeout, log_path=log_path, on_ready=on_ready)
 

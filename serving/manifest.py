@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import InvalidOptionsError
+from pissa.core.errors import InvalidOptionsError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
@@ -161,7 +161,7 @@ def load_serve_manifest(path: str | Path) -> ServeManifest:
     Raises:
         ManifestError: every problem of the file at once, each with its line.
     """
-    from pissa.manifests import Problems, load_yaml
+    from pissa.core.manifests import Problems, load_yaml
 
     doc = load_yaml(path)
     root_dir = Path(path).resolve().parent

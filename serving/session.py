@@ -3,20 +3,22 @@
 :func:`serve_and_ask` validates, starts vLLM (through :class:`serving.launcher.VllmServer`), sends
 every prompt to the base and to each adapter through the OpenAI client (chat completions with the
 model's chat template, greedy), stops the server and returns the answers. When vLLM or the
-``openai`` client is missing it raises :class:`~pissa.errors.MissingDependencyError`, whose message
+``openai`` client is missing it raises :class:`~pissa.core.errors.MissingDependencyError`, whose message
 says how to enable it, so a caller can fall back to transformers + PEFT.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import socket
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pissa.errors import MissingDependencyError
+from serving.launcher import VllmServer, plan_serving
+from serving.manifest import VllmSettings, manifest_from_flags
+from serving.vllm_env import free_port, require_vllm, vllm_available
+
+__all__ = ["SessionResult", "serve_and_ask", "vllm_available"]
 
 
 @dataclass(frozen=True)
@@ -28,25 +30,6 @@ class SessionResult:
     startup_s: float = 0.0
     total_s: float = 0.0
     log_path: str | None = None
-
-
-def vllm_available() -> bool:
-    """True when vLLM and the openai client can be imported (without importing them)."""
-    return importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("openai") is not None
-
-
-def require_vllm(purpose: str = "to serve adapters") -> None:
-    """Raise :class:`MissingDependencyError` (with the install line) unless vLLM is usable."""
-    if importlib.util.find_spec("vllm") is None:
-        raise MissingDependencyError("vllm", extra="serve-cpu", purpose=f"{purpose}; GPU machines: .[serve]")
-    if importlib.util.find_spec("openai") is None:
-        raise MissingDependencyError("openai", extra="serve-cpu", purpose=purpose)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_and_ask(
@@ -81,9 +64,6 @@ def serve_and_ask(
     """
     require_vllm()
     from openai import OpenAI
-
-    from serving.launcher import VllmServer, plan_serving
-    from serving.manifest import VllmSettings, manifest_from_flags
 
     settings = VllmSettings(port=free_port(), dtype=dtype, max_loras=max(1, len(adapters)),
                             kv_cache_memory_bytes=kv_cache_bytes, max_model_len=max_model_len,

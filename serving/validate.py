@@ -20,7 +20,7 @@ The checks (``check_adapter``), per adapter:
   value.
 * rank: the adapter's rank (largest r_m, ``r``, ``rank_pattern``) fits ``max_lora_rank``.
 * pairing (the rule): the adapter's *recorded base* must name the served base. The recorded bases
-  are ``base_model`` of the export record (:data:`EXPORT_RECORD_FILES`, written by ``pissa export``)
+  are ``base_model`` of the export record (:data:`export_format.RECORD_NAMES`, written by ``pissa export``)
   when present, and ``base_model_name_or_path`` of ``adapter_config.json``; each one present must
   match, and at least one must be present. A recorded base matches when it equals one of the served
   base's identities (the base value as given, its absolute path, and the manifest's
@@ -33,33 +33,28 @@ The checks (``check_adapter``), per adapter:
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import AdapterValidationError
+from pissa.core.errors import AdapterValidationError
+from pissa.core.formats import adapter as adapter_format
+from pissa.core.formats import bundle as bundle_format
+from pissa.core.formats import export as export_format
+from pissa.core.formats.safetensors import tensor_shapes
+from pissa.core.hashing import sha256_file
+from pissa.core.jsonio import read_json
 
 logger = logging.getLogger(__name__)
 
 ALLOWED_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-#: Files ``pissa export`` may leave next to the adapter; their ``base_model`` is a recorded base.
-EXPORT_RECORD_FILES = ("pissa_export.json", "export.json")
 #: ``init_lora_weights`` strings vLLM accepts: they only set the initial adapter weights.
 SAFE_STRING_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
-ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "adapter_model.pt")
-_PREFIX = "base_model.model."
 _EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in")
-_SUFFIXES = {
-    ".lora_A.weight": "A",
-    ".lora_B.weight": "B",
-    ".lora_embedding_A": "EA",
-    ".lora_embedding_B": "EB",
-}
+#: PEFT part name -> the short kind the checks below use.
+_KINDS = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "EA", "lora_embedding_B": "EB"}
 
 
 @dataclass(frozen=True)
@@ -160,13 +155,8 @@ def config_problems(config: Mapping[str, Any]) -> list[str]:
 
 def split_adapter_key(key: str) -> tuple[str, str] | None:
     """``base_model.model.<module>.lora_A.weight`` -> ``(<module>, "A")`` (None: not a LoRA tensor)."""
-    for suffix, kind in _SUFFIXES.items():
-        if key.endswith(suffix):
-            module = key[: -len(suffix)]
-            if module.startswith(_PREFIX):
-                module = module[len(_PREFIX) :]
-            return module, kind
-    return None
+    split = adapter_format.split_adapter_key(key)
+    return None if split is None else (split[0], _KINDS[split[1]])
 
 
 def allowed_ranks(config: Mapping[str, Any]) -> set[int]:
@@ -277,7 +267,7 @@ def pairing_problems(adapter: AdapterInfo, base: BaseInfo) -> list[str]:
         ):
             continue
         hint = ""
-        if Path(recorded).is_dir() and (Path(recorded) / "pissa.json").exists():
+        if Path(recorded).is_dir() and (Path(recorded) / bundle_format.RECORD).exists():
             hint = (" — that is a PiSSA bundle (residual model): an adapter for it is wrong on the original "
                     "base; export it with `pissa export`, or serve the bundle as the base")
         p.append(
@@ -293,7 +283,7 @@ def record_problems(adapter: AdapterInfo) -> list[str]:
     """The export record's sha256 of the adapter weights must match the file (no silent edits)."""
     if adapter.export_record is None or adapter.weights_sha256 is None:
         return []
-    recorded = (adapter.export_record.get("files") or {}).get("adapter_model.safetensors")
+    recorded = (adapter.export_record.get("files") or {}).get(adapter_format.WEIGHTS)
     if recorded and recorded != adapter.weights_sha256:
         return ["adapter_model.safetensors changed since export (sha256 differs from its export record)"]
     return []
@@ -343,23 +333,6 @@ def check_adapters(
 
 
 # --- reading from disk (the thin IO driver) -----------------------------------------------------
-def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors header (no tensor data read).
-
-    Raises:
-        ValueError: not a readable safetensors file.
-    """
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("file too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000 or n > os.path.getsize(path):
-            raise ValueError("bad safetensors header length")
-        header = json.loads(f.read(n))
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-
-
 def _local_model_folder(ref_value: str, is_local: bool, patterns: list[str]) -> Path:
     if is_local:
         return Path(ref_value)
@@ -395,7 +368,7 @@ def read_base(location: str, *, is_local: bool, aliases: Sequence[str] = (), giv
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         try:
-            for key, shape in safetensors_shapes(file).items():
+            for key, shape in tensor_shapes(file).items():
                 if key.endswith(".weight"):
                     shapes[key[: -len(".weight")]] = shape
         except (OSError, ValueError) as exc:
@@ -413,11 +386,11 @@ def read_base(location: str, *, is_local: bool, aliases: Sequence[str] = (), giv
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing or not one (reported by the caller)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return read_json(path)
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) else None
 
 
 def read_adapter(name: str, location: str, *, is_local: bool) -> AdapterInfo:
@@ -432,24 +405,24 @@ def read_adapter(name: str, location: str, *, is_local: bool) -> AdapterInfo:
         return AdapterInfo(name, location, {}, {}, None, (f"cannot fetch it: {exc}",))
     if not folder.is_dir():
         return AdapterInfo(name, location, {}, {}, None, (f"{folder} is not a folder",))
-    cfg_path = folder / "adapter_config.json"
+    cfg_path = folder / adapter_format.CONFIG
     if not cfg_path.exists():
         return AdapterInfo(name, location, {}, {}, None, (f"no adapter_config.json in {folder} (not a PEFT adapter)",))
     config = _read_json(cfg_path)
     if config is None:
         return AdapterInfo(name, location, {}, {}, None, (f"{cfg_path} is not a JSON object",))
-    weights = next((folder / f for f in ADAPTER_WEIGHT_FILES if (folder / f).exists()), None)
+    weights = next((folder / f for f in adapter_format.WEIGHT_FILES if (folder / f).exists()), None)
     if weights is None:
         return AdapterInfo(name, location, config, {}, None, (f"no adapter_model.safetensors in {folder}",))
     if weights.suffix != ".safetensors":
         return AdapterInfo(name, location, config, {}, None, (
             f"{weights.name} is a pickle file; convert it to adapter_model.safetensors first",))
     try:
-        shapes = safetensors_shapes(weights)
+        shapes = tensor_shapes(weights)
     except (OSError, ValueError) as exc:
         return AdapterInfo(name, location, config, {}, None, (f"{weights} is not readable safetensors: {exc}",))
     record = None
-    for fname in EXPORT_RECORD_FILES:
+    for fname in export_format.RECORD_NAMES:
         if (folder / fname).exists():
             record = _read_json(folder / fname)
             if record is None:
@@ -457,13 +430,7 @@ def read_adapter(name: str, location: str, *, is_local: bool) -> AdapterInfo:
             break
     digest = None
     if record is not None and (record.get("files") or {}).get(weights.name):
-        import hashlib
-
-        h = hashlib.sha256()
-        with open(weights, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        digest = h.hexdigest()
+        digest = sha256_file(weights)
     return AdapterInfo(name, location, config, shapes, record, (), digest)
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pissa.cli import COMMANDS, run
-from pissa.errors import InvalidOptionsError, PissaError, format_problems
+from pissa.core.errors import InvalidOptionsError, PissaError, format_problems
 
 HEAVY = ("torch", "transformers", "peft", "vllm", "safetensors.torch")
 

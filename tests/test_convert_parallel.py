@@ -125,7 +125,7 @@ def test_source_checksums_are_the_files_sha256(tiny_llama_sharded: Path, tmp_pat
     must equal the file's sha256."""
     import shutil
 
-    from pissa.hashing import sha256_file
+    from pissa.core.hashing import sha256_file
 
     src = tmp_path / "src"
     shutil.copytree(tiny_llama_sharded, src)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pissa.errors import SourceNotFoundError, TrainingDataError
+from pissa.core.errors import SourceNotFoundError, TrainingDataError
 from training.data import IGNORE_INDEX, Collator, encode_record, encode_records, read_records
 
 

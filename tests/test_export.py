@@ -33,8 +33,9 @@ from converter.export_math import (
     truncate_delta,
 )
 from pissa.cli import run
-from pissa.errors import ExportError, InvalidOptionsError, OutputExistsError
-from training.artifacts import open_bundle, write_training_record
+from pissa.core.errors import ExportError, InvalidOptionsError, OutputExistsError
+from pissa.core.formats.bundle import open_bundle
+from pissa.core.formats.run import write_training_record
 
 ATOL_LOGITS = 1e-4
 

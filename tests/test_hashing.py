@@ -1,4 +1,4 @@
-"""pissa.hashing: file sha256s, in the caller's thread or in the background, and their cancellation."""
+"""pissa.core.hashing: file sha256s, in the caller's thread or in the background, and their cancellation."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pissa.hashing import BackgroundDigests, sha256_file
+from pissa.core.hashing import BackgroundDigests, sha256_file
 
 
 def _files(tmp_path: Path) -> list[Path]:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from converter.hub import checkpoint_files, download_checkpoint, download_repo, hub_error
 from converter.push import check_adapter_folder, push
 from pissa.cli import run
-from pissa.errors import HubError, SourceNotFoundError, VerificationError
+from pissa.core.errors import HubError, SourceNotFoundError, VerificationError
+from pissa.core.hub import checkpoint_files, download_checkpoint, download_repo, hub_error
 
 LFS_PUT = r"^/lfs-upload/"
 COMMIT = r"/commit/"

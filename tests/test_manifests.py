@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pissa.errors import ManifestError
-from pissa.manifests import Problems, format_key_path, load_yaml, parse_yaml, validate
+from pissa.core.errors import ManifestError
+from pissa.core.manifests import Problems, format_key_path, load_yaml, parse_yaml, validate
 
 TEXT = """\
 name: demo

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pissa.cli import run
-from pissa.errors import AdapterValidationError, MissingDependencyError, ServingError
+from pissa.core.errors import AdapterValidationError, MissingDependencyError, ServingError
 from serving.client import add_adapter, list_models, remove_adapter
 
 KEY = "s3cret"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from procs import alive
 
-from pissa.errors import ServingError
+from pissa.core.errors import ServingError
 from serving.command import LaunchPlan
 from serving.launcher import VllmServer, run_plan, tail
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pissa.cli import run
-from pissa.errors import InvalidOptionsError, ManifestError
+from pissa.core.errors import InvalidOptionsError, ManifestError
 from serving.command import build_command
 from serving.manifest import (
     ModelRef,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pissa.errors import AdapterValidationError
+from pissa.core.errors import AdapterValidationError
 from serving.validate import (
     ALLOWED_MAX_LORA_RANKS,
     AdapterInfo,

@@ -15,7 +15,7 @@ import torch
 
 from converter.checkpoint import Checkpoint, TensorInfo
 from converter.targets import FAMILIES, _introspect, linear_layers, peft_target_modules, select_targets
-from pissa.errors import TargetError
+from pissa.core.errors import TargetError
 
 SMALL = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,

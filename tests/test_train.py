@@ -11,7 +11,7 @@ import torch
 
 from converter.export import export
 from pissa.cli import run
-from pissa.errors import InvalidOptionsError, OutputExistsError
+from pissa.core.errors import InvalidOptionsError, OutputExistsError
 from training.metrics import read_metrics
 from training.train import train
 
@@ -102,7 +102,7 @@ def test_lora_baseline(tmp_path, tiny_llama_bundle, tiny_llama, data):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from training.artifacts import open_bundle
+    from pissa.core.formats.bundle import open_bundle
     from training.options import TrainOptions
     from training.train import load_model
 

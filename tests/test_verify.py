@@ -14,8 +14,8 @@ from converter.convert import convert
 from converter.options import ConvertOptions
 from converter.verify import verify_bundle
 from pissa.cli import run
-from pissa.errors import VerificationError
-from pissa.hashing import sha256_file
+from pissa.core.errors import VerificationError
+from pissa.core.hashing import sha256_file
 
 
 @pytest.fixture(scope="module")

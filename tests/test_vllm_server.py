@@ -231,7 +231,7 @@ def test_runtime_add_remove(server, client, references, tiny_llama, tmp_path, ca
 def test_bad_adapters_refused_at_runtime_and_server_keeps_serving(server, client, references, tiny_qwen2,
                                                                    tiny_llama, tmp_path, capsys):
     from pissa.cli import run
-    from pissa.errors import ServingError
+    from pissa.core.errors import ServingError
     from serving.client import add_adapter
     from serving.testing import make_peft_adapter
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from converter.zoo_manifest import EMBEDDED, load_zoo_manifest, resolve_embedded
-from pissa.errors import ManifestError, SourceNotFoundError
+from pissa.core.errors import ManifestError, SourceNotFoundError
 
 MANIFESTS = Path(__file__).resolve().parent.parent / "manifests"
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import MissingDependencyError, SourceNotFoundError, TrainingDataError
+from pissa.core.errors import MissingDependencyError, SourceNotFoundError, TrainingDataError
 
 logger = logging.getLogger(__name__)
 

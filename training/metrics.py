@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
+from pissa.core.formats.run import METRICS as METRICS_FILE
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from pissa.errors import InvalidOptionsError
+from pissa.core.errors import InvalidOptionsError
 
 INITS = ("pissa", "lora")
 OVERLONG = ("drop", "truncate")

@@ -6,13 +6,14 @@ import json
 import os
 from pathlib import Path
 
-from pissa.errors import SourceNotFoundError, TrainingDataError
+from pissa.core.errors import SourceNotFoundError, TrainingDataError
+from pissa.core.formats import run as run_format
 from training.metrics import METRICS_FILE, curves
 
 
 def run_label(run: Path) -> str:
     """``<folder name> (<init>)`` from the run's run.json when present."""
-    record = run / "run.json"
+    record = run / run_format.RECORD
     if record.exists():
         try:
             init = json.loads(record.read_text()).get("options", {}).get("init")

@@ -32,16 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import InvalidOptionsError, OutputExistsError
-from training.artifacts import (
-    ADAPTER_CONFIG,
-    RUN_RECORD,
-    Bundle,
-    open_bundle,
-    read_json,
-    write_json,
-    write_training_record,
-)
+from pissa.core.errors import InvalidOptionsError, OutputExistsError
+from pissa.core.formats import adapter as adapter_format
+from pissa.core.formats import run as run_format
+from pissa.core.formats.bundle import INIT_DIR, Bundle, open_bundle
+from pissa.core.formats.run import write_training_record
+from pissa.core.jsonio import read_json, write_json
 from training.data import Collator, DataStats, Example, encode_records, read_records
 from training.metrics import append_metrics, read_metrics, truncate_metrics
 from training.options import TrainOptions
@@ -49,9 +45,9 @@ from training.plot import plot_runs
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-PLOT = "loss.png"
+CHECKPOINTS = run_format.CHECKPOINTS_DIR
+ADAPTER = run_format.ADAPTER_DIR
+PLOT = run_format.PLOT
 # Options that may differ between the interrupted run and its --resume (they do not change the trajectory).
 _RESUME_FREE = ("eval_every", "save_every", "log_every")
 
@@ -113,7 +109,7 @@ def load_original_model(bundle: Bundle, dtype: str = "float32") -> Any:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(bundle.path, dtype=getattr(torch, dtype))
-    return PeftModel.from_pretrained(model, bundle.path, subfolder="pissa_init").merge_and_unload()
+    return PeftModel.from_pretrained(model, bundle.path, subfolder=INIT_DIR).merge_and_unload()
 
 
 def load_model(bundle: Bundle, options: TrainOptions) -> Any:
@@ -124,9 +120,9 @@ def load_model(bundle: Bundle, options: TrainOptions) -> Any:
 
     if options.init == "pissa":
         model = AutoModelForCausalLM.from_pretrained(bundle.path, dtype=getattr(torch, options.dtype))
-        return PeftModel.from_pretrained(model, bundle.path, subfolder="pissa_init", is_trainable=True)
+        return PeftModel.from_pretrained(model, bundle.path, subfolder=INIT_DIR, is_trainable=True)
     # Plain LoRA on the original base: W = W_res + s·B₀A₀, then a fresh adapter with the same shape.
-    init_config = read_json(bundle.init_dir / ADAPTER_CONFIG)
+    init_config = read_json(bundle.init_dir / adapter_format.CONFIG)
     merged = load_original_model(bundle, options.dtype)
     set_seed(options.seed)
     config = LoraConfig(
@@ -269,9 +265,9 @@ def _last_checkpoint(out: Path) -> Path | None:
 
 def _check_resume(out: Path, bundle: Bundle, data: Path, options: TrainOptions) -> Path:
     """The checkpoint to resume from, after checking the run was started with the same settings."""
-    record_path = out / RUN_RECORD
+    record_path = out / run_format.RECORD
     if not record_path.is_file():
-        raise InvalidOptionsError("cannot resume", [f"{out} is not a run folder (no {RUN_RECORD})"],
+        raise InvalidOptionsError("cannot resume", [f"{out} is not a run folder (no {run_format.RECORD})"],
                                   fix="start the run without --resume")
     record = read_json(record_path)
     problems = []
@@ -355,7 +351,7 @@ def train(
             step = int(checkpoint.name.split("-")[-1])
             truncate_metrics(out_path, step)
             logger.info("resuming %s from %s", out_path, checkpoint.name)
-        write_json(out_path / RUN_RECORD, _run_record(b, data_path, options, train_stats, eval_stats, "running"))
+        write_json(out_path / run_format.RECORD, _run_record(b, data_path, options, train_stats, eval_stats, "running"))
 
     from transformers import PrinterCallback, Trainer
 
@@ -411,7 +407,7 @@ def train(
             "eval_loss": result.eval_loss, "tokens_per_second": result.tokens_per_second,
             "seconds": round(result.seconds, 3),
         }
-        write_json(out_path / RUN_RECORD, record)
+        write_json(out_path / run_format.RECORD, record)
     return result
 
 
@@ -428,9 +424,9 @@ def _save_adapter(model: Any, adapter: Path, bundle: Bundle, options: TrainOptio
     model.save_pretrained(tmp)
     if options.init == "lora":
         # The baseline is an adapter for the original base: say so in its config.
-        config = read_json(tmp / ADAPTER_CONFIG)
+        config = read_json(tmp / adapter_format.CONFIG)
         config["base_model_name_or_path"] = bundle.base_model
-        write_json(tmp / ADAPTER_CONFIG, config)
+        write_json(tmp / adapter_format.CONFIG, config)
     write_training_record(tmp, bundle=bundle, init=options.init, step=step)
     if adapter.exists():
         shutil.rmtree(adapter)

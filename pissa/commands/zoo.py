@@ -23,7 +23,7 @@ def zoo(manifest: str, out: str | None, only: tuple[str, ...], push: bool, worke
     from converter.alloc import tune_allocator
     from converter.zoo import run_zoo
     from converter.zoo_report import HEADERS, rows
-    from pissa.errors import ZooError
+    from pissa.core.errors import ZooError
 
     tune_allocator()
 

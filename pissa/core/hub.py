@@ -8,7 +8,7 @@ and one set of errors:
   library's default (https://huggingface.co);
 - token: ``HF_TOKEN`` if set, else the token saved by ``hf auth login`` (huggingface_hub's own
   lookup); public repos need none;
-- errors: every failure becomes one :class:`pissa.errors.HubError` that names the repo, the HTTP
+- errors: every failure becomes one :class:`pissa.core.errors.HubError` that names the repo, the HTTP
   status and what to do (:func:`hub_error`).
 
 Downloads fetch only what a conversion reads (:func:`checkpoint_files`): config, generation config,
@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pissa.errors import HubError, SourceNotFoundError
+from pissa.core.errors import HubError, SourceNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,24 @@ METADATA_PATTERNS = (
     "README.md",
     "LICENSE*",
 )
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why ``repo_id`` is not a valid ``ORG/NAME`` Hub repo id (None: it is one).
+
+    huggingface_hub's own rule (:func:`huggingface_hub.utils.validate_repo_id`), plus the
+    namespace it makes optional: a bundle or adapter always lives under an owner.
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id.count("/") != 1:
+        return f"{repo_id!r} is not of the form ORG/NAME"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        return f"{repo_id!r} is not a valid Hub repo id ({str(exc).splitlines()[0]})"
+    return None
 
 
 def hub_endpoint() -> str:

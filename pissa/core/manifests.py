@@ -5,11 +5,11 @@ Every manifest in ``manifests/`` (zoo, serve, ...) is read the same way:
 1. :func:`load_yaml` parses the file into plain Python data *and* remembers the line of every key
    path (``("entries", 1, "rank")`` -> 12), so a problem can be reported as
    ``line 12: entries[1].rank: must be >= 1, got 0``. Syntax errors and duplicate keys become a
-   :class:`~pissa.errors.ManifestError` with their line.
+   :class:`~pissa.core.errors.ManifestError` with their line.
 2. A :class:`Problems` collector and :class:`Node` readers turn the data into typed values. The
    readers never raise on bad input: they record a problem and return a fallback, so one pass over
    the document finds every problem; :meth:`Problems.raise_if_any` then raises one
-   :class:`~pissa.errors.ManifestError` listing them all.
+   :class:`~pissa.core.errors.ManifestError` listing them all.
 
 Example (a manifest with a ``name`` and an optional list of ranks)::
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pissa.errors import ManifestError
+from pissa.core.errors import ManifestError
 
 KeyPath = tuple[str | int, ...]
 T = TypeVar("T")

@@ -1,0 +1,22 @@
+"""Reading safetensors headers: tensor names and shapes through ``safe_open`` (no tensor data read)."""
+
+from __future__ import annotations
+
+import os
+
+
+def tensor_shapes(path: str | os.PathLike[str]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of a safetensors file, from its header.
+
+    Raises:
+        ValueError: not a readable safetensors file (safetensors' own errors are turned into this).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.fspath(path), framework="numpy") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises SafetensorError (not a ValueError)
+        raise ValueError(str(exc)) from exc

@@ -1,0 +1,44 @@
+"""The one JSON reader and writer for every record the pipeline keeps (pissa.json, run.json, ...)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pissa.core.errors import CorruptCheckpointError, SourceNotFoundError
+
+
+def read_json(path: str | os.PathLike[str], *, fix: str | None = None) -> dict[str, Any]:
+    """Read a JSON object.
+
+    Raises:
+        SourceNotFoundError: the file does not exist.
+        CorruptCheckpointError: it cannot be read, is not JSON, or is not an object.
+    """
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SourceNotFoundError(f"{p} does not exist", path=str(p), fix=fix) from exc
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptCheckpointError(f"{p} is not valid JSON: {exc}", path=str(p), fix=fix) from exc
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{p} does not hold a JSON object", path=str(p), fix=fix)
+    return data
+
+
+def write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON atomically: a temporary file in the same folder, fsynced, then renamed over ``path``."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(p)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,46 @@
+"""Output folders: refuse to clobber, write beside, rename into place.
+
+Every command that writes a folder (export, train, demo) uses these, so each refuses a non-empty
+output the same way and never leaves a half-written folder at the final path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from pissa.core.errors import OutputExistsError
+
+
+def is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def prepare_output(out: Path, *, overwrite: bool) -> Path:
+    """Check ``out`` may be written and return a fresh temporary sibling folder to write into.
+
+    Raises:
+        OutputExistsError: ``out`` exists, is not empty, and ``overwrite`` is false.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(str(out))
+    if is_nonempty_dir(out) and not overwrite:
+        raise OutputExistsError(str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` folder to ``out`` (replacing an old ``out``)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
