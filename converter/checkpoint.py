@@ -74,9 +74,6 @@ class Checkpoint:
     extra_files: tuple[str, ...]
     file_metadata: dict[str, dict[str, str]]
 
-    def keys_in(self, file: str) -> list[str]:
-        return [k for k, t in self.tensors.items() if t.file == file]
-
     def file_bytes(self, file: str) -> int:
         return (self.folder / file).stat().st_size
 

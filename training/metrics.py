@@ -56,8 +56,3 @@ def curves(path: Path) -> Curves:
         eval_loss=tuple(float(m["eval_loss"]) for m in ev),
         tokens_per_s=tuple(float(m["tokens_per_s"]) for m in train if m.get("tokens_per_s") is not None),
     )
-
-
-def first_step_below(c: Curves, threshold: float) -> int | None:
-    """First logged step whose training loss is ``<= threshold`` (``None`` if never)."""
-    return next((s for s, v in zip(c.steps, c.loss) if v <= threshold), None)
