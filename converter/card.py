@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from converter.targets import describe_left_out
+from pissa.core.formats import bundle as B
+
 
 def _energy_table(matrices: list[dict[str, Any]]) -> str:
     """Mean / worst adapter energy share per layer type (q_proj, ...)."""
@@ -21,6 +24,25 @@ def _energy_table(matrices: list[dict[str, Any]]) -> str:
     for name, values in sorted(groups.items()):
         lines.append(f"| {name} | {len(values)} | {statistics.fmean(values):.4f} | {min(values):.4f} |")
     return "\n".join(lines)
+
+
+def _left_out_section(entries: list[dict[str, Any]]) -> str:
+    """Which matrices got no adapter and why (empty when none were left out)."""
+    if not entries:
+        return ""
+    lines = [
+        "## Left out",
+        "",
+        "These matrices got no adapter: they are copied unchanged into the residual model, so the bundle",
+        f"covers every linear layer but the output layer except {describe_left_out(entries)}.",
+        "",
+        "| tensors | matrices | reason |",
+        "|---|---:|---|",
+    ]
+    for e in entries:
+        names = ", ".join(f"`{p}`" for p in e.get("patterns", []))
+        lines.append(f"| {names} | {e.get('count')} | {e.get('reason')} |")
+    return "\n".join(lines) + "\n\n"
 
 
 def render_model_card(record: dict[str, Any], *, repo_id: str | None = None) -> str:
@@ -42,6 +64,8 @@ def render_model_card(record: dict[str, Any], *, repo_id: str | None = None) -> 
     base = record.get("base_model", "the source model")
     header = yaml.safe_dump(meta, sort_keys=True).strip()
     matrices = record.get("matrices", [])
+    left_out = record.get(B.LEFT_OUT_KEY) or []
+    left_out_row = f"| left out | {describe_left_out(left_out)} |\n" if left_out else ""
     return f"""---
 {header}
 ---
@@ -80,8 +104,8 @@ on this residual model.
 | residual dtype | {record.get("residual_dtype") or "as source"} |
 | adapter dtype | {adapter.get("dtype")} |
 | matrices | {len(matrices)} |
-
-## Captured spectral energy
+{left_out_row}
+{_left_out_section(left_out)}## Captured spectral energy
 
 Share of each matrix's squared Frobenius norm held by the adapter (`Σ_{{i≤r}} σ_i² / ‖W‖²`).
 

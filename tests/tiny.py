@@ -53,7 +53,7 @@ def save_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> None:
 
 
 def _config(kind: str, vocab_size: int, tie: bool, layers: int):
-    from transformers import GPT2Config, LlamaConfig, Phi3Config, Qwen2Config
+    from transformers import GPT2Config, LlamaConfig, MixtralConfig, Phi3Config, Qwen2Config
 
     common = dict(vocab_size=vocab_size, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=5)
     if kind == "llama":
@@ -71,6 +71,12 @@ def _config(kind: str, vocab_size: int, tie: bool, layers: int):
             hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=2,
             num_key_value_heads=2, max_position_embeddings=512, pad_token_id=1, **common,
         )
+    if kind == "mixtral":  # 4 experts, top-2 routing
+        return MixtralConfig(
+            hidden_size=128, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=64, max_position_embeddings=512, num_local_experts=4,
+            num_experts_per_tok=2, **common,
+        )
     if kind == "gpt2":
         return GPT2Config(n_embd=128, n_layer=layers, n_head=2, n_positions=512, **common)
     raise ValueError(f"unknown tiny model kind {kind!r}")
@@ -87,7 +93,10 @@ def make_tiny_model(
     seed: int = 0,
     tokenizer: bool = True,
 ) -> Path:
-    """Write a tiny ``kind`` model (llama, qwen2 (q/k/v biases), phi3 (fused), gpt2 (Conv1D)).
+    """Write a tiny ``kind`` model (llama, qwen2 (q/k/v biases), phi3 (fused), gpt2 (Conv1D), mixtral (MoE)).
+
+    transformers 5 saves Mixtral's experts per expert (``block_sparse_moe.experts.N.w1.weight``) though
+    it holds them fused in memory (``mlp.experts.gate_up_proj [E, 2I, H]``).
 
     Args:
         folder: where to write (created).

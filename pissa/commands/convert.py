@@ -13,7 +13,7 @@ from pissa.commands.common import human_bytes
 @click.option("--rank", "-r", default=16, show_default=True, help="Adapter rank r.")
 @click.option("--alpha", type=float, default=None, help="lora_alpha (default: equal to the rank).")
 @click.option("--rslora", is_flag=True, help="Rank-stabilised scaling alpha/√r.")
-@click.option("--targets", default=None, help="Comma-separated layer names (default: all linear but lm_head).")
+@click.option("--targets", default=None, help="Comma-separated layer names (default: all linear but lm_head; MoE experts and routers are left out).")
 @click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
 @click.option("--niter", default=10, show_default=True, help="Maximum Krylov steps (randomized SVD; 2 passes over W each).")
 @click.option("--oversample", default=0, show_default=True, help="Extra sketch columns per Krylov block (randomized SVD).")
@@ -35,6 +35,7 @@ def convert(source: str, out: str, targets: str | None, overwrite: bool, resume:
     from converter.alloc import tune_allocator
     from converter.convert import convert as run_convert
     from converter.options import ConvertOptions
+    from converter.targets import describe_left_out
 
     tune_allocator()
 
@@ -44,6 +45,7 @@ def convert(source: str, out: str, targets: str | None, overwrite: bool, resume:
     rows = [
         ("bundle", str(report.out)),
         ("matrices", str(report.matrices)),
+        *([("left out", describe_left_out(report.left_out))] if report.left_out else []),
         ("energy share (mean / worst)", f"{report.mean_energy:.4f} / {report.min_energy:.4f}"),
         ("max reconstruction error", f"{report.max_rel_error:.2e}"),
         ("shards (reused)", f"{report.shards_total} ({max(report.shards_reused, 0)})"),

@@ -30,6 +30,10 @@ FORMAT = "pissa-bundle"
 FORMAT_VERSION = 1
 #: pissa.json's ``files`` key of the initial adapter's weights.
 INIT_WEIGHTS_KEY = f"{INIT_DIR}/{adapter.WEIGHTS}"
+#: pissa.json's list of matrices left out of the conversion, each ``{kind, count, tensors, patterns,
+#: reason}`` (MoE experts and routers); absent or empty when every linear layer but the output one
+#: was a candidate.
+LEFT_OUT_KEY = "left_out"
 
 
 def is_bundle(path: Path) -> bool:
