@@ -155,6 +155,14 @@ def test_top_level_must_be_mapping() -> None:
         check(parse_yaml("# nothing\n", "e.yaml"), Demo).result()
 
 
+def test_a_key_without_value_is_absent() -> None:
+    """``defaults:`` whose lines are all commented out is no defaults; a required key left empty is missing."""
+    demo = check(parse_yaml("name: d\ndefaults:\n  # alpha: 2\nentries:\n  - name: a\n    alpha:\n", "n.yaml"), Demo)
+    assert demo.result() == Demo(name="d", entries=(Entry(name="a"),))
+    with pytest.raises(ManifestError, match="line 2: entries\\[0\\]: missing required key 'name'"):
+        check(parse_yaml("entries:\n  - name:\n", "n.yaml"), Demo).result()
+
+
 class Scalars(ManifestModel):
     s: str | None = None
     i: int | None = None

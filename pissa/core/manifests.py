@@ -35,11 +35,12 @@ import difflib
 import inspect
 import re
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from pissa.core.errors import ManifestError
 
@@ -179,9 +180,17 @@ def _build(loader: Any, node: Any, kp: KeyPath, doc: Document, problems: list[st
 
 # --- models -------------------------------------------------------------------------------------
 class ManifestModel(BaseModel):
-    """Base of every manifest section: strict types, unknown keys refused, immutable."""
+    """Base of every manifest section: strict types, unknown keys refused, immutable.
+
+    A key with no value (``defaults:`` with every line under it commented out) is the same as no key.
+    """
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_absent(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 def _list_to_tuple(value: Any) -> Any:
@@ -192,8 +201,6 @@ def _list_to_tuple(value: Any) -> Any:
 Seq = Annotated[tuple[T, ...], BeforeValidator(_list_to_tuple)]
 
 NAME_RULE = "use only letters, digits, '.', '_' and '-', starting with a letter or digit"
-
-
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -210,7 +217,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def one_of(*choices: str) -> Any:
+def one_of(*choices: str) -> Callable[[str], str]:
     """An after-validator that accepts only ``choices`` (``Annotated[str, AfterValidator(one_of(...))]``)."""
 
     def check(value: str) -> str:
@@ -253,7 +260,7 @@ class Checked(Generic[M]):
         return None if value is _MISSING or not self.clean(key_path) else value
 
     def clean_mapping(self, key_path: KeyPath) -> dict[str, Any]:
-        """The keys of the mapping at ``key_path`` that validated, with their values ({} if not a mapping).
+        """The keys of the mapping at ``key_path`` that have a value and validated ({} if not a mapping).
 
         Validating them again into the section's model gives the section with its defaults in place
         of the bad values, so a feature's checks can run even where some keys are wrong.
@@ -261,7 +268,7 @@ class Checked(Generic[M]):
         value = self.doc.value(key_path)
         if not isinstance(value, dict):
             return {}
-        return {k: v for k, v in value.items() if self.clean((*key_path, k))}
+        return {k: v for k, v in value.items() if v is not None and self.clean((*key_path, k))}
 
     def messages(self) -> list[str]:
         """Every problem as ``line N: key.path: message``, in document order."""
@@ -323,7 +330,7 @@ _BOUNDS = {
 def _problem(err: Any, model: type[BaseModel], doc: Document | None) -> Problem:
     loc: KeyPath = tuple(err["loc"])
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
-    got = describe(value)
+    got = _describe(value)
     if kind == "missing":
         return Problem(loc[:-1], f"missing required key {loc[-1]!r}")
     if kind == "extra_forbidden":
@@ -349,7 +356,7 @@ def _problem(err: Any, model: type[BaseModel], doc: Document | None) -> Problem:
     return Problem(loc, f"{err['msg']}, got {got}")
 
 
-def describe(value: Any) -> str:
+def _describe(value: Any) -> str:
     """A YAML value in words: ``a string 'x'``, ``the number 493``, ``the boolean true``, ``a list``."""
     if value is None:
         return "nothing (null)"
