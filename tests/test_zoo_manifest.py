@@ -88,7 +88,7 @@ entries:
         "line 13: entries[2]: missing required key 'name'",
         "line 14: entries[2].rslora: must be true or false, got a string 'maybe'",
         "line 15: entries[2].niter: must be an integer, got a string 'many'",
-        "line 16: entries[3].name: 'bad/name': use letters, digits, '.', '_' and '-' (it names a folder)",
+        "line 16: entries[3].name: 'bad/name': use only letters, digits, '.', '_' and '-', starting with a letter or digit",
         "line 17: entries[3].source: unknown embedded model 'embedded:nothing' (known: smollm2)",
         "line 19: entries[3].alpha_ratio: give alpha or alpha_ratio, not both",
         "line 20: entries[3].dtype: must be one of float32, float16, bfloat16, float64, got 'float8'",
@@ -135,3 +135,54 @@ def test_svd_settings_default_to_converts_and_can_be_set(tmp_path: Path) -> None
     got_a, got_b = a.options(16), b.options(16)
     assert (got_a.niter, got_a.oversample, got_a.svd_tol) == (default.niter, default.oversample, default.svd_tol)
     assert (got_b.niter, got_b.oversample, got_b.svd_tol) == (4, 8, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        # silently coerced before: YAML 1.1 reads 0755 as the octal integer 493, a date as a date
+        ("revision: 0755", 'entries[0].revision: must be a string, got the number 493 — quote it: "0755"'),
+        ("revision: 2024-01-01", 'entries[0].revision: must be a string, got the date 2024-01-01 — quote it: "2024-01-01"'),
+        ("revision: 1.10", 'entries[0].revision: must be a string, got the number 1.1 — quote it: "1.10"'),
+        ("targets: [q_proj, 1]", 'entries[0].targets[1]: must be a string, got the number 1 — quote it: "1"'),
+        # refused before too, now with the value as YAML read it and how to write it
+        ("revision: yes", 'entries[0].revision: must be a string, got the boolean true — quote it: "yes"'),
+        ("seed: 1.5", "entries[0].seed: must be an integer, got the number 1.5"),
+        ("ranks: [8, 16.0]", "entries[0].ranks[1]: must be an integer, got the number 16.0"),
+        ("alpha: on", "entries[0].alpha: must be a number, got the boolean true"),
+        ("rslora: 'yes'", "entries[0].rslora: must be true or false, got a string 'yes'"),
+    ],
+)
+def test_yaml_values_are_never_coerced(tmp_path: Path, line: str, expected: str) -> None:
+    path = tmp_path / "zoo.yaml"
+    path.write_text(f"entries:\n  - name: a\n    source: hub:org/model\n    {line}\n")
+    with pytest.raises(ManifestError) as err:
+        load_zoo_manifest(path)
+    assert err.value.problems() == [f"{path}: line 4: {expected}"]
+
+
+def test_repo_ids_follow_the_hubs_rule(tmp_path: Path) -> None:
+    """Push targets and hub sources are checked with huggingface_hub's validate_repo_id ('--' and '..' refused)."""
+    path = tmp_path / "zoo.yaml"
+    path.write_text(
+        "entries:\n"
+        "  - name: a\n    source: hub:org/model..v2\n"
+        "  - name: b\n    source: hub:org/model/weights.gguf\n    push: me/{name}--r{rank}\n"
+    )
+    with pytest.raises(ManifestError) as err:
+        load_zoo_manifest(path)
+    problems = [p.removeprefix(f"{path}: ") for p in err.value.problems()]
+    assert [p.split(" is not a valid Hub repo id")[0] for p in problems] == [
+        "line 3: entries[0].source: 'org/model..v2'",
+        "line 6: entries[1].push: 'me/b--r16'",
+    ]
+
+
+def test_an_entrys_alpha_ratio_replaces_the_defaults_alpha(tmp_path: Path) -> None:
+    path = tmp_path / "zoo.yaml"
+    path.write_text(
+        "defaults:\n  alpha: 8\n"
+        "entries:\n  - {name: a, source: hub:org/m, alpha_ratio: 2}\n  - {name: b, source: hub:org/m}\n"
+    )
+    a, b = load_zoo_manifest(path).entries
+    assert a.options(16).lora_alpha == 32.0 and b.options(16).lora_alpha == 8.0

@@ -1,67 +1,95 @@
-"""Generic YAML manifest loading with line numbers, and helpers to validate into frozen dataclasses.
+"""Manifests: YAML read with line numbers, validated into strict pydantic models, every problem at once.
 
 Every manifest in ``manifests/`` (zoo, serve, ...) is read the same way:
 
 1. :func:`load_yaml` parses the file into plain Python data *and* remembers the line of every key
-   path (``("entries", 1, "rank")`` -> 12), so a problem can be reported as
-   ``line 12: entries[1].rank: must be >= 1, got 0``. Syntax errors and duplicate keys become a
-   :class:`~pissa.core.errors.ManifestError` with their line.
-2. A :class:`Problems` collector and :class:`Node` readers turn the data into typed values. The
-   readers never raise on bad input: they record a problem and return a fallback, so one pass over
-   the document finds every problem; :meth:`Problems.raise_if_any` then raises one
-   :class:`~pissa.core.errors.ManifestError` listing them all.
+   path (``("entries", 1, "rank")`` -> 12) and the source text of every scalar (to quote it back).
+   Syntax errors and duplicate keys become a :class:`~pissa.core.errors.ManifestError` with their line.
+2. :func:`check` validates the data into a :class:`ManifestModel` (strict types: a YAML ``0755`` or
+   ``yes`` is never turned into a string; unknown keys refused with a "did you mean" hint) and turns
+   pydantic's errors into problems ``line 12: entries[1].rank: must be >= 1, got 0``.
+3. A feature may add checks that need the whole document (names unique across entries, paths
+   relative to the manifest, defaults merged into entries) on the parts that validated
+   (:meth:`Checked.clean_value`, :meth:`Checked.clean_mapping`), then :meth:`Checked.result`
+   raises one :class:`ManifestError` listing every problem in line order, or returns the model.
 
-Example (a manifest with a ``name`` and an optional list of ranks)::
+Example::
 
-    doc = load_yaml(path)
-    problems = Problems(doc)
-    root = problems.root()
-    name = root.get_str("name", required=True)
-    ranks = root.int_list("ranks", default=[16], minimum=1)
-    root.reject_unknown({"name", "ranks"})
-    problems.raise_if_any()
+    class Entry(ManifestModel):
+        name: str
+        ranks: Seq[Annotated[int, Field(ge=1)]] = (16,)
 
-This module knows nothing about zoos or serving; their dataclasses live with their features.
+    class Demo(ManifestModel):
+        entries: Annotated[Seq[Entry], Field(min_length=1)]
+
+    demo = check(load_yaml(path), Demo).result()
+
+A new manifest section (e.g. ``tenants:``) is one more :class:`ManifestModel` field. This module
+knows nothing about zoos or serving; their models live with their features.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import datetime
+import difflib
+import inspect
+import re
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Generic, TypeVar, Union, get_args, get_origin
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from pissa.core.errors import ManifestError
 
 KeyPath = tuple[str | int, ...]
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 _MISSING: Any = object()
 
 
 @dataclass(frozen=True)
 class Document:
-    """A parsed YAML file: its data and the line (1-based) of every key path in it.
+    """A parsed YAML file: its data, the line (1-based) of every key path and the text of every scalar.
 
     Attributes:
         path: the file it was read from (as given; used in messages).
         data: the plain Python data (dicts, lists, scalars).
-        lines: key path -> line of the key (for mapping members) or of the item (for list items).
+        lines: key path -> line of the key (for mapping members) or of the item (for list items),
+            in document order.
+        texts: key path -> the scalar as written (``0755`` for the integer 493).
     """
 
     path: str
     data: Any
     lines: dict[KeyPath, int] = field(default_factory=dict)
+    texts: dict[KeyPath, str] = field(default_factory=dict)
 
     def line(self, key_path: KeyPath) -> int | None:
         """Line of ``key_path``, or of its nearest ancestor that has one (None for an empty file)."""
+        return self.lines.get(self.nearest(key_path))
+
+    def nearest(self, key_path: KeyPath) -> KeyPath:
+        """``key_path`` itself, or its nearest ancestor that has a line."""
         kp = tuple(key_path)
-        while True:
-            if kp in self.lines:
-                return self.lines[kp]
-            if not kp:
-                return None
+        while kp and kp not in self.lines:
             kp = kp[:-1]
+        return kp
+
+    def value(self, key_path: KeyPath) -> Any:
+        """The raw value at ``key_path`` (``_MISSING`` when there is none)."""
+        value = self.data
+        for part in key_path:
+            if isinstance(part, int):
+                if not isinstance(value, list) or not 0 <= part < len(value):
+                    return _MISSING
+            elif not isinstance(value, dict) or part not in value:
+                return _MISSING
+            value = value[part]
+        return value
 
 
 def format_key_path(key_path: KeyPath) -> str:
@@ -75,6 +103,7 @@ def format_key_path(key_path: KeyPath) -> str:
     return out or "<top level>"
 
 
+# --- YAML ---------------------------------------------------------------------------------------
 def parse_yaml(text: str, path: str = "<string>") -> Document:
     """Parse YAML ``text`` into a :class:`Document` (see :func:`load_yaml`)."""
     import yaml
@@ -91,16 +120,16 @@ def parse_yaml(text: str, path: str = "<string>") -> Document:
             ) from None
         except yaml.YAMLError as exc:
             raise ManifestError(path, [f"YAML error: {exc}"], fix="fix the YAML syntax") from None
-        lines: dict[KeyPath, int] = {}
-        problems: list[str] = []
         if node is None:
             return Document(path, None, {(): 1})
-        data = _build(loader, node, (), lines, problems)
+        doc = Document(path, None)
+        problems: list[str] = []
+        data = _build(loader, node, (), doc, problems)
     finally:
         loader.dispose()
     if problems:
         raise ManifestError(path, problems, fix="fix the YAML above")
-    return Document(path, data, lines)
+    return Document(path, data, doc.lines, doc.texts)
 
 
 def load_yaml(path: str | Path) -> Document:
@@ -120,309 +149,260 @@ def load_yaml(path: str | Path) -> Document:
     return parse_yaml(text, str(path))
 
 
-def _build(loader: Any, node: Any, kp: KeyPath, lines: dict[KeyPath, int], problems: list[str]) -> Any:
+def _build(loader: Any, node: Any, kp: KeyPath, doc: Document, problems: list[str]) -> Any:
     import yaml
 
+    lines = doc.lines
     lines.setdefault(kp, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves YAML merge keys (<<: *anchor)
-        out: dict[Any, Any] = {}
+        out: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if isinstance(key, list | dict):
+            if not isinstance(key_node, yaml.ScalarNode):
                 problems.append(f"line {key_node.start_mark.line + 1}: {format_key_path(kp)}: keys must be scalars")
                 continue
+            key = key_node.value  # as written: a key `on:` or `1:` is a name, not YAML's true or 1
             if key in out:
                 problems.append(
-                    f"line {key_node.start_mark.line + 1}: {format_key_path((*kp, str(key)))}: duplicate key "
-                    f"(first on line {lines.get((*kp, str(key)), '?')})"
+                    f"line {key_node.start_mark.line + 1}: {format_key_path((*kp, key))}: duplicate key "
+                    f"(first on line {lines[(*kp, key)]})"
                 )
                 continue
-            child = (*kp, str(key))
+            child = (*kp, key)
             lines[child] = key_node.start_mark.line + 1
-            out[key] = _build(loader, value_node, child, lines, problems)
+            out[key] = _build(loader, value_node, child, doc, problems)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(loader, item, (*kp, i), lines, problems) for i, item in enumerate(node.value)]
+        return [_build(loader, item, (*kp, i), doc, problems) for i, item in enumerate(node.value)]
+    doc.texts[kp] = node.value
     return loader.construct_object(node, deep=True)
 
 
-# --- validation ---------------------------------------------------------------------------------
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    return {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a mapping",
-    }.get(type(value), type(value).__name__)
+# --- models -------------------------------------------------------------------------------------
+class ManifestModel(BaseModel):
+    """Base of every manifest section: strict types, unknown keys refused, immutable.
+
+    A key with no value (``defaults:`` with every line under it commented out) is the same as no key.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_absent(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
-class Problems:
-    """Collects every problem found while validating one :class:`Document`."""
+def _list_to_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
-    def __init__(self, doc: Document) -> None:
+
+# A YAML list held as a tuple (strict validation otherwise refuses the list YAML gives).
+Seq = Annotated[tuple[T, ...], BeforeValidator(_list_to_tuple)]
+
+NAME_RULE = "use only letters, digits, '.', '_' and '-', starting with a letter or digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a served model or an output folder (None: it can)."""
+    return None if _NAME.fullmatch(name) else f"{name!r}: {NAME_RULE}"
+
+
+def check_name(name: str) -> str:
+    """Pydantic after-validator form of :func:`name_problem`."""
+    problem = name_problem(name)
+    if problem:
+        raise ValueError(problem)
+    return name
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    """An after-validator that accepts only ``choices`` (``Annotated[str, AfterValidator(one_of(...))]``)."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+# --- problems -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Problem:
+    """One problem of a document: where (a key path) and what."""
+
+    key_path: KeyPath
+    message: str
+
+
+class Checked(Generic[M]):
+    """The outcome of :func:`check`: the model (None when it did not validate) and every problem."""
+
+    def __init__(self, doc: Document, value: M | None, problems: list[Problem]) -> None:
         self.doc = doc
-        self.items: list[str] = []
+        self.value = value
+        self.problems = problems
 
     def add(self, key_path: KeyPath, message: str) -> None:
-        """Record ``message`` about ``key_path`` (prefixed with its line and dotted path)."""
-        line = self.doc.line(key_path)
-        where = f"line {line}: " if line is not None else ""
-        self.items.append(f"{where}{format_key_path(key_path)}: {message}")
+        """Record a problem found by a feature's own checks."""
+        self.problems.append(Problem(tuple(key_path), message))
 
-    def root(self) -> Node:
-        """A reader over the top level, which must be a mapping."""
-        return Node(self, (), self.doc.data)
+    def clean(self, key_path: KeyPath) -> bool:
+        """No problem was found at ``key_path`` or under it."""
+        n = len(key_path)
+        return not any(p.key_path[:n] == tuple(key_path) for p in self.problems)
 
-    def __bool__(self) -> bool:
-        return bool(self.items)
+    def clean_value(self, key_path: KeyPath) -> Any:
+        """The value at ``key_path`` if it is present and validated (strict: as written), else None."""
+        value = self.doc.value(key_path)
+        return None if value is _MISSING or not self.clean(key_path) else value
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def clean_mapping(self, key_path: KeyPath) -> dict[str, Any]:
+        """The keys of the mapping at ``key_path`` that have a value and validated ({} if not a mapping).
 
-    def raise_if_any(self, fix: str = "correct the manifest and rerun") -> None:
-        """Raise one :class:`ManifestError` listing every recorded problem (in line order)."""
-        if self.items:
-            raise ManifestError(self.doc.path, sorted(self.items, key=_line_of), fix=fix)
+        Validating them again into the section's model gives the section with its defaults in place
+        of the bad values, so a feature's checks can run even where some keys are wrong.
+        """
+        value = self.doc.value(key_path)
+        if not isinstance(value, dict):
+            return {}
+        return {k: v for k, v in value.items() if v is not None and self.clean((*key_path, k))}
 
+    def messages(self) -> list[str]:
+        """Every problem as ``line N: key.path: message``, in document order."""
+        order = {kp: i for i, kp in enumerate(self.doc.lines)}
 
-def _line_of(problem: str) -> int:
-    if problem.startswith("line "):
-        head = problem[5:].split(":", 1)[0]
-        if head.isdigit():
-            return int(head)
-    return 0
+        def position(p: Problem) -> tuple[int, int]:
+            nearest = self.doc.nearest(p.key_path)
+            return self.doc.lines.get(nearest, 0), order.get(nearest, 0)
 
+        out = []
+        for p in sorted(self.problems, key=position):
+            line = self.doc.line(p.key_path)
+            where = f"line {line}: " if line is not None else ""
+            out.append(f"{where}{format_key_path(p.key_path)}: {p.message}")
+        return out
 
-class Node:
-    """A typed reader over one mapping of a document; every getter records problems, never raises.
+    def result(self, fix: str = "correct the manifest and rerun") -> M:
+        """The validated model.
 
-    Getters return the value converted to the requested type, or ``default`` when the key is
-    absent (a problem is recorded if ``required``), or the fallback ``default`` when the value is
-    of the wrong kind (a problem is recorded). Keys read through a getter are remembered so
-    :meth:`reject_unknown` can report misspelt ones.
-    """
-
-    def __init__(self, problems: Problems, key_path: KeyPath, value: Any) -> None:
-        self.problems = problems
-        self.key_path = key_path
-        self.ok = isinstance(value, dict)
-        if not self.ok:
-            problems.add(key_path, f"must be a mapping, got {_type_name(value)}")
-        self.value: dict[Any, Any] = value if self.ok else {}
-        self.seen: set[str] = set()
-
-    # -- plumbing ---------------------------------------------------------------------------
-    def path(self, key: str | int) -> KeyPath:
-        return (*self.key_path, key)
-
-    def has(self, key: str) -> bool:
-        return key in self.value and self.value[key] is not None
-
-    def raw(self, key: str, default: Any = None) -> Any:
-        self.seen.add(key)
-        return self.value.get(key, default)
-
-    def add(self, key: str | int | None, message: str) -> None:
-        """Record a problem about ``key`` of this mapping (or the mapping itself with None)."""
-        self.problems.add(self.key_path if key is None else self.path(key), message)
-
-    def _get(self, key: str, required: bool, default: Any) -> Any:
-        self.seen.add(key)
-        if key not in self.value or self.value[key] is None:
-            if required:
-                self.add(None, f"missing required key {key!r}")
-            return _MISSING
-        return self.value[key]
-
-    # -- scalars ----------------------------------------------------------------------------
-    def get_str(
-        self, key: str, default: Any = None, *, required: bool = False, choices: Sequence[str] | None = None
-    ) -> Any:
-        value = self._get(key, required, default)
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            self.add(key, f"must be a string, got {_type_name(value)}")
-            return default
-        value = str(value)
-        if choices is not None and value not in choices:
-            self.add(key, f"must be one of {', '.join(choices)}, got {value!r}")
-            return default
-        return value
-
-    def get_bool(self, key: str, default: Any = None, *, required: bool = False) -> Any:
-        value = self._get(key, required, default)
-        if value is _MISSING:
-            return default
-        if not isinstance(value, bool):
-            self.add(key, f"must be true or false, got {_type_name(value)} {value!r}")
-            return default
-        return value
-
-    def get_int(
-        self,
-        key: str,
-        default: Any = None,
-        *,
-        required: bool = False,
-        minimum: int | None = None,
-        maximum: int | None = None,
-    ) -> Any:
-        value = self._get(key, required, default)
-        if value is _MISSING:
-            return default
-        return self._check_int(key, value, default, minimum, maximum)
-
-    def _check_int(self, key: str | int, value: Any, default: Any, minimum: int | None, maximum: int | None) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.add(key, f"must be an integer, got {_type_name(value)} {value!r}")
-            return default
-        if minimum is not None and value < minimum:
-            self.add(key, f"must be >= {minimum}, got {value}")
-            return default
-        if maximum is not None and value > maximum:
-            self.add(key, f"must be <= {maximum}, got {value}")
-            return default
-        return value
-
-    def get_float(
-        self,
-        key: str,
-        default: Any = None,
-        *,
-        required: bool = False,
-        minimum: float | None = None,
-        exclusive_minimum: float | None = None,
-    ) -> Any:
-        value = self._get(key, required, default)
-        if value is _MISSING:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            self.add(key, f"must be a number, got {_type_name(value)} {value!r}")
-            return default
-        if minimum is not None and value < minimum:
-            self.add(key, f"must be >= {minimum}, got {value}")
-            return default
-        if exclusive_minimum is not None and value <= exclusive_minimum:
-            self.add(key, f"must be > {exclusive_minimum}, got {value}")
-            return default
-        return float(value)
-
-    # -- collections ------------------------------------------------------------------------
-    def str_list(self, key: str, default: Any = None, *, required: bool = False, allow_scalar: bool = True) -> Any:
-        """A list of strings (a single string is accepted as a one-item list if ``allow_scalar``)."""
-        value = self._get(key, required, default)
-        if value is _MISSING:
-            return default
-        if allow_scalar and isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            self.add(key, f"must be a list of strings, got {_type_name(value)}")
-            return default
-        out: list[str] = []
-        bad = False
-        for i, item in enumerate(value):
-            if isinstance(item, bool) or not isinstance(item, str | int | float):
-                self.problems.add((*self.path(key), i), f"must be a string, got {_type_name(item)}")
-                bad = True
-            else:
-                out.append(str(item))
-        return default if bad else out
-
-    def int_list(
-        self,
-        key: str,
-        default: Any = None,
-        *,
-        required: bool = False,
-        minimum: int | None = None,
-        maximum: int | None = None,
-        allow_scalar: bool = True,
-        unique: bool = True,
-    ) -> Any:
-        """A list of integers (a single integer gives a one-item list if ``allow_scalar``)."""
-        value = self._get(key, required, default)
-        if value is _MISSING:
-            return default
-        if allow_scalar and isinstance(value, int) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list) or not value:
-            self.add(key, f"must be an integer or a non-empty list of integers, got {_type_name(value)}")
-            return default
-        out: list[int] = []
-        bad = False
-        sub = Node(self.problems, self.path(key), {i: v for i, v in enumerate(value)})
-        for i, item in enumerate(value):
-            checked = sub._check_int(i, item, _MISSING, minimum, maximum)
-            if checked is _MISSING:
-                bad = True
-            elif unique and checked in out:
-                sub.add(i, f"repeats {checked}")
-                bad = True
-            else:
-                out.append(checked)
-        return default if bad else out
-
-    def mapping(self, key: str, *, required: bool = False) -> Node | None:
-        """A reader over the nested mapping ``key`` (None when absent or not a mapping)."""
-        value = self._get(key, required, None)
-        if value is _MISSING:
-            return None
-        node = Node(self.problems, self.path(key), value)
-        return node if node.ok else None
-
-    def items(self, key: str, *, required: bool = False, non_empty: bool = False) -> Iterator[tuple[int, Any]]:
-        """``(index, value)`` of the list ``key`` (nothing when absent or not a list)."""
-        value = self._get(key, required, None)
-        if value is _MISSING:
-            return iter(())
-        if not isinstance(value, list):
-            self.add(key, f"must be a list, got {_type_name(value)}")
-            return iter(())
-        if non_empty and not value:
-            self.add(key, "must not be empty")
-        return iter(list(enumerate(value)))
-
-    def mappings(self, key: str, *, required: bool = False, non_empty: bool = False) -> Iterator[Node]:
-        """Readers over each mapping of the list ``key`` (non-mapping items are reported and skipped)."""
-        for i, value in self.items(key, required=required, non_empty=non_empty):
-            node = Node(self.problems, (*self.path(key), i), value)
-            if node.ok:
-                yield node
-
-    def reject_unknown(self, allowed: Iterable[str] | None = None) -> None:
-        """Report every key not in ``allowed`` (default: the keys read so far) and suggest a spelling."""
-        import difflib
-
-        known = set(allowed) if allowed is not None else set(self.seen)
-        for key in self.value:
-            if str(key) not in known:
-                close = difflib.get_close_matches(str(key), sorted(known), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
-                self.add(str(key), f"unknown key{hint}")
-
-    def check(self, key: str, ok: bool, message: str) -> bool:
-        """Record ``message`` about ``key`` unless ``ok``; returns ``ok``."""
-        if not ok:
-            self.add(key, message)
-        return ok
+        Raises:
+            ManifestError: listing every problem, in line order.
+        """
+        if self.problems or self.value is None:
+            raise ManifestError(self.doc.path, self.messages(), fix=fix)
+        return self.value
 
 
-def validate(doc: Document, build: Callable[[Problems], T], *, fix: str = "correct the manifest and rerun") -> T:
-    """Run ``build`` (which reads ``doc`` through a :class:`Problems`) and raise if it found any.
+def check(doc: Document, model: type[M]) -> Checked[M]:
+    """Validate ``doc`` into ``model``, collecting every problem (none raised)."""
+    try:
+        return Checked(doc, model.model_validate(doc.data), [])
+    except ValidationError as exc:
+        return Checked(doc, None, error_problems(exc, model, doc))
 
-    Returns:
-        whatever ``build`` returned, when no problem was recorded.
 
-    Raises:
-        ManifestError: listing every problem ``build`` recorded, in line order.
-    """
-    problems = Problems(doc)
-    result = build(problems)
-    problems.raise_if_any(fix)
-    return result
+def error_problems(exc: ValidationError, model: type[BaseModel], doc: Document | None = None) -> list[Problem]:
+    """Pydantic's errors as problems with manifest wording (``doc`` gives the scalars as written)."""
+    return [_problem(err, model, doc) for err in exc.errors()]
+
+
+# pydantic error type -> what the value must be / which bound it broke.
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "model_type": "a mapping",
+    "dict_type": "a mapping",
+    "tuple_type": "a list",
+    "list_type": "a list",
+}
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
+
+
+def _problem(err: Any, model: type[BaseModel], doc: Document | None) -> Problem:
+    loc: KeyPath = tuple(err["loc"])
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    got = _describe(value)
+    if kind == "missing":
+        return Problem(loc[:-1], f"missing required key {loc[-1]!r}")
+    if kind == "extra_forbidden":
+        known = _keys_at(model, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})" if known else ""
+        return Problem(loc, f"unknown key{hint}")
+    if kind == "string_type":
+        text = doc.texts.get(loc) if doc is not None else None
+        quote = f' — quote it: "{text}"' if text is not None and value is not None else ""
+        return Problem(loc, f"must be a string, got {got}{quote}")
+    if kind in _EXPECTED:
+        return Problem(loc, f"must be {_EXPECTED[kind]}, got {got}")
+    if kind in _BOUNDS:
+        op, key = _BOUNDS[kind]
+        bound = ctx[key]
+        bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound  # 0.0 -> 0
+        return Problem(loc, f"must be {op} {bound}, got {value}")
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        return Problem(loc, "must not be empty")
+    if kind in ("value_error", "assertion_error") and "error" in ctx:
+        return Problem(loc, str(ctx["error"]))
+    return Problem(loc, f"{err['msg']}, got {got}")
+
+
+def _describe(value: Any) -> str:
+    """A YAML value in words: ``a string 'x'``, ``the number 493``, ``the boolean true``, ``a list``."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"a string {value!r}"
+    if isinstance(value, datetime.date):
+        return f"the date {value.isoformat()}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+def _unwrap(annotation: Any) -> Any:
+    """The type inside ``Annotated[...]`` and ``X | None``."""
+    while True:
+        origin = get_origin(annotation)
+        args = get_args(annotation)
+        if origin is Annotated:
+            annotation = args[0]
+        elif origin in (Union, types.UnionType) and len([a for a in args if a is not type(None)]) == 1:
+            annotation = next(a for a in args if a is not type(None))
+        else:
+            return annotation
+
+
+def _keys_at(model: type[BaseModel], loc: KeyPath) -> list[str]:
+    """The keys the model allows in the mapping at ``loc`` (empty when it cannot tell)."""
+    annotation: Any = model
+    for part in loc:
+        annotation = _unwrap(annotation)
+        if isinstance(part, str) and inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+            info = annotation.model_fields.get(part)
+            if info is None:
+                return []
+            annotation = info.annotation
+        elif isinstance(part, int) and get_origin(annotation) in (tuple, list):
+            annotation = get_args(annotation)[0]
+        else:
+            return []
+    annotation = _unwrap(annotation)
+    if inspect.isclass(annotation) and issubclass(annotation, BaseModel):
+        return sorted(annotation.model_fields)
+    return []
