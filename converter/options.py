@@ -9,6 +9,7 @@ from pissa.core.errors import InvalidOptionsError
 from pissa.core.formats.dtypes import FLOAT_NAMES
 
 DEVICES = ("cpu", "cuda")
+SVD_METHODS = ("randomized", "exact")
 # ``pissa export --rank auto``: the largest worst-layer relative error of ΔW accepted (the default of
 # ``converter.export.export(tol=...)`` and of ``--tol``; here so the CLI reads it without importing torch).
 EXPORT_TOL = 0.01
@@ -80,8 +81,8 @@ class ConvertOptions:
             p.append(f"--rank must be >= 1, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:
             p.append(f"--alpha must be > 0, got {self.alpha}")
-        if self.svd not in ("exact", "randomized"):
-            p.append(f"--svd must be 'exact' or 'randomized', got {self.svd!r}")
+        if self.svd not in SVD_METHODS:
+            p.append(f"--svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
         if self.niter < 0:
             p.append(f"--niter must be >= 0, got {self.niter}")
         if self.oversample < 0:
