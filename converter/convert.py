@@ -165,21 +165,13 @@ def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, sta
         for f in ckpt.weight_files
     )
     fingerprint = {
-        "options": _result_options(options),
+        "options": options.content_record(),
         "source": {f: [ckpt.file_bytes(f), int((ckpt.folder / f).stat().st_mtime)] for f in ckpt.weight_files},
     }
     return _Plan(
         ckpt, source, jobs, tuple(targets), peft_target_modules(targets, all_linear),
         fans.pop(), residual_dtype, fingerprint, tuple(left_out),
     )
-
-
-def _result_options(options: ConvertOptions) -> dict[str, Any]:
-    """Options that decide the bundle's content (not how it was computed: workers, threads, device)."""
-    record = options.to_record()
-    for k in ("workers", "threads", "device", "extra"):
-        record.pop(k, None)
-    return record
 
 
 def _env_rank(distributed: bool) -> tuple[int, int]:
@@ -408,7 +400,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
         "base_model": plan.source.base_model,
         "source": {"kind": plan.source.kind, **plan.source.record, "files": dict(sorted(source_files.items()))},
         "license": _source_license(ckpt.folder),
-        "options": _result_options(options),
+        "options": options.to_record(),
         "residual_dtype": plan.residual_dtype,
         "adapter": {
             "path": B.INIT_DIR,

@@ -29,6 +29,7 @@ from converter.export_math import (
     pick_auto_rank,
     truncate_delta,
 )
+from converter.options import EXPORT_TOL
 from pissa.core.errors import AdapterMismatchError, ExportError, InvalidOptionsError
 from pissa.core.formats import bundle as bundle_format
 from pissa.core.formats import run as run_format
@@ -43,7 +44,6 @@ from pissa.core.outputs import move_into_place, prepare_output
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TOL = 0.01
 # Config keys that vLLM refuses or that make no sense for an adapter on the original base.
 _DROPPED_CONFIG_KEYS = ("modules_to_save", "layers_to_transform", "layers_pattern", "megatron_config")
 
@@ -302,7 +302,7 @@ def export(
     out: str | os.PathLike[str],
     *,
     rank: int | str | None = None,
-    tol: float = DEFAULT_TOL,
+    tol: float = EXPORT_TOL,
     merge: bool = False,
     bundle: str | os.PathLike[str] | None = None,
     overwrite: bool = False,

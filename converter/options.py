@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from pissa.core.errors import InvalidOptionsError
 from pissa.core.formats.dtypes import FLOAT_NAMES
 
 DEVICES = ("cpu", "cuda")
+SVD_METHODS = ("randomized", "exact")
+# ``pissa export --rank auto``: the largest worst-layer relative error of ΔW accepted (the default of
+# ``converter.export.export(tol=...)`` and of ``--tol``; here so the CLI reads it without importing torch).
+EXPORT_TOL = 0.01
+
+# Field metadata: which options decide what a bundle holds. A field without metadata is content, so
+# a new option makes finished bundles and partial work stale until it says otherwise.
+# How the work is run, never recorded: the same bundle whatever their values.
+_RUN: dict[str, bool] = {"recorded": False, "content": False}
+# Recorded in pissa.json (``pissa verify`` needs it) but the bundle's bytes do not depend on it.
+_RECORDED_ONLY: dict[str, bool] = {"content": False}
 
 
 @dataclass(frozen=True)
 class ConvertOptions:
     """Everything that decides what a bundle contains (recorded in pissa.json).
 
+    The fields' metadata says which of them decide the bundle's content (:meth:`content_record`: the
+    resume fingerprint of ``converter.convert`` and the reuse check of ``pissa zoo``) and which are
+    recorded in pissa.json (:meth:`to_record`).
+
     Attributes:
         rank: adapter rank r.
-        alpha: lora_alpha (default: equal to rank, i.e. scaling 1).
+        alpha: lora_alpha as given (default: equal to rank, i.e. scaling 1); recorded, while the
+            content key is the resulting ``lora_alpha``.
         rslora: rank-stabilised scaling alpha / √r.
         targets: module names (last path component, e.g. ``q_proj``, or full module paths) to
             convert; ``None`` means every linear layer except the output layer.
@@ -37,7 +53,7 @@ class ConvertOptions:
     """
 
     rank: int = 16
-    alpha: float | None = None
+    alpha: float | None = field(default=None, metadata=_RECORDED_ONLY)
     rslora: bool = False
     targets: tuple[str, ...] | None = None
     svd: str = "randomized"
@@ -47,12 +63,12 @@ class ConvertOptions:
     seed: int = 0
     dtype: str | None = None
     adapter_dtype: str = "float32"
-    workers: int = 1
-    threads: int = 0
-    device: str = "cpu"
+    workers: int = field(default=1, metadata=_RUN)
+    threads: int = field(default=0, metadata=_RUN)
+    device: str = field(default="cpu", metadata=_RUN)
     revision: str | None = None
-    allow_pickle: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    allow_pickle: bool = field(default=False, metadata=_RECORDED_ONLY)
+    extra: dict[str, Any] = field(default_factory=dict, metadata=_RUN)
 
     @property
     def lora_alpha(self) -> float:
@@ -65,8 +81,8 @@ class ConvertOptions:
             p.append(f"--rank must be >= 1, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:
             p.append(f"--alpha must be > 0, got {self.alpha}")
-        if self.svd not in ("exact", "randomized"):
-            p.append(f"--svd must be 'exact' or 'randomized', got {self.svd!r}")
+        if self.svd not in SVD_METHODS:
+            p.append(f"--svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
         if self.niter < 0:
             p.append(f"--niter must be >= 0, got {self.niter}")
         if self.oversample < 0:
@@ -94,9 +110,23 @@ class ConvertOptions:
             raise InvalidOptionsError("invalid conversion options", problems, fix="correct the options above")
         return self
 
+    def _json(self, name: str) -> Any:
+        value = getattr(self, name)
+        return list(value) if isinstance(value, tuple) else value
+
     def to_record(self) -> dict[str, Any]:
-        """JSON-ready form recorded in pissa.json."""
-        record = asdict(self)
-        record["targets"] = list(self.targets) if self.targets is not None else None
+        """JSON-ready form recorded in pissa.json: every recorded field, plus ``lora_alpha``."""
+        record = {f.name: self._json(f.name) for f in fields(self) if f.metadata.get("recorded", True)}
+        record["lora_alpha"] = self.lora_alpha
+        return record
+
+    def content_record(self) -> dict[str, Any]:
+        """The options that decide a bundle's bytes, JSON-ready, keyed as in :meth:`to_record`.
+
+        Two conversions of the same source with equal content records write the same bundle; the
+        other fields (workers, threads, device, allow_pickle, and ``alpha`` as given rather than the
+        resulting ``lora_alpha``) change how the work is done, not its result.
+        """
+        record = {f.name: self._json(f.name) for f in fields(self) if f.metadata.get("content", True)}
         record["lora_alpha"] = self.lora_alpha
         return record

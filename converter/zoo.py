@@ -48,9 +48,8 @@ from pissa.core.formats import bundle as B
 
 logger = logging.getLogger(__name__)
 
-# Options whose recorded value must equal the job's for a finished bundle to be reused.
-_CONTENT_OPTIONS = ("rank", "lora_alpha", "rslora", "targets", "svd", "niter", "oversample", "seed", "dtype",
-                    "adapter_dtype", "revision")
+# Root of the bundles when neither --out nor the manifest's ``out`` says.
+DEFAULT_ROOT = "zoo-out"
 # A zoo can run for days: ranks waiting for the slowest one must not time out (gloo default 30 min).
 DIST_TIMEOUT = timedelta(days=7)
 
@@ -173,8 +172,10 @@ def _source_identity(text: str) -> set[str]:
 def reuse_problems(bundle: Path, job: ZooJob, source: str) -> list[str]:
     """Why the finished bundle at ``bundle`` cannot stand for ``job`` (empty: it can).
 
-    Checks every recorded file's sha256, that the recorded content options equal the job's, and
-    that the recorded source (path or repo id) is the job's.
+    Checks every recorded file's sha256, that the recorded content options
+    (:meth:`ConvertOptions.content_record`, the converter's own resume fingerprint) equal the job's,
+    and that the recorded source (path or repo id) is the job's. A content option the record lacks
+    (a bundle from a version without it) is not compared.
     """
     from converter.verify import check_files
 
@@ -184,10 +185,9 @@ def reuse_problems(bundle: Path, job: ZooJob, source: str) -> list[str]:
         return [f"pissa.json unreadable: {exc}"]
     problems = list(check_files(bundle, record))
     recorded = record.get("options", {})
-    wanted = job.options.to_record()
-    for key in _CONTENT_OPTIONS:
-        if key in recorded and key in wanted and recorded[key] != wanted[key]:
-            problems.append(f"option {key} was {recorded[key]!r}, the manifest now says {wanted[key]!r}")
+    for key, wanted in job.options.content_record().items():
+        if key in recorded and recorded[key] != wanted:
+            problems.append(f"option {key} was {recorded[key]!r}, the manifest now says {wanted!r}")
     src = record.get("source", {})
     known = {str(v) for k, v in src.items() if k in ("path", "repo_id") and v}
     known |= {os.path.realpath(v) for v in known}
@@ -319,7 +319,7 @@ def run_zoo(
 
     Args:
         manifest: the zoo manifest (YAML).
-        out: root of the bundles (default: the manifest's ``out``, else ``./zoo-out``).
+        out: root of the bundles (default: the manifest's ``out``, else :data:`DEFAULT_ROOT` under the working directory).
         only: run only these entries.
         push: push the entries that have a ``push`` target.
         workers: jobs run at a time on this machine (in spawned processes when > 1).
@@ -336,7 +336,7 @@ def run_zoo(
     if workers < 1:
         raise InvalidOptionsError("invalid --workers", [f"--workers must be >= 1, got {workers}"])
     zoo = load_zoo_manifest(manifest)
-    root = Path(out or zoo.out or "zoo-out").expanduser().absolute()
+    root = Path(out or zoo.out or DEFAULT_ROOT).expanduser().absolute()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = max(1, (os.cpu_count() or 1) // (workers * local_world)) if workers * local_world > 1 else 0
     jobs = plan_jobs(zoo, root, only=only, push=push, threads=threads)

@@ -139,6 +139,44 @@ def test_changed_options_or_damaged_bundle_are_redone(tmp_path: Path, tiny_llama
     assert run_zoo(manifest, out=root, progress=False).results[0].status == "skipped"
 
 
+def test_changed_svd_tol_is_redone(tmp_path: Path, tiny_llama: Path) -> None:
+    """The reuse check compares every content option of the converter (svd_tol was once missing)."""
+    manifest = _write(tmp_path / "zoo.yaml", f"entries:\n  - {{name: m, source: {tiny_llama}, ranks: 4}}\n")
+    root = tmp_path / "out"
+    assert run_zoo(manifest, out=root, progress=False).results[0].status == "converted"
+    _write(manifest, f"entries:\n  - {{name: m, source: {tiny_llama}, ranks: 4, svd_tol: 0.25}}\n")
+    result = run_zoo(manifest, out=root, progress=False).results[0]
+    assert result.status == "converted"
+    assert json.loads((root / "m/r4/pissa.json").read_text())["options"]["svd_tol"] == 0.25
+    assert run_zoo(manifest, out=root, progress=False).results[0].status == "skipped"
+
+
+def test_reuse_check_sees_every_content_option_and_no_other(tmp_path: Path, tiny_llama: Path) -> None:
+    """A finished bundle is stale when any option of ``content_record`` differs, never for workers etc."""
+    from dataclasses import replace
+
+    from converter.options import ConvertOptions
+    from converter.zoo import plan_jobs, reuse_problems
+    from converter.zoo_manifest import load_zoo_manifest
+
+    manifest = _write(tmp_path / "zoo.yaml", f"entries:\n  - {{name: m, source: {tiny_llama}, ranks: 4}}\n")
+    root = tmp_path / "out"
+    assert run_zoo(manifest, out=root, progress=False).ok
+    job = plan_jobs(load_zoo_manifest(manifest), root)[0]
+    bundle = Path(job.out)
+    assert reuse_problems(bundle, job, str(tiny_llama)) == []
+    changed = {"rank": 8, "rslora": True, "targets": ("q_proj",), "svd": "exact", "niter": 3, "oversample": 2,
+               "svd_tol": 0.5, "seed": 1, "dtype": "float16", "adapter_dtype": "bfloat16", "revision": "v2"}
+    assert set(changed) | {"lora_alpha"} == set(ConvertOptions().content_record()), "cover every content option"
+    for name, value in changed.items():
+        problems = reuse_problems(bundle, replace(job, options=replace(job.options, **{name: value})), str(tiny_llama))
+        assert any(p.startswith(f"option {name} ") for p in problems), (name, problems)
+    alpha = reuse_problems(bundle, replace(job, options=replace(job.options, alpha=8.0)), str(tiny_llama))
+    assert alpha == ["option lora_alpha was 4.0, the manifest now says 8.0"]
+    same = replace(job.options, alpha=4.0, workers=3, threads=2, device="cuda", allow_pickle=True)
+    assert reuse_problems(bundle, replace(job, options=same), str(tiny_llama)) == []
+
+
 def test_bad_rank_fails_alone_and_only_filters(tmp_path: Path, tiny_llama: Path) -> None:
     manifest = _write(tmp_path / "zoo.yaml", f"""\
         entries:

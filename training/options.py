@@ -10,6 +10,7 @@ from pissa.core.errors import InvalidOptionsError
 INITS = ("pissa", "lora")
 OVERLONG = ("drop", "truncate")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ class TrainOptions:
             p.append(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.weight_decay < 0:
             p.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            p.append(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            p.append(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return p
 
     def validate(self) -> TrainOptions:

@@ -7,7 +7,11 @@ from pathlib import Path
 
 import click
 
-_url = click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="Server address.")
+from pissa.commands.common import default_of
+from serving.manifest import VllmSettings
+
+_URL = f"http://{default_of(VllmSettings, 'host')}:{default_of(VllmSettings, 'port')}"
+_url = click.option("--url", default=_URL, show_default=True, help="Server address (pissa serve's default).")
 _key = click.option("--api-key-env", default=None, help="Environment variable holding the API key.")
 
 

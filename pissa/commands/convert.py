@@ -4,28 +4,38 @@ from __future__ import annotations
 
 import click
 
-from pissa.commands.common import human_bytes
+from converter.options import DEVICES, SVD_METHODS, ConvertOptions
+from pissa.commands.common import default_of, human_bytes
+
+
+def _default(name: str) -> object:
+    return default_of(ConvertOptions, name)
 
 
 @click.command("convert")
 @click.argument("source")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--rank", "-r", default=16, show_default=True, help="Adapter rank r.")
-@click.option("--alpha", type=float, default=None, help="lora_alpha (default: equal to the rank).")
+@click.option("--rank", "-r", type=int, default=_default("rank"), show_default=True, help="Adapter rank r.")
+@click.option("--alpha", type=float, default=_default("alpha"), help="lora_alpha (default: equal to the rank).")
 @click.option("--rslora", is_flag=True, help="Rank-stabilised scaling alpha/√r.")
 @click.option("--targets", default=None, help="Comma-separated layer names (default: all linear but lm_head; MoE experts and routers are left out).")
-@click.option("--svd", type=click.Choice(["randomized", "exact"]), default="randomized", show_default=True)
-@click.option("--niter", default=10, show_default=True, help="Maximum Krylov steps (randomized SVD; 2 passes over W each).")
-@click.option("--oversample", default=0, show_default=True, help="Extra sketch columns per Krylov block (randomized SVD).")
-@click.option("--svd-tol", default=1e-3, show_default=True,
+@click.option("--svd", type=click.Choice(SVD_METHODS), default=_default("svd"), show_default=True)
+@click.option("--niter", type=int, default=_default("niter"), show_default=True,
+              help="Maximum Krylov steps (randomized SVD; 2 passes over W each).")
+@click.option("--oversample", type=int, default=_default("oversample"), show_default=True,
+              help="Extra sketch columns per Krylov block (randomized SVD).")
+@click.option("--svd-tol", type=float, default=_default("svd_tol"), show_default=True,
               help="Stop the Krylov steps when one adds less than this share of the top-r energy (0: never).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the randomized sketches.")
-@click.option("--dtype", default=None, help="Residual dtype (default: the source's; GGUF: bfloat16).")
-@click.option("--adapter-dtype", default="float32", show_default=True, help="Dtype of lora_A / lora_B.")
-@click.option("--workers", default=1, show_default=True, help="Shards converted in parallel processes.")
-@click.option("--threads", default=0, help="Matrices factored in parallel per process (0: cores / workers).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) for hub sources.")
+@click.option("--seed", type=int, default=_default("seed"), show_default=True, help="Seed of the randomized sketches.")
+@click.option("--dtype", default=_default("dtype"), help="Residual dtype (default: the source's; GGUF: bfloat16).")
+@click.option("--adapter-dtype", default=_default("adapter_dtype"), show_default=True,
+              help="Dtype of lora_A / lora_B.")
+@click.option("--workers", type=int, default=_default("workers"), show_default=True,
+              help="Shards converted in parallel processes.")
+@click.option("--threads", type=int, default=_default("threads"), show_default=True,
+              help="Matrices factored in parallel per process (0: cores / workers).")
+@click.option("--device", type=click.Choice(DEVICES), default=_default("device"), show_default=True)
+@click.option("--revision", default=_default("revision"), help="Hub revision (branch, tag or commit) for hub sources.")
 @click.option("--allow-pickle", is_flag=True, help="Read pytorch_model*.bin with torch.load(weights_only=True).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion into OUT.")
@@ -34,7 +44,6 @@ def convert(source: str, out: str, targets: str | None, overwrite: bool, resume:
     """Convert SOURCE (model folder, .gguf file, or hub:ORG/NAME) into a PiSSA bundle at OUT."""
     from converter.alloc import tune_allocator
     from converter.convert import convert as run_convert
-    from converter.options import ConvertOptions
     from converter.targets import describe_left_out
 
     tune_allocator()

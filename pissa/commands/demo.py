@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import click
 
-from pissa.commands.common import table
+from pissa.commands.common import default_of, table
+from pissa.demo import run_demo
 
 
 @click.command("demo")
-@click.option("--workdir", default="pissa-demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--workdir", default=default_of(run_demo, "workdir"), show_default=True,
+              type=click.Path(file_okay=False),
               help="Where the bundle, training run and adapters go (replaced).")
 def demo(workdir: str) -> None:
     """Convert → verify → recipe check → train → export → answer → serve (vLLM), with a summary."""
-    from pissa.demo import run_demo
-
     def show(step) -> None:
         mark = "ok " if step.ok else "FAILED"
         click.echo(f"[{mark}] {step.name} ({step.seconds:.1f} s): {step.detail}")

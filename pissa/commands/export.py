@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import click
 
+from converter.options import EXPORT_TOL
+
 
 @click.command(name="export")
 @click.argument("source", type=click.Path(path_type=str))
 @click.option("--out", "out", required=True, type=click.Path(path_type=str), help="Output folder.")
 @click.option("--rank", default=None, help="Compress to rank K (truncated SVD of ΔW), or 'auto'. Default: exact (2r).")
-@click.option("--tol", default=0.01, show_default=True, type=float,
+@click.option("--tol", default=EXPORT_TOL, show_default=True, type=float,
               help="--rank auto: largest worst-layer relative error of ΔW accepted.")
 @click.option("--merge", is_flag=True, help="Write a full merged model (W + ΔW) instead of an adapter.")
 @click.option("--bundle", default=None, type=click.Path(path_type=str),

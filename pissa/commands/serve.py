@@ -6,15 +6,23 @@ from pathlib import Path
 
 import click
 
+from pissa.commands.common import default_of
+from serving.manifest import VllmSettings
+
+_HOST = default_of(VllmSettings, "host")
+_PORT = default_of(VllmSettings, "port")
+_DTYPE = default_of(VllmSettings, "dtype")
+
 
 @click.command("serve")
 @click.argument("manifest", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--base", help="Base model folder or hub id (instead of a manifest).")
 @click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH", help="Adapter to serve (repeatable).")
 @click.option("--served-name", help="Name clients use for the base (default: --base as given).")
-@click.option("--host", default=None, help="Bind address [manifest or 127.0.0.1].")
-@click.option("--port", type=int, default=None, help="Port [manifest or 8000].")
-@click.option("--dtype", default=None, type=click.Choice(["auto", "float32", "float16", "bfloat16"]))
+@click.option("--host", default=None, help=f"Bind address [manifest or {_HOST}].")
+@click.option("--port", type=int, default=None, help=f"Port [manifest or {_PORT}].")
+@click.option("--dtype", default=None, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
+              help=f"vLLM's dtype [manifest or {_DTYPE}].")
 @click.option("--max-loras", type=int, default=None, help="LoRA slots per batch [number of adapters].")
 @click.option("--kv-cache", "kv_cache", default=None, help="KV cache size, e.g. 64M or 1G (set it on CPU).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="vLLM's log [a temp file].")

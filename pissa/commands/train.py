@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import click
 
-from training.options import INITS, OVERLONG, SCHEDULES
+from pissa.commands.common import default_of
+from training.options import DTYPES, INITS, OVERLONG, SCHEDULES, TrainOptions
 
 
-def _warmup(value: str) -> float:
-    try:
-        return float(value)
-    except ValueError as exc:
-        raise click.BadParameter(f"expected a number of steps or a fraction, got {value!r}") from exc
+def _default(name: str) -> object:
+    return default_of(TrainOptions, name)
 
 
 @click.command(name="train")
@@ -19,43 +17,44 @@ def _warmup(value: str) -> float:
 @click.option("--data", required=True, type=click.Path(path_type=str),
               help="JSONL ({prompt,response} or {messages}) or a saved datasets folder.")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Run folder.")
-@click.option("--init", type=click.Choice(INITS), default="pissa", show_default=True,
+@click.option("--init", type=click.Choice(INITS), default=_default("init"), show_default=True,
               help="pissa: the bundle's principal adapter; lora: plain-LoRA baseline on the original base.")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--lr", type=float, default=2e-5, show_default=True)
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--max-length", type=int, default=512, show_default=True)
-@click.option("--overlong", type=click.Choice(OVERLONG), default="drop", show_default=True,
+@click.option("--epochs", type=float, default=_default("epochs"), show_default=True)
+@click.option("--max-steps", type=int, default=_default("max_steps"), help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, default=_default("lr"), show_default=True)
+@click.option("--batch-size", type=int, default=_default("batch_size"), show_default=True)
+@click.option("--grad-accum", type=int, default=_default("grad_accum"), show_default=True)
+@click.option("--max-length", type=int, default=_default("max_length"), show_default=True)
+@click.option("--overlong", type=click.Choice(OVERLONG), default=_default("overlong"), show_default=True,
               help="What to do with examples longer than --max-length (counted either way).")
-@click.option("--warmup", type=str, default="0", show_default=True,
+@click.option("--warmup", type=float, default=_default("warmup"), show_default=True,
               help="Warm-up steps (>= 1) or fraction of the run (< 1).")
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--eval-data", type=click.Path(path_type=str), default=None, help="Held-out data for eval loss.")
-@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps (default: at the end).")
-@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (for --resume).")
-@click.option("--log-every", type=int, default=1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default=_default("schedule"), show_default=True)
+@click.option("--weight-decay", type=float, default=_default("weight_decay"), show_default=True)
+@click.option("--eval-data", type=click.Path(path_type=str), default=_default("eval_data"),
+              help="Held-out data for eval loss.")
+@click.option("--eval-every", type=int, default=_default("eval_every"),
+              help="Evaluate every N steps (default: at the end).")
+@click.option("--save-every", type=int, default=_default("save_every"),
+              help="Checkpoint every N steps (for --resume).")
+@click.option("--log-every", type=int, default=_default("log_every"), show_default=True)
+@click.option("--seed", type=int, default=_default("seed"), show_default=True)
 @click.option("--bf16", is_flag=True, help="bf16 mixed precision (GPU).")
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations (saves GPU memory).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
+@click.option("--dtype", type=click.Choice(DTYPES), default=_default("dtype"),
               show_default=True, help="dtype the residual model is loaded in.")
 @click.option("--resume", is_flag=True, help="Continue RUN from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty RUN.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(bundle: str, data: str, out: str, resume: bool, overwrite: bool, no_progress: bool, warmup: str,
-          **options) -> None:
+def train(bundle: str, data: str, out: str, resume: bool, overwrite: bool, no_progress: bool, **options) -> None:
     """Fine-tune a bundle's PiSSA adapter (or, with --init lora, the plain-LoRA baseline).
 
     Runs on CPU as is; on GPUs run it under `accelerate launch` (DDP/FSDP/DeepSpeed from accelerate's
     config) with --bf16 and optionally --gradient-checkpointing.
     """
-    from training.options import TrainOptions
     from training.train import train as run_train
 
-    result = run_train(bundle, data, out, TrainOptions(warmup=_warmup(warmup), **options), resume=resume,
+    result = run_train(bundle, data, out, TrainOptions(**options), resume=resume,
                        overwrite=overwrite, progress=not no_progress)
     d = result.data
     click.echo(f"trained {result.init} for {result.steps} steps in {result.seconds:.1f} s → {result.adapter}")

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import click
 
-from pissa.commands.common import table
+from converter.zoo import DEFAULT_ROOT, run_zoo
+from pissa.commands.common import default_of, table
 
 
 @click.command("zoo")
 @click.argument("manifest", type=click.Path(dir_okay=False))
-@click.option("--out", default=None, help="Root of the bundles (default: the manifest's `out`, else ./zoo-out).")
+@click.option("--out", default=default_of(run_zoo, "out"),
+              help=f"Root of the bundles (default: the manifest's `out`, else ./{DEFAULT_ROOT}).")
 @click.option("--only", multiple=True, help="Run only this entry (repeatable).")
 @click.option("--push", is_flag=True, help="Push every bundle whose entry has a `push` target.")
-@click.option("--workers", default=1, show_default=True, help="Jobs (entry × rank) run at a time on this machine.")
+@click.option("--workers", type=int, default=default_of(run_zoo, "workers"), show_default=True,
+              help="Jobs (entry × rank) run at a time on this machine.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def zoo(manifest: str, out: str | None, only: tuple[str, ...], push: bool, workers: int, quiet: bool) -> None:
     """Convert, verify (and push) every entry × rank of a zoo MANIFEST; resumable, failures isolated.
@@ -21,7 +24,6 @@ def zoo(manifest: str, out: str | None, only: tuple[str, ...], push: bool, worke
     across processes and machines; rank 0 writes ROOT/zoo-report.json and zoo-report.md.
     """
     from converter.alloc import tune_allocator
-    from converter.zoo import run_zoo
     from converter.zoo_report import HEADERS, rows
     from pissa.core.errors import ZooError
 
