@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from converter.checkpoint import open_checkpoint
 from converter.export_math import (
     VLLM_LORA_RANKS,
     delta_svd,
@@ -30,8 +31,14 @@ from converter.export_math import (
     truncate_delta,
 )
 from converter.options import EXPORT_TOL
-from pissa.core.errors import AdapterMismatchError, ExportError, InvalidOptionsError
-from pissa.core.formats import bundle as bundle_format
+from converter.merge import Factors, write_merged_weights
+from pissa.core.errors import (
+    AdapterMismatchError,
+    CorruptCheckpointError,
+    ExportError,
+    InvalidOptionsError,
+    SourceNotFoundError,
+)
 from pissa.core.formats import run as run_format
 from pissa.core.formats.adapter import CONFIG as ADAPTER_CONFIG
 from pissa.core.formats.adapter import WEIGHTS as ADAPTER_WEIGHTS
@@ -460,57 +467,35 @@ def _write_adapter(
 def _write_merged(
     trained: TrainedAdapter, config: dict[str, Any], pairs: dict[str, dict[str, Any]], tmp: Path, out: Path
 ) -> ExportReport:
-    """Full weights ``W_res + s·B′A′`` (= ``W + ΔW``) in the bundle's tensor names, dtypes and shards."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
+    """Full weights ``W_res + s·B′A′`` (= ``W + ΔW``) in the bundle's tensor names, dtypes and shards.
 
+    Streams (:mod:`converter.merge`): one tensor in memory at a time, each shard re-read and compared.
+    """
     bundle = trained.bundle
-    scaling = lora_scaling(config)
     records = bundle.matrices()
-    shards = sorted(p.name for p in bundle.path.glob("*.safetensors"))
-    if not shards:
-        raise ExportError(f"{bundle.path} holds no residual safetensors", fix="re-create the bundle")
-    # weight key -> module for every trained module
-    by_key: dict[str, str] = {}
-    for m in pairs:
-        key = (records.get(m) or {}).get("key") or f"{m}.weight"
-        by_key[key] = m
-    done: set[str] = set()
-    layers: list[LayerError] = []
-    for shard in shards:
-        tensors: dict[str, torch.Tensor] = {}
-        metadata = None
-        with safe_open(str(bundle.path / shard), framework="pt") as f:
-            metadata = f.metadata()
-            for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
-                t = f.get_tensor(key)
-                module = by_key.get(key)
-                if module is not None:
-                    fan = bool((records.get(module) or {}).get("fan_in_fan_out"))
-                    delta = scaling * (pairs[module]["lora_B"].float() @ pairs[module]["lora_A"].float())
-                    if fan:
-                        delta = delta.transpose(0, 1)
-                    if tuple(delta.shape) != tuple(t.shape):
-                        raise ExportError(f"{key}: residual {list(t.shape)} vs adapter product {list(delta.shape)}")
-                    t = (t.float() + delta).to(t.dtype)
-                    done.add(module)
-                    layers.append(LayerError(module, (int(delta.shape[0]), int(delta.shape[1])), 0.0,
-                                             float(delta.norm())))
-                tensors[key] = t.contiguous()
-        save_file(tensors, str(tmp / shard), metadata=metadata or {"format": "pt"})
-    missing = sorted(set(pairs) - done)
-    if missing:
-        raise ExportError(f"residual weights not found for: {', '.join(missing[:5])}", fix="re-create the bundle")
-    skip = {bundle_format.RECORD, bundle_format.CARD}
-    for item in bundle.path.iterdir():
-        if item.is_file() and item.suffix != ".safetensors" and item.name not in skip:
-            shutil.copy2(item, tmp / item.name)
+    try:
+        residual = open_checkpoint(bundle.path)
+    except (SourceNotFoundError, CorruptCheckpointError) as exc:
+        raise ExportError(f"{bundle.path}: residual weights unusable: {exc.message}",
+                          fix="re-create the bundle with `pissa convert` (`pissa verify` shows what is wrong)") from exc
+    factors: dict[str, Factors] = {}
+    module_of: dict[str, str] = {}
+    for m, p in pairs.items():
+        rec = records.get(m) or {}
+        key = rec.get("key") or f"{m}.weight"
+        factors[key] = Factors(p["lora_A"], p["lora_B"], bool(rec.get("fan_in_fan_out")))
+        module_of[key] = m
+    merged = write_merged_weights(residual, factors, lora_scaling(config), tmp)
+    layers = [LayerError(module_of[e.key], e.shape, 0.0, e.delta_norm) for e in merged.layers]
+    for name in residual.extra_files:
+        shutil.copy2(bundle.path / name, tmp / name)
     base = bundle.base_model
+    files = dict(merged.files)
+    files.update({p.name: sha256_file(p) for p in tmp.iterdir() if p.is_file() and p.name not in files})
     write_json(tmp / EXPORT_RECORD, {
         "format": "pissa-export", "mode": "merged", "base_model": base,
         "source": {"adapter": str(trained.path.resolve()), "bundle": str(bundle.path)},
-        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+        "files": dict(sorted(files.items())),
     })
     (tmp / "README.md").write_text(
         _model_card(base, ["- merged: full weights W + ΔW (= residual + trained PiSSA adapter)"]).replace(

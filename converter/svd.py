@@ -46,7 +46,10 @@ class SvdOptions:
     """How the top-r singular triples are computed.
 
     Attributes:
-        method: ``exact`` (full thin SVD, then truncate) or ``randomized`` (range finder).
+        method: ``exact`` (the top-r eigenpairs of the Gram matrix ``WWᵀ`` or ``WᵀW`` in float64,
+            then the other factor by one product; a full float64 SVD on non-CPU devices, for
+            r > min(m, n)/2 and for nearly rank-deficient W: see :func:`exact_top_r`) or
+            ``randomized`` (block Krylov range finder, see the module docstring).
         niter: maximum Krylov steps of the randomized method (each adds a block and costs two
             passes over W).
         oversample: extra columns ``p`` of the randomized sketch, i.e. block size ``l = r + p``.

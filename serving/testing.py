@@ -1,8 +1,10 @@
 """Helpers shared by the serving tests and ``bench/serve.py``: tenant adapters made with PEFT.
 
-Until ``pissa export`` lands everywhere, a "tenant" is a standard PEFT LoRA adapter for a base
-folder, with random non-zero weights (``init_lora_weights=False``) from a per-tenant seed, so each
-tenant's greedy output differs from the base and from the other tenants.
+A "tenant" here is a standard PEFT LoRA adapter for a base folder, with random non-zero weights
+(``init_lora_weights=False``) from a per-tenant seed, so each tenant's greedy output differs from
+the base and from the other tenants. Serving tests use these rather than convert → train → export,
+which would cost seconds per tenant and add nothing to what they check; adapters written by
+``pissa export`` are served in ``tests/test_export_vllm.py`` and by ``pissa demo``.
 """
 
 from __future__ import annotations

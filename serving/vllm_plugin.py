@@ -163,7 +163,9 @@ def register() -> None:
     """vLLM plugin entry point: patch the CPU LoRA ops if (and only if) they show the -1 bug.
 
     Safe to call many times and in every process. Never raises: a failure is logged and vLLM runs
-    unpatched (the mixed-batch test in ``tests/test_vllm_mixed_batch.py`` would then fail).
+    unpatched (the mixed-batch tests would then fail:
+    ``tests/test_vllm_plugin.py::test_mixed_batch_wrong_without_plugin_zero_wrong_with_it`` and
+    ``tests/test_vllm_server.py::test_mixed_concurrent_batch_zero_wrong``).
     """
     try:
         modules = _import_targets()
