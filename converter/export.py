@@ -30,8 +30,8 @@ from converter.export_math import (
     pick_auto_rank,
     truncate_delta,
 )
-from converter.options import EXPORT_TOL
 from converter.merge import Factors, write_merged_weights
+from converter.options import EXPORT_TOL
 from pissa.core.errors import (
     AdapterMismatchError,
     CorruptCheckpointError,

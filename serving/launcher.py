@@ -26,8 +26,9 @@ from types import FrameType
 
 from pissa.core.errors import ServingError
 from serving.command import LaunchPlan, build_command
+from serving.kv_cache import NodeMemory, cuda_available, decide_kv_cache, read_node_memory, weights_bytes
 from serving.manifest import ServeManifest
-from serving.validate import ValidationReport, read_base, validate_adapters
+from serving.validate import BaseInfo, ValidationReport, read_base, validate_adapters
 from serving.vllm_env import require_vllm
 
 logger = logging.getLogger(__name__)
@@ -35,26 +36,51 @@ logger = logging.getLogger(__name__)
 LOG_TAIL_LINES = 30
 
 
-def plan_serving(manifest: ServeManifest, *, environ: Mapping[str, str] | None = None) -> LaunchPlan:
-    """Validate every adapter against the base, then build the vLLM command.
+def plan_serving(
+    manifest: ServeManifest,
+    *,
+    environ: Mapping[str, str] | None = None,
+    memory: Callable[[], NodeMemory] = read_node_memory,
+    on_gpu: Callable[[], bool] = cuda_available,
+) -> LaunchPlan:
+    """Validate every adapter against the base, choose the KV cache size on CPU if none is given, then
+    build the vLLM command (its ``notes`` say what was chosen).
+
+    Args:
+        manifest: what to serve.
+        environ: the environment vLLM will inherit (default: ``os.environ``).
+        memory, on_gpu: the probes :func:`serving.kv_cache.decide_kv_cache` uses (tests pass stand-ins).
 
     Raises:
         AdapterValidationError: every problem of every adapter (nothing is started).
         InvalidOptionsError: e.g. the API key variable is not set.
+        ServingError: on CPU with no KV cache size given, too little free memory to serve.
     """
-    report = validate_manifest(manifest)
-    return build_command(manifest, report.max_lora_rank, environ=environ)
+    environ = os.environ if environ is None else environ
+    base, report = _validate(manifest)
+    s = manifest.vllm
+    kv = decide_kv_cache(
+        s.kv_cache_memory_bytes, max_model_len=s.max_model_len, extra_args=manifest.extra_args, environ=environ,
+        on_gpu=on_gpu, memory=memory,
+        weights=lambda: weights_bytes(base.local_path, s.dtype) // max(1, s.tensor_parallel_size),
+    )
+    return build_command(manifest, report.max_lora_rank, environ=environ, kv_cache=kv)
 
 
 def validate_manifest(manifest: ServeManifest) -> ValidationReport:
     """Check the manifest's adapters against its base (see :mod:`serving.validate`)."""
+    return _validate(manifest)[1]
+
+
+def _validate(manifest: ServeManifest) -> tuple[BaseInfo, ValidationReport]:
     base = read_base(
         manifest.base.ref.value, is_local=manifest.base.ref.is_local, aliases=manifest.base.aliases,
     )
-    return validate_adapters(
+    report = validate_adapters(
         base, [(a.name, a.ref.value, a.ref.is_local) for a in manifest.adapters],
         min_max_lora_rank=manifest.vllm.max_lora_rank,
     )
+    return base, report
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

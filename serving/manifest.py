@@ -17,7 +17,7 @@ Layout (every key but ``base.path`` optional)::
       max_cpu_loras: 4                # adapters cached in memory; default: vLLM's (= max_loras)
       max_lora_rank: 16               # reserve room for larger runtime adapters; default: from adapters
       max_model_len: 2048
-      kv_cache_memory_bytes: 64M      # int bytes or K/M/G suffix; set it on CPU (else ~10 GiB)
+      kv_cache_memory_bytes: 64M      # int bytes or K/M/G suffix; unset: chosen on CPU (serving/kv_cache.py)
       tensor_parallel_size: 1
       api_key_env: PISSA_API_KEY      # name of the environment variable holding the API key
       runtime_lora_updating: true     # allow /v1/load_lora_adapter (pissa adapters add/remove)

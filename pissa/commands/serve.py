@@ -24,7 +24,8 @@ _DTYPE = default_of(VllmSettings, "dtype")
 @click.option("--dtype", default=None, type=click.Choice(["auto", "float32", "float16", "bfloat16"]),
               help=f"vLLM's dtype [manifest or {_DTYPE}].")
 @click.option("--max-loras", type=int, default=None, help="LoRA slots per batch [number of adapters].")
-@click.option("--kv-cache", "kv_cache", default=None, help="KV cache size, e.g. 64M or 1G (set it on CPU).")
+@click.option("--kv-cache", "kv_cache", default=None,
+              help="KV cache size, e.g. 64M or 1G [manifest; on CPU: chosen from free memory, at most 1G].")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="vLLM's log [a temp file].")
 @click.option("--dry-run", is_flag=True, help="Validate and print the exact vLLM command; start nothing.")
 def serve(manifest: Path | None, base: str | None, adapters: tuple[str, ...], served_name: str | None,
@@ -47,9 +48,13 @@ def serve(manifest: Path | None, base: str | None, adapters: tuple[str, ...], se
         for name in plan.served_names[1:]:
             click.echo(f"  adapter:  {name}")
         click.echo(f"  max_lora_rank {plan.max_lora_rank}; log {log_path}; Ctrl-C to stop")
+        for note in plan.notes:
+            click.echo(f"  {note}")
 
     result = run_serve(m, dry_run=dry_run, log_path=log_file, on_ready=on_ready)
     if dry_run:
+        for note in result.plan.notes:
+            click.echo(note)
         click.echo(result.plan.shell())
     else:
         click.echo(f"stopped ({result.stopped_by}); vLLM and its processes have exited")

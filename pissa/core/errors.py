@@ -117,10 +117,10 @@ class OutputExistsError(PissaError, FileExistsError):
 
     exit_code = 2
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, problem: str | None = None, fix: str | None = None) -> None:
         super().__init__(
-            f"output folder {path} exists and is not empty",
-            fix="choose another path, or pass --overwrite to replace it (--resume to continue a run)",
+            problem or f"output folder {path} exists and is not empty",
+            fix=fix or "choose another path, or pass --overwrite to replace it (--resume to continue a run)",
         )
         self.path = path
 
