@@ -81,8 +81,9 @@ def run(args: list[str] | None = None, **kwargs: Any) -> int:
     except PissaError as exc:
         if os.environ.get("PISSA_DEBUG") == "1":
             raise
-        for line in format_problems(exc):
-            click.echo(line, err=True)
+        if not exc.already_reported:  # e.g. another torchrun rank prints it
+            for line in format_problems(exc):
+                click.echo(line, err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
