@@ -9,7 +9,11 @@ The finished bundle appears at OUT by one rename; OUT never holds a half-written
 Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1), rank ``k`` converts the shards
 ``i`` with ``i % WORLD_SIZE == k``; rank 0 then assembles the bundle. The result is the same bundle
 as a single-process run, bit for bit for the tensors (every matrix is factored with one BLAS
-thread, see :mod:`converter.shard`).
+thread, see :mod:`converter.shard`). Each step (plan, staging, shares, assembly) ends in agreement
+(:mod:`converter.ranks`): when a rank fails, the others stop their shards within a heartbeat; once
+every rank has stopped writing, rank 0 removes the staging folder if the input was bad (NaN
+weights, ...) and keeps it for ``--resume`` otherwise; every rank exits non-zero and only the
+failing rank prints its error. A rank that dies is noticed by the others at once.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +37,7 @@ from converter.alloc import tune_allocator
 from converter.card import render_model_card
 from converter.checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
 from converter.options import ConvertOptions
+from converter.ranks import Outcome, Ranks
 from converter.sources import ResolvedSource, resolve_source
 from converter.targets import LeftOut, convertible_layers, peft_target_modules, select_targets
 from pissa.core import __version__
@@ -41,6 +46,7 @@ from pissa.core.errors import (
     OutputExistsError,
     OutputWriteError,
     PissaError,
+    StoppedError,
     TargetError,
 )
 from pissa.core.formats import adapter as adapter_format
@@ -51,7 +57,7 @@ from pissa.core.hashing import BackgroundDigests, sha256_file
 from pissa.core.jsonio import write_json
 
 if TYPE_CHECKING:
-    from converter.shard import ShardJob
+    from converter.shard import ShardJob, StopFlag
 
 log = logging.getLogger(__name__)
 
@@ -182,24 +188,6 @@ def _env_rank(distributed: bool) -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), world
 
 
-def _dist(distributed: bool) -> tuple[int, int]:
-    """(rank, world size) under torchrun / accelerate launch, else (0, 1)."""
-    if _env_rank(distributed)[1] == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return dist.get_rank(), dist.get_world_size()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def _prepare_staging(staging: Path, plan: _Plan, resume: bool) -> None:
     if staging.exists() and resume:
         try:
@@ -221,14 +209,22 @@ def _job_bytes(job: ShardJob) -> int:
 
 
 def convert_jobs(
-    jobs: list[ShardJob], progress: Callable[[int], None] | None = None, digests: BackgroundDigests | None = None
+    jobs: list[ShardJob],
+    progress: Callable[[int], None] | None = None,
+    digests: BackgroundDigests | None = None,
+    stop: StopFlag | None = None,
 ) -> None:
     """Convert ``jobs`` in this process: one pool of factoring threads, two shards in flight.
 
     One shard reads and submits matrices while the one before it finishes (last writes, ``fsync``,
     re-read); see :class:`converter.shard.FactorPool`. Every shard's files depend on that shard
     alone, so the order in which they finish does not matter. ``digests``: source checksums
-    already being computed (see :func:`convert`).
+    already being computed (see :func:`convert`). ``stop``: set by whoever learns that the run
+    failed elsewhere; it is also set here when a shard fails, so the shard in flight beside it
+    stops too. Returns (or raises) only once no shard is being written any more.
+
+    Raises:
+        the first failing shard's error (:class:`StoppedError` only if every shard just stopped).
     """
     if not jobs:
         return
@@ -239,17 +235,44 @@ def convert_jobs(
     def known(job: ShardJob) -> Any:
         return digests.get(Path(job.source_folder) / job.source_file) if digests else None
 
+    flag: StopFlag = stop if stop is not None else threading.Event()
+
+    def lane(job: ShardJob) -> None:
+        try:
+            convert_shard(job, progress, pool, known(job), flag)
+        except BaseException:
+            flag.set()  # the run has failed: the other shard in flight stops too
+            raise
+
     load_scipy = any(may_use_scipy(j) for j in jobs)
     with factor_pool(jobs[0].threads, jobs[0].device, load_scipy) as pool:
         if len(jobs) == 1:
-            convert_shard(jobs[0], progress, pool, known(jobs[0]))
+            convert_shard(jobs[0], progress, pool, known(jobs[0]), flag)
             return
         lanes = ThreadPoolExecutor(2, initializer=torch.set_num_threads, initargs=(1,))
+        futures = []
         try:
-            for fut in [lanes.submit(convert_shard, job, progress, pool, known(job)) for job in jobs]:
-                fut.result()  # re-raises the first failing shard's error
+            futures = [lanes.submit(lane, job) for job in jobs]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:
+            flag.set()
+            raise
         finally:
             lanes.shutdown(wait=True, cancel_futures=True)
+    _raise_first_error(futures)
+
+
+def _errors(futures: list[Future[Any]]) -> list[BaseException]:
+    """The errors of the finished ``futures``, in order, those that only stopped last."""
+    errors = [e for f in futures if f.done() and not f.cancelled() and (e := f.exception()) is not None]
+    return sorted(errors, key=lambda e: isinstance(e, StoppedError))
+
+
+def _raise_first_error(futures: list[Future[Any]]) -> None:
+    """Re-raise the first real error among ``futures`` (one that only stopped if there is no other)."""
+    errors = _errors(futures)
+    if errors:
+        raise errors[0]
 
 
 # Workers are forked where fork exists: a forked worker starts in milliseconds with torch already
@@ -259,18 +282,20 @@ def convert_jobs(
 WORKER_CONTEXT = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
 
 
-def _worker_init(progress_queue: Any) -> None:
+def _worker_init(progress_queue: Any, stop: Any = None) -> None:
     """Initializer of the converter's worker processes."""
-    global _PROGRESS_QUEUE
+    global _PROGRESS_QUEUE, _STOP
     tune_allocator()
     _PROGRESS_QUEUE = progress_queue
+    _STOP = stop
 
 
 _PROGRESS_QUEUE: Any = None
+_STOP: Any = None  # a multiprocessing Event shared with the driver: the run failed elsewhere
 
 
 def _convert_in_worker(jobs: list[ShardJob]) -> None:
-    convert_jobs(jobs, _PROGRESS_QUEUE.put if _PROGRESS_QUEUE is not None else None)
+    convert_jobs(jobs, _PROGRESS_QUEUE.put if _PROGRESS_QUEUE is not None else None, stop=_STOP)
 
 
 def split_jobs(jobs: list[ShardJob], parts: int) -> list[list[ShardJob]]:
@@ -284,8 +309,18 @@ def split_jobs(jobs: list[ShardJob], parts: int) -> list[list[ShardJob]]:
     return [sorted(s, key=lambda j: j.source_file) for s in shares if s]
 
 
-def _run_jobs(jobs: list[ShardJob], workers: int, show_progress: bool, digests: BackgroundDigests | None) -> None:
-    """Convert ``jobs`` here, or spread over ``workers`` processes (this one included), with one progress bar."""
+def _run_jobs(
+    jobs: list[ShardJob],
+    workers: int,
+    show_progress: bool,
+    digests: BackgroundDigests | None,
+    stop: StopFlag | None = None,
+) -> None:
+    """Convert ``jobs`` here, or spread over ``workers`` processes (this one included), with one progress bar.
+
+    ``stop`` (set from another thread when the run failed elsewhere) stops every process's shards;
+    a failing process stops the others too. Returns or raises once no process writes any more.
+    """
     from tqdm.auto import tqdm
 
     total = sum(_job_bytes(j) for j in jobs)
@@ -295,20 +330,32 @@ def _run_jobs(jobs: list[ShardJob], workers: int, show_progress: bool, digests: 
 
     if workers <= 1 or len(jobs) <= 1:
         with progress_bar() as bar:
-            convert_jobs(jobs, bar.update, digests)
+            convert_jobs(jobs, bar.update, digests, stop)
         return
     mine, *theirs = split_jobs(jobs, workers)
     queue = WORKER_CONTEXT.SimpleQueue()
+    failed = WORKER_CONTEXT.Event()  # shared with the workers: any process failing stops them all
     # The workers fork here, before this process starts any thread of its own (progress bar and
-    # relay, shard lanes, factoring pool); then they convert their shares while this process
-    # converts its own.
-    with ProcessPoolExecutor(len(theirs), mp_context=WORKER_CONTEXT, initializer=_worker_init, initargs=(queue,)) as pool:
+    # relay, shard lanes, factoring pool; under torchrun the heartbeat of converter.ranks runs
+    # already); then they convert their shares while this process converts its own.
+    with ProcessPoolExecutor(
+        len(theirs), mp_context=WORKER_CONTEXT, initializer=_worker_init, initargs=(queue, failed)
+    ) as pool:
         futures = [pool.submit(_convert_in_worker, share) for share in theirs]
-        stop = threading.Event()
+
+        def stop_all(fut: Future[Any]) -> None:
+            if not fut.cancelled() and fut.exception() is not None:
+                failed.set()
+
+        for fut in futures:
+            fut.add_done_callback(stop_all)
+        done = threading.Event()
         with progress_bar() as bar:
 
-            def relay() -> None:  # workers' progress -> the bar
-                while not stop.is_set() or not queue.empty():
+            def relay() -> None:  # workers' progress -> the bar; a stop from outside -> the workers
+                while not done.is_set() or not queue.empty():
+                    if stop is not None and stop.is_set():
+                        failed.set()
                     if queue.empty():
                         time.sleep(0.05)
                         continue
@@ -317,16 +364,22 @@ def _run_jobs(jobs: list[ShardJob], workers: int, show_progress: bool, digests: 
             relay_thread = threading.Thread(target=relay, daemon=True)
             relay_thread.start()
             try:
-                convert_jobs(mine, bar.update)
-                for fut in futures:
-                    fut.result()  # re-raises the worker's error
-            except BaseException:
+                try:
+                    convert_jobs(mine, bar.update, stop=failed)
+                finally:
+                    wait(futures)  # every worker has stopped writing (``failed`` stops them early)
+            except BaseException as exc:
+                failed.set()
                 for fut in futures:
                     fut.cancel()
+                real = [e for e in _errors(futures) if not isinstance(e, StoppedError)]
+                if isinstance(exc, StoppedError) and real:
+                    raise real[0] from None  # this process only stopped because a worker failed
                 raise
             finally:
-                stop.set()
+                done.set()
                 relay_thread.join()
+            _raise_first_error(futures)
 
 
 def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, started: float) -> dict[str, Any]:
@@ -517,12 +570,73 @@ def convert(
     started = time.perf_counter()
     options = (options or ConvertOptions()).validate()
     out = Path(out).expanduser().absolute()
+    staging = staging_path(out)
+    # Under torchrun every step below ends in agreement (converter.ranks): when one rank fails,
+    # the others stop within a heartbeat instead of waiting at a barrier.
+    ranks = Ranks.join(distributed)
+    prepared = ranks.step(lambda stop: _prepare(source, out, options, overwrite, resume, distributed))
+    if isinstance(prepared, ConvertReport):  # already complete (--resume)
+        ranks.close()
+        return prepared
+    plan, digests = prepared
+    rank, world = ranks.rank, ranks.world
+
+    def prepare_staging(stop: threading.Event) -> None:
+        if rank == 0:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _prepare_staging(staging, plan, resume)
+
+    ranks.step(prepare_staging, cleanup=lambda outcome: digests.cancel() if digests else None)
+
+    def convert_share(stop: threading.Event) -> int:
+        from converter.shard import part_is_complete
+
+        mine = [j for i, j in enumerate(plan.jobs) if i % world == rank]
+        todo = [j for j in mine if not (resume and part_is_complete(j))]
+        if len(mine) > len(todo):
+            log.info("resuming: %d of %d shard(s) already converted", len(mine) - len(todo), len(mine))
+        try:
+            _run_jobs(todo, options.workers, progress and rank == 0, digests, stop)
+        except BaseException:
+            if digests:
+                digests.cancel()
+            raise
+        return len(mine) - len(todo)
+
+    def clean_up(outcome: Outcome) -> None:
+        # Every rank has stopped writing. Bad input (e.g. NaN weights): resuming cannot help, leave
+        # nothing behind. A write failure, a stop, a crash: partial work stays for --resume.
+        if rank == 0 and any(_is_bad_input(f.kind) for f in outcome.failures):
+            shutil.rmtree(staging, ignore_errors=True)
+
+    reused = ranks.step(convert_share, cleanup=clean_up)
+
+    def assemble(stop: threading.Event) -> dict[str, Any] | None:
+        if rank != 0:
+            return None
+        record = _finalize(plan, options, staging, out, started)
+        _install(staging, out)
+        return record
+
+    record = ranks.step(assemble) or B.read_record(out)
+    ranks.close()
+    return report_from_record(out, record, shards_reused=reused)
+
+
+def _is_bad_input(kind: type[BaseException]) -> bool:
+    """Errors that another run on the same input would meet again (no partial work is worth keeping)."""
+    return issubclass(kind, PissaError) and not issubclass(kind, (OutputWriteError, StoppedError))
+
+
+def _prepare(
+    source: str | Path, out: Path, options: ConvertOptions, overwrite: bool, resume: bool, distributed: bool
+) -> ConvertReport | tuple[_Plan, BackgroundDigests | None]:
+    """Check OUT, open the source and plan the shards; or the report of an already complete OUT (--resume)."""
     _check_out(out, overwrite, resume)
     if resume and (out / B.RECORD).exists() and not overwrite:
         log.info("%s is already complete", out)
         return report_from_record(out, B.read_record(out), shards_reused=-1)
     source_resolved = resolve_source(str(source), revision=options.revision)
-    staging = staging_path(out)
     ckpt = open_checkpoint(source_resolved.folder, allow_pickle=options.allow_pickle)
     digests = None
     if options.workers <= 1 and not resume:
@@ -531,40 +645,9 @@ def convert(
         env_rank, env_world = _env_rank(distributed)
         digests = BackgroundDigests([ckpt.folder / f for i, f in enumerate(ckpt.weight_files) if i % env_world == env_rank])
     try:
-        plan = _plan(source_resolved, ckpt, options, staging, distributed)
+        plan = _plan(source_resolved, ckpt, options, staging_path(out), distributed)
     except BaseException:
         if digests:
             digests.cancel()
         raise
-    rank, world = _dist(distributed)
-    if rank == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        _prepare_staging(staging, plan, resume)
-    _barrier(world)
-
-    mine = [j for i, j in enumerate(plan.jobs) if i % world == rank]
-    from converter.shard import part_is_complete
-
-    todo = [j for j in mine if not (resume and part_is_complete(j))]
-    reused = len(mine) - len(todo)
-    if reused:
-        log.info("resuming: %d of %d shard(s) already converted", reused, len(mine))
-    try:
-        _run_jobs(todo, options.workers, progress and rank == 0, digests)
-    except OutputWriteError:
-        raise  # partial work stays in staging for --resume (the error says so)
-    except PissaError:
-        # Bad input (e.g. NaN weights): resuming cannot help, leave nothing behind.
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _barrier(world)
-
-    record: dict[str, Any]
-    if rank == 0:
-        record = _finalize(plan, options, staging, out, started)
-        _install(staging, out)
-    _barrier(world)
-    if rank != 0:
-        record = B.read_record(out)
-    return report_from_record(out, record, shards_reused=reused)
+    return plan, digests

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,13 +30,22 @@ from converter.factorize import NonFiniteError, pissa_split
 from converter.stio import SafetensorsWriter, read_tensor, tensor_bytes
 from converter.svd import SvdOptions
 from converter.targets import Target
-from pissa.core.errors import NonFiniteWeightError, OutputWriteError
+from pissa.core.errors import NonFiniteWeightError, OutputWriteError, StoppedError
 from pissa.core.formats.adapter import adapter_key
 from pissa.core.formats.bundle import PARTS
 from pissa.core.formats.dtypes import torch_dtype
 from pissa.core.hashing import BackgroundDigests, sha256_file
 
 log = logging.getLogger(__name__)
+
+
+class StopFlag(Protocol):
+    """Set when the run has failed elsewhere: a ``threading.Event`` or a ``multiprocessing`` one."""
+
+    def is_set(self) -> bool: ...
+
+    def set(self) -> None: ...
+
 
 @dataclass(frozen=True)
 class ShardJob:
@@ -225,6 +234,7 @@ def convert_shard(
     progress: Callable[[int], None] | None = None,
     pool: FactorPool | None = None,
     source_digest: Future[str] | None = None,
+    stop: StopFlag | None = None,
 ) -> dict[str, Any]:
     """Convert one shard; return (and write as its marker) the part record.
 
@@ -236,19 +246,26 @@ def convert_shard(
         progress: called with the bytes of each finished matrix (progress bars live in the driver).
         pool: factoring threads shared with other shards (default: a pool for this shard alone).
         source_digest: the source file's sha256 if something already computes it.
+        stop: checked before each tensor is read; once set, the shard stops (its temporary files
+            are removed, nothing is left half-written).
 
     Raises:
         NonFiniteWeightError: a target holds NaN/Inf.
         OutputWriteError: writing failed.
+        StoppedError: ``stop`` was set.
     """
     if pool is None:
         with factor_pool(job.threads, job.device, may_use_scipy(job)) as own:
-            return _convert_shard(job, progress, own, source_digest)
-    return _convert_shard(job, progress, pool, source_digest)
+            return _convert_shard(job, progress, own, source_digest, stop)
+    return _convert_shard(job, progress, pool, source_digest, stop)
 
 
 def _convert_shard(
-    job: ShardJob, progress: Callable[[int], None] | None, pool: FactorPool, known_digest: Future[str] | None
+    job: ShardJob,
+    progress: Callable[[int], None] | None,
+    pool: FactorPool,
+    known_digest: Future[str] | None,
+    stop: StopFlag | None,
 ) -> dict[str, Any]:
     start = time.perf_counter()
     read = _reader(job)
@@ -325,6 +342,8 @@ def _convert_shard(
 
             with pool.reading:  # released once every matrix is submitted: the next shard may read
                 for info in job.tensors:
+                    if stop is not None and stop.is_set():
+                        raise StoppedError(f"shard {job.source_file} stopped: the run failed elsewhere")
                     tensor = read(info)
                     digest.feed(tensor)
                     if info.key in by_key:

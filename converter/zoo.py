@@ -17,7 +17,10 @@ report (``zoo-report.json`` + ``zoo-report.md`` under ROOT) lists every job.
 Parallelism: ``workers`` jobs at a time in spawned processes on this machine, and under
 ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` > 1) rank ``k`` of ``W`` takes the jobs
 ``i`` with ``i % W == k``; the ranks exchange their results over a gloo process group and rank 0
-writes the report. Each conversion itself runs in one process (the zoo parallelises over jobs), and
+writes the report. While the ranks work they exchange heartbeats (:mod:`converter.ranks`), so a
+rank that dies (killed, out of memory) stops the others within seconds (they start no new job)
+instead of leaving them waiting for its results; the zoo then fails on every rank and a rerun
+resumes it. Each conversion itself runs in one process (the zoo parallelises over jobs), and
 the conversions are deterministic, so the bundles are the same whatever the split.
 """
 
@@ -26,21 +29,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from converter.options import ConvertOptions
+from converter.ranks import Ranks
 from converter.zoo_manifest import ZooManifest, load_zoo_manifest, resolve_embedded
 from converter.zoo_report import CONVERTED, FAILED, RESUMED, SKIPPED, JobResult, write_reports
 from pissa.core.errors import (
     InvalidOptionsError,
     OutputBusyError,
     PissaError,
+    StoppedError,
     VerificationError,
     format_problems,
 )
@@ -50,8 +55,6 @@ logger = logging.getLogger(__name__)
 
 # Root of the bundles when neither --out nor the manifest's ``out`` says.
 DEFAULT_ROOT = "zoo-out"
-# A zoo can run for days: ranks waiting for the slowest one must not time out (gloo default 30 min).
-DIST_TIMEOUT = timedelta(days=7)
 
 
 @dataclass(frozen=True)
@@ -271,30 +274,6 @@ def _world_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _init_world() -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group) under torchrun; else (0, 1, False)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo", timeout=DIST_TIMEOUT)
-        created = True
-    return dist.get_rank(), dist.get_world_size(), created
-
-
-def _gather(results: list[tuple[int, JobResult]], world: int) -> list[tuple[int, JobResult]]:
-    if world <= 1:
-        return results
-    import torch.distributed as dist
-
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, results)
-    return [item for part in gathered for item in part]
-
-
 # --- driver -------------------------------------------------------------------------------------
 def _outcome(job: ZooJob, future: Any) -> JobResult:
     """The worker's result, or a failed result when the worker process itself died (OOM, signal)."""
@@ -304,6 +283,38 @@ def _outcome(job: ZooJob, future: Any) -> JobResult:
     except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool: the job failed, the zoo goes on
         return JobResult(job.entry, job.rank, FAILED, 0.0, job.out, repo_id=job.repo_id,
                          error=f"worker process failed: {type(exc).__name__}: {exc}", rank_of_world=_world_rank())
+
+
+def _run_share(mine: list[ZooJob], workers: int, stop: threading.Event) -> list[tuple[int, JobResult]]:
+    """This rank's jobs (here, or ``workers`` at a time in spawned processes); no new job once ``stop`` is set.
+
+    Raises:
+        StoppedError: ``stop`` was set (another rank was lost).
+    """
+
+    def stopped() -> StoppedError:
+        return StoppedError("the zoo stopped: another rank failed", fix="rerun the zoo: finished bundles are skipped")
+
+    if workers > 1 and len(mine) > 1:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(mine)), mp_context=ctx) as pool:
+            futures = [(j, pool.submit(run_job, j)) for j in mine]
+            pending = {fut for _, fut in futures}
+            while pending:
+                _, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                if stop.is_set():
+                    for fut in pending:
+                        fut.cancel()
+                    raise stopped()
+            return [(j.index, _outcome(j, fut)) for j, fut in futures]
+    results = []
+    for job in mine:
+        if stop.is_set():
+            raise stopped()
+        results.append((job.index, run_job(job)))
+    return results
 
 
 def run_zoo(
@@ -341,43 +352,32 @@ def run_zoo(
     threads = max(1, (os.cpu_count() or 1) // (workers * local_world)) if workers * local_world > 1 else 0
     jobs = plan_jobs(zoo, root, only=only, push=push, threads=threads)
 
-    rank, world, created = _init_world()
+    # A rank can wait a long time for the slowest one: the heartbeats of converter.ranks keep it
+    # from timing out, and tell it within seconds when another rank dies.
+    ranks = Ranks.join()
+    rank, world = ranks.rank, ranks.world
     mine = [j for j in jobs if j.index % world == rank]
     if workers == 1 and world == 1 and progress:
         mine = [replace(j, progress=True) for j in mine]
     logger.info("zoo %s: %d job(s), %d for rank %d of %d", zoo.path, len(jobs), len(mine), rank, world)
-    results: list[tuple[int, JobResult]]
-    if workers > 1 and len(mine) > 1:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(mine)), mp_context=ctx) as pool:
-            futures = [(j, pool.submit(run_job, j)) for j in mine]
-            results = [(j.index, _outcome(j, fut)) for j, fut in futures]
-    else:
-        results = [(j.index, run_job(j)) for j in mine]
-    everything = [r for _, r in sorted(_gather(results, world), key=lambda item: item[0])]
+    results = ranks.step(lambda stop: _run_share(mine, workers, stop))
+    gathered = ranks.all_gather(results)
+    everything = [r for _, r in sorted((item for part in gathered for item in part), key=lambda item: item[0])]
 
     seconds = time.perf_counter() - started
-    json_path = md_path = None
-    if rank == 0:
-        summary = {
-            "manifest": str(zoo.path),
-            "root": str(root),
-            "jobs": len(everything),
-            "ok_jobs": sum(1 for r in everything if r.ok),
-            "failed_jobs": sum(1 for r in everything if not r.ok),
-            "seconds": round(seconds, 3),
-            "world_size": world,
-            "workers": workers,
-            "only": list(only),
-            "push": push,
-        }
-        json_path, md_path = write_reports(root, everything, summary)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-        if created:
-            dist.destroy_process_group()
+    summary = {
+        "manifest": str(zoo.path),
+        "root": str(root),
+        "jobs": len(everything),
+        "ok_jobs": sum(1 for r in everything if r.ok),
+        "failed_jobs": sum(1 for r in everything if not r.ok),
+        "seconds": round(seconds, 3),
+        "world_size": world,
+        "workers": workers,
+        "only": list(only),
+        "push": push,
+    }
+    # Rank 0 writes the reports; every rank returns once they are written (or fails with rank 0).
+    json_path, md_path = ranks.step(lambda stop: write_reports(root, everything, summary) if rank == 0 else (None, None))
+    ranks.close()
     return ZooReport(str(zoo.path), root, tuple(everything), seconds, world, rank, json_path, md_path)

@@ -6,7 +6,9 @@ knows the names and one-line help of the commands, so ``pissa --help`` imports n
 transformers.
 
 Errors: every :class:`pissa.core.errors.PissaError` becomes one line per problem on stderr and its exit
-code; anything else becomes a one-line "internal error". ``PISSA_DEBUG=1`` shows the traceback.
+code; anything else becomes a one-line "internal error". ``PISSA_DEBUG=1`` shows the traceback. An error
+that another process of the same run prints (``already_reported``: a torchrun rank that only stopped
+because another rank failed) prints nothing here, only its exit code.
 """
 
 from __future__ import annotations
@@ -81,8 +83,9 @@ def run(args: list[str] | None = None, **kwargs: Any) -> int:
     except PissaError as exc:
         if os.environ.get("PISSA_DEBUG") == "1":
             raise
-        for line in format_problems(exc):
-            click.echo(line, err=True)
+        if not exc.already_reported:  # e.g. another torchrun rank prints it
+            for line in format_problems(exc):
+                click.echo(line, err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

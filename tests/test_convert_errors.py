@@ -221,8 +221,8 @@ import os, signal, sys
 import converter.shard as c
 real = c.convert_shard
 done = {"n": 0}
-def convert_then_die(job, progress=None, pool=None, source_digest=None):
-    record = real(job, progress, pool, source_digest)
+def convert_then_die(*args, **kwargs):
+    record = real(*args, **kwargs)
     done["n"] += 1
     if done["n"] == int(os.environ["DIE_AFTER"]):
         os.kill(os.getpid(), signal.SIGKILL)

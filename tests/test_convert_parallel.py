@@ -137,3 +137,157 @@ def test_source_checksums_are_the_files_sha256(tiny_llama_sharded: Path, tmp_pat
     recorded = json.loads((out / "pissa.json").read_text())["source"]["files"]
     expected = {p.name: sha256_file(p) for p in src.iterdir() if p.is_file()}
     assert recorded == expected
+
+
+# --- a rank fails: every rank stops, nothing half-done is left -----------------------------------
+NAN_KEY = "model.layers.1.mlp.down_proj.weight"
+
+
+@pytest.fixture
+def nan_on_rank_1(tiny_llama_sharded: Path, tmp_path: Path) -> Path:
+    """A copy of the sharded model with a NaN in NAN_KEY, whose shard falls to rank 1 of 2."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "nan-src"
+    shutil.copytree(tiny_llama_sharded, src)
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert shards.index(weight_map[NAN_KEY]) % 2 == 1, "the NaN must be in a shard rank 1 converts"
+    shard = src / weight_map[NAN_KEY]
+    sd = load_file(shard)
+    sd[NAN_KEY][3, 5] = float("nan")
+    save_file(sd, shard, metadata={"format": "pt"})
+    return src
+
+
+def _convert_args(source: Path, out: Path) -> list[str]:
+    return ["-m", "pissa", "convert", str(source), str(out), "--quiet", "--rank", str(OPTIONS["rank"]),
+            "--alpha", str(OPTIONS["alpha"]), "--niter", str(OPTIONS["niter"]),
+            "--oversample", str(OPTIONS["oversample"]), "--seed", str(OPTIONS["seed"])]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PISSA_DEBUG": ""}
+
+
+def _error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _two_nodes(args: list[str], cwd: Path, timeout: float) -> list[subprocess.CompletedProcess]:
+    """``torchrun --nnodes 2 --nproc-per-node 1 --node-rank k`` twice: two elastic agents, as on two
+    machines (rank k runs under agent k), so no agent can stop the other's rank: the ranks must."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+             "--node-rank", str(k), "--master-addr", "127.0.0.1", "--master-port", str(port), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd,
+        )
+        for k in (0, 1)
+    ]
+    done = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=timeout)  # raises TimeoutExpired: the old code hung
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_torchrun_nan_on_rank_1_stops_both_ranks_and_leaves_nothing(nan_on_rank_1: Path, tmp_path: Path):
+    """``torchrun --standalone --nproc_per_node 2``, NaN in a shard of rank 1: both ranks exit
+    non-zero well within the subprocess timeout (a bare barrier would leave rank 0 waiting up to 30
+    minutes, or torchrun kills it mid-step), one error line names the tensor, and neither OUT nor
+    its staging folder is left."""
+    out = tmp_path / "out"
+    logs = tmp_path / "logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--log-dir", str(logs), "--redirects", "3", *_convert_args(nan_on_rank_1, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path)
+    rank_logs = {int(p.parent.name): p.read_text() for p in logs.rglob("stderr.log")}
+    assert proc.returncode != 0
+    assert sorted(rank_logs) == [0, 1]
+    # torchrun's summary: both ranks failed (rank 0 exits 1 after rank 1 has reported, or is then
+    # stopped by torchrun), none succeeded.
+    codes = {int(r): int(c) for r, c in re.findall(r"rank\s*: (\d+) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", proc.stderr)}
+    assert sorted(codes) == [0, 1] and all(codes.values()), proc.stderr[-3000:]
+    errors = {rank: _error_lines(text) for rank, text in rank_logs.items()}
+    assert errors[0] == [], errors  # only the failing rank prints, once
+    assert len(errors[1]) == 1 and NAN_KEY in errors[1][0] and "NaN or Inf" in errors[1][0], errors
+    assert not out.exists()
+    assert not (tmp_path / ".out.partial").exists(), list((tmp_path / ".out.partial").rglob("*"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_node_torchrun_nan_on_rank_1_stops_rank_0(nan_on_rank_1: Path, tmp_path: Path):
+    """The same across two agents ("nodes"): rank 0 learns of rank 1's failure from the ranks' own
+    agreement (no agent kills it), exits non-zero without a second error line, and after every rank
+    has stopped writing rank 0 removes the staging folder."""
+    out = tmp_path / "out"
+    node0, node1 = _two_nodes(_convert_args(nan_on_rank_1, out), tmp_path, timeout=120)
+    assert node0.returncode != 0 and node1.returncode != 0
+    assert _error_lines(node0.stderr) == [], node0.stderr[-3000:]
+    errors = _error_lines(node1.stderr)
+    assert len(errors) == 1 and NAN_KEY in errors[0], node1.stderr[-3000:]
+    assert not out.exists()
+    assert not (tmp_path / ".out.partial").exists()
+
+
+KILL_RANK_1 = """
+import os, signal, sys
+import converter.shard as c
+real = c.convert_shard
+def convert_then_die(*args, **kwargs):
+    record = real(*args, **kwargs)
+    if os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return record
+c.convert_shard = convert_then_die
+from pissa.cli import main
+sys.argv = ["pissa"] + sys.argv[1:]
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_two_node_torchrun_rank_1_killed(tiny_llama_sharded: Path, single_bundle: Path, tmp_path: Path):
+    """Rank 1 is SIGKILLed after its first shard (its agent is on another "node", so only the ranks
+    themselves can notice): rank 0 stops and exits non-zero with one line saying it lost a rank;
+    the finished shards stay in staging and ``--resume`` (one process) completes the same bundle.
+
+    On one node, torchrun's agent sends SIGTERM to the other ranks as soon as one dies, which gives
+    the same end state (non-zero exits, staging kept for --resume)."""
+    out = tmp_path / "out"
+    script = tmp_path / "kill_rank_1.py"
+    script.write_text(KILL_RANK_1)
+    args = _convert_args(tiny_llama_sharded, out)[2:]
+    node0, node1 = _two_nodes([str(script), *args], tmp_path, timeout=120)
+    assert node1.returncode != 0 and "SIGKILL" in node1.stderr, node1.stderr[-3000:]
+    assert node0.returncode != 0
+    errors = _error_lines(node0.stderr)
+    assert len(errors) == 1 and "lost another rank" in errors[0] and "--resume" in errors[0], node0.stderr[-3000:]
+    assert not out.exists()
+    assert list((tmp_path / ".out.partial" / ".parts").glob("*.json")), "finished shards were not kept"
+    resumed = subprocess.run([sys.executable, "-m", "pissa", *args, "--resume"], capture_output=True, text=True,
+                             timeout=240, env=_env(), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_bundle(out, single_bundle)

@@ -26,6 +26,8 @@ class PissaError(Exception):
     """Base class. ``message`` is what went wrong, ``fix`` what the user should do about it."""
 
     exit_code: int = 1
+    # True when another process of the same run prints this error: the CLI then prints nothing.
+    already_reported: bool = False
 
     def __init__(self, message: str, *, fix: str | None = None) -> None:
         super().__init__(message)
@@ -127,6 +129,11 @@ class OutputExistsError(PissaError, FileExistsError):
 
 class OutputWriteError(PissaError, OSError):
     """Writing the output failed (disk full, permissions); nothing partial was left in place."""
+
+
+class StoppedError(PissaError, RuntimeError):
+    """This process stopped its share of the work because another part of the same run failed
+    (another torchrun rank, another shard in flight), or lost contact with another rank."""
 
 
 class VerificationError(MultiProblemError):
