@@ -148,3 +148,36 @@ def test_bad_options_are_reported_together(tmp_path, tiny_llama_bundle, data, ca
     assert run(["train", str(tiny_llama_bundle), "--data", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert f"{bad}:1: missing 'response'" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_accelerate_cpu_launch_of_one_process_is_refused(tmp_path, tiny_llama_bundle, data, monkeypatch, capsys):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (several CPU processes need MPI);
+    that process would train alone: refuse, say which launch line works, write nothing."""
+    # The environment accelerate's simple launcher gives its one process when asked for 2 (accelerate 1.x).
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "alone"
+    code = run(["train", str(tiny_llama_bundle), "--data", str(data), "--out", str(out), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--num_processes > 1 starts a single process" in err and "--multi_gpu --num_processes N" in err
+    assert not out.exists()
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, full_run, tiny_llama_bundle, data):
+    """A run trained by 2 processes cannot be resumed by 1: the effective batch would change."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(full_run[0], out)
+    record = json.loads((out / "run.json").read_text())
+    assert record["world_size"] == 1 and record["effective_batch_size"] == FAST["batch_size"]
+    record["world_size"] = 2
+    (out / "run.json").write_text(json.dumps(record))
+    opts = dict(max_steps=8, save_every=4, eval_data=str(data), eval_every=4, progress=False, **FAST)
+    with pytest.raises(InvalidOptionsError) as info:
+        train(tiny_llama_bundle, data, out, resume=True, **opts)
+    assert "the run was trained by 2 processes, now 1" in "\n".join(info.value.problems())
