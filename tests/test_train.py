@@ -150,6 +150,63 @@ def test_bad_options_are_reported_together(tmp_path, tiny_llama_bundle, data, ca
     assert not (tmp_path / "y").exists()
 
 
+def shown_losses(stderr: str) -> list[str]:
+    """The training losses a progress bar showed (its ``loss=`` postfix), in order, without repeats."""
+    import re
+
+    shown: list[str] = []
+    for value in re.findall(r"(?<![a-z_])loss=([-+0-9.e]+)", stderr):
+        if not shown or shown[-1] != value:
+            shown.append(value)
+    return shown
+
+
+def test_cli_train_shows_progress_with_the_logged_losses(tmp_path, tiny_llama_bundle, data, capsys):
+    """`pissa train` shows a bar on stderr: step/total and, after each logged step, the logged loss."""
+    out = tmp_path / "bar"
+    code = run(["train", str(tiny_llama_bundle), "--data", str(data), "--out", str(out), "--max-steps", "3",
+                "--batch-size", "4", "--lr", "1e-2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "3/3" in err
+    assert shown_losses(err) == [f"{m['loss']:.4g}" for m in read_metrics(out) if "loss" in m], err[-2000:]
+
+
+@pytest.fixture
+def demo_quiet():
+    """The demo's library silencing (transformers at ERROR, no HF bars, our loggers at WARNING), undone after."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    import pissa.demo as demo
+
+    names = ("converter", "training", "serving")
+    levels = {n: logging.getLogger(n).level for n in names}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    demo._quiet_libraries()
+    yield demo
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+    hf_logging.set_verbosity(verbosity)
+    if bars:
+        hf_logging.enable_progress_bar()
+
+
+def test_demo_training_step_shows_progress(tmp_path, tiny_llama_bundle, demo_quiet, monkeypatch, capsys):
+    """The demo's train step (minutes on SmolLM2) shows step/total and the logged losses while it runs,
+    with the demo's library logging turned off (here on the tiny bundle, 3 steps of the shipped task)."""
+    demo = demo_quiet
+    monkeypatch.setattr(demo, "TRAIN_STEPS", 3)
+    state = demo._State(workdir=tmp_path, gguf=tmp_path / "unused.gguf", bundle=tiny_llama_bundle)
+    detail = demo.step_train(state)
+    err = capsys.readouterr().err
+    assert detail.startswith("3 steps on arith_train.jsonl")
+    assert "3/3" in err, err[-2000:]
+    logged = [f"{m['loss']:.4g}" for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert len(logged) == 3 and shown_losses(err) == logged, err[-2000:]
+
+
 def test_accelerate_cpu_launch_of_one_process_is_refused(tmp_path, tiny_llama_bundle, data, monkeypatch, capsys):
     """`accelerate launch --cpu --num_processes 2` starts ONE process (several CPU processes need MPI);
     that process would train alone: refuse, say which launch line works, write nothing."""
