@@ -148,3 +148,93 @@ def test_bad_options_are_reported_together(tmp_path, tiny_llama_bundle, data, ca
     assert run(["train", str(tiny_llama_bundle), "--data", str(bad), "--out", str(tmp_path / "y")]) == 2
     assert f"{bad}:1: missing 'response'" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def shown_losses(stderr: str) -> list[str]:
+    """The training losses a progress bar showed (its ``loss=`` postfix), in order, without repeats."""
+    import re
+
+    shown: list[str] = []
+    for value in re.findall(r"(?<![a-z_])loss=([-+0-9.e]+)", stderr):
+        if not shown or shown[-1] != value:
+            shown.append(value)
+    return shown
+
+
+def test_cli_train_shows_progress_with_the_logged_losses(tmp_path, tiny_llama_bundle, data, capsys):
+    """`pissa train` shows a bar on stderr: step/total and, after each logged step, the logged loss."""
+    out = tmp_path / "bar"
+    code = run(["train", str(tiny_llama_bundle), "--data", str(data), "--out", str(out), "--max-steps", "3",
+                "--batch-size", "4", "--lr", "1e-2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "3/3" in err
+    assert shown_losses(err) == [f"{m['loss']:.4g}" for m in read_metrics(out) if "loss" in m], err[-2000:]
+
+
+@pytest.fixture
+def demo_quiet():
+    """The demo's library silencing (transformers at ERROR, no HF bars, our loggers at WARNING), undone after."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    import pissa.demo as demo
+
+    names = ("converter", "training", "serving")
+    levels = {n: logging.getLogger(n).level for n in names}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    demo._quiet_libraries()
+    yield demo
+    for n, level in levels.items():
+        logging.getLogger(n).setLevel(level)
+    hf_logging.set_verbosity(verbosity)
+    if bars:
+        hf_logging.enable_progress_bar()
+
+
+def test_demo_training_step_shows_progress(tmp_path, tiny_llama_bundle, demo_quiet, monkeypatch, capsys):
+    """The demo's train step (minutes on SmolLM2) shows step/total and the logged losses while it runs,
+    with the demo's library logging turned off (here on the tiny bundle, 3 steps of the shipped task)."""
+    demo = demo_quiet
+    monkeypatch.setattr(demo, "TRAIN_STEPS", 3)
+    state = demo._State(workdir=tmp_path, gguf=tmp_path / "unused.gguf", bundle=tiny_llama_bundle)
+    detail = demo.step_train(state)
+    err = capsys.readouterr().err
+    assert detail.startswith("3 steps on arith_train.jsonl")
+    assert "3/3" in err, err[-2000:]
+    logged = [f"{m['loss']:.4g}" for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert len(logged) == 3 and shown_losses(err) == logged, err[-2000:]
+
+
+def test_accelerate_cpu_launch_of_one_process_is_refused(tmp_path, tiny_llama_bundle, data, monkeypatch, capsys):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (several CPU processes need MPI);
+    that process would train alone: refuse, say which launch line works, write nothing."""
+    # The environment accelerate's simple launcher gives its one process when asked for 2 (accelerate 1.x).
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "alone"
+    code = run(["train", str(tiny_llama_bundle), "--data", str(data), "--out", str(out), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "--num_processes > 1 starts a single process" in err and "--multi_gpu --num_processes N" in err
+    assert not out.exists()
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path, full_run, tiny_llama_bundle, data):
+    """A run trained by 2 processes cannot be resumed by 1: the effective batch would change."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(full_run[0], out)
+    record = json.loads((out / "run.json").read_text())
+    assert record["world_size"] == 1 and record["effective_batch_size"] == FAST["batch_size"]
+    record["world_size"] = 2
+    (out / "run.json").write_text(json.dumps(record))
+    opts = dict(max_steps=8, save_every=4, eval_data=str(data), eval_every=4, progress=False, **FAST)
+    with pytest.raises(InvalidOptionsError) as info:
+        train(tiny_llama_bundle, data, out, resume=True, **opts)
+    assert "the run was trained by 2 processes, now 1" in "\n".join(info.value.problems())

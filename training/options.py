@@ -19,11 +19,13 @@ class TrainOptions:
 
     Attributes:
         init: ``pissa`` (residual + the bundle's principal adapter, trainable) or ``lora`` (the same
-            recipe as plain LoRA on the original base, Gaussian A / zero B, same rank/alpha/targets).
+            recipe as plain LoRA on the original base, same rank/alpha/targets, with PEFT's default
+            init ``init_lora_weights=True``: A Kaiming-uniform (``a=√5``, as ``nn.Linear``), B zero).
         epochs: passes over the data (ignored when ``max_steps`` is set).
         max_steps: optimizer steps (overrides ``epochs``).
         lr: peak learning rate.
-        batch_size: examples per device per micro-batch.
+        batch_size: examples per process per micro-batch (the effective batch is
+            ``batch_size · grad_accum · processes``).
         grad_accum: micro-batches per optimizer step.
         max_length: longest tokenized example; longer ones are dropped or truncated (``overlong``).
         overlong: ``drop`` or ``truncate`` examples longer than ``max_length`` (counted either way).

@@ -10,7 +10,17 @@ The recipe (one for both inits, so the comparison is fair):
 
 Both then run the same Trainer: AdamW, the chosen schedule with warm-up, gradient clipping at 1.0,
 loss on response tokens only. Distribution (DDP/FSDP/DeepSpeed), bf16 and gradient checkpointing are
-the Trainer's own, configured by ``accelerate launch`` and the options; nothing here is home-made.
+the Trainer's own, configured by the launcher (``torchrun``, ``accelerate launch``) and the options;
+nothing here is home-made.
+
+Several processes (DDP): ``W`` ranks with ``--batch-size b`` train one run with the effective batch
+``W·b·grad_accum``. The loss of a step is averaged over the response tokens of the whole global
+batch (the Trainer's ``average_tokens_across_devices``: each rank's token-summed loss is divided by
+the token count gathered from every rank), so it is the loss one process with batch ``W·b`` computes
+on the same examples. On a machine without an accelerator the Trainer is told to use the CPU
+(``use_cpu``): otherwise accelerate, launched under ``torchrun``, initializes a process group but
+reports no distributed setup, and every rank trains alone. Only rank 0 writes the run folder
+(``run.json``, metrics, plot, final adapter; the Trainer writes checkpoints from rank 0 too).
 
 RUN layout::
 
@@ -27,7 +37,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +79,10 @@ class TrainResult:
         data: statistics of the training data.
         eval: statistics of the eval data.
         plot: the loss plot.
+        world_size: processes that trained this run together (1 without a distributed launcher).
+        effective_batch_size: examples per optimizer step over all processes
+            (``world_size · batch_size · grad_accum``).
+        is_main: this process is rank 0 (the one that wrote the run folder and reports the result).
     """
 
     out: Path
@@ -83,10 +97,20 @@ class TrainResult:
     data: DataStats
     eval: DataStats | None
     plot: Path | None
+    world_size: int = 1
+    effective_batch_size: int | None = None
+    is_main: bool = True
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+def has_accelerator() -> bool:
+    """Whether torch sees a GPU-like device (CUDA, ROCm, MPS, XPU, ...); without one, training runs on the CPU."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    mps = getattr(torch.backends, "mps", None)
+    return torch.cuda.is_available() or bool(mps is not None and mps.is_available())
 
 
 def load_tokenizer(bundle: Bundle) -> Any:
@@ -139,11 +163,33 @@ def load_model(bundle: Bundle, options: TrainOptions) -> Any:
     return get_peft_model(merged, config)
 
 
+def _lone_accelerate_cpu_launch(env: Mapping[str, str]) -> bool:
+    """Whether this process was started by ``accelerate launch --cpu --num_processes N`` (N > 1) without MPI.
+
+    That launcher starts ONE process (several CPU processes need ``--mpirun_hostfile``), marked by
+    ``ACCELERATE_USE_CPU`` and a ``MASTER_ADDR`` it sets only when more than one process was asked for;
+    ``torchrun``, mpirun and ``accelerate launch --multi_gpu`` all set ``WORLD_SIZE`` or MPI variables.
+    """
+    asked_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    launched = any(k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    return asked_cpu and "MASTER_ADDR" in env and not launched
+
+
 def _training_arguments(out: Path, options: TrainOptions, has_eval: bool) -> Any:
+    """The Trainer's arguments; building them sets up the distributed state (process group) when launched
+    by ``torchrun`` / ``accelerate launch``.
+
+    ``use_cpu`` on a machine without an accelerator: accelerate only recognizes multi-process CPU training
+    (``MULTI_CPU``, gloo) when told to use the CPU; without it, under ``torchrun`` it still initializes a
+    process group but reports no distributed setup, and the Trainer then trains each rank alone.
+    """
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
+        use_cpu=not has_accelerator(),
+        # Each step's loss is the token average over the whole global batch (all ranks), as in one process.
+        average_tokens_across_devices=True,
         num_train_epochs=options.epochs,
         max_steps=options.max_steps if options.max_steps is not None else -1,
         learning_rate=options.lr,
@@ -263,7 +309,7 @@ def _last_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _check_resume(out: Path, bundle: Bundle, data: Path, options: TrainOptions) -> Path:
+def _check_resume(out: Path, bundle: Bundle, data: Path, options: TrainOptions, world: int) -> Path:
     """The checkpoint to resume from, after checking the run was started with the same settings."""
     record_path = out / run_format.RECORD
     if not record_path.is_file():
@@ -279,6 +325,10 @@ def _check_resume(out: Path, bundle: Bundle, data: Path, options: TrainOptions) 
     for key, value in options.to_record().items():
         if key not in _RESUME_FREE and before.get(key) != value:
             problems.append(f"option {key} was {before.get(key)!r}, now {value!r}")
+    started_world = int(record.get("world_size", 1))
+    if started_world != world:
+        problems.append(f"the run was trained by {started_world} processes, now {world} (the effective batch "
+                        "would change)")
     checkpoint = _last_checkpoint(out)
     if checkpoint is None:
         problems.append(f"{out / CHECKPOINTS} holds no checkpoint (train with --save-every N to make some)")
@@ -330,13 +380,24 @@ def train(
     out_path = Path(out).absolute()
     data_path = Path(data)
     b = open_bundle(bundle)
+    # Under torchrun / accelerate launch this sets up the process group (every rank gets here).
+    args = _training_arguments(out_path, options, options.eval_data is not None)
+    world = int(args.world_size)
+    if world == 1 and _lone_accelerate_cpu_launch(os.environ):
+        raise InvalidOptionsError(
+            "accelerate launch --cpu started one process",
+            ["accelerate launch --cpu with --num_processes > 1 starts a single process unless given an MPI "
+             "--mpirun_hostfile: this process would train alone"],
+            fix="launch with `accelerate launch --multi_gpu --num_processes N -m pissa train ...` (gloo on CPU) "
+                "or `torchrun --standalone --nproc_per_node N -m pissa train ...`",
+        )
+    # Every rank checks the run folder before any rank writes to it (the barrier below), so all ranks
+    # see the same folder and fail alike; only rank 0 then deletes or writes anything.
     checkpoint: Path | None = None
     if resume:
-        checkpoint = _check_resume(out_path, b, data_path, options)
-    elif out_path.exists() and any(out_path.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(str(out_path))
-        shutil.rmtree(out_path)
+        checkpoint = _check_resume(out_path, b, data_path, options, world)
+    elif out_path.exists() and any(out_path.iterdir()) and not overwrite:
+        raise OutputExistsError(str(out_path))
 
     tokenizer = load_tokenizer(b)
     train_examples, train_stats = _encode(tokenizer, data_path, options)
@@ -344,21 +405,28 @@ def train(
     if options.eval_data:
         eval_examples, eval_stats = _encode(tokenizer, Path(options.eval_data), options)
 
-    main = _is_main_process()
+    main = args.process_index == 0
+    args.distributed_state.wait_for_everyone()
     if main:
+        if not resume and out_path.exists() and any(out_path.iterdir()):
+            shutil.rmtree(out_path)  # --overwrite (checked above)
         out_path.mkdir(parents=True, exist_ok=True)
         if checkpoint is not None:
             step = int(checkpoint.name.split("-")[-1])
             truncate_metrics(out_path, step)
             logger.info("resuming %s from %s", out_path, checkpoint.name)
-        write_json(out_path / run_format.RECORD, _run_record(b, data_path, options, train_stats, eval_stats, "running"))
+        write_json(out_path / run_format.RECORD,
+                   _run_record(b, data_path, options, train_stats, eval_stats, "running", world))
+    if world > 1:
+        logger.info("rank %d of %d: effective batch %d (%d per process x %d accumulation steps x %d processes)",
+                    args.process_index, world, _effective_batch(options, world), options.batch_size,
+                    options.grad_accum, world)
 
     from transformers import PrinterCallback, Trainer
 
     model = load_model(b, options)
     if options.gradient_checkpointing:
         model.enable_input_require_grads()
-    args = _training_arguments(out_path, options, eval_examples is not None)
     trainer = Trainer(
         model=model,
         args=args,
@@ -399,9 +467,12 @@ def train(
         data=train_stats,
         eval=eval_stats,
         plot=plot,
+        world_size=world,
+        effective_batch_size=_effective_batch(options, world),
+        is_main=main,
     )
     if main:
-        record = _run_record(b, data_path, options, train_stats, eval_stats, "finished")
+        record = _run_record(b, data_path, options, train_stats, eval_stats, "finished", world)
         record["result"] = {
             "steps": result.steps, "first_loss": result.first_loss, "final_loss": result.final_loss,
             "eval_loss": result.eval_loss, "tokens_per_second": result.tokens_per_second,
@@ -409,6 +480,10 @@ def train(
         }
         write_json(out_path / run_format.RECORD, record)
     return result
+
+
+def _effective_batch(options: TrainOptions, world: int) -> int:
+    return options.batch_size * options.grad_accum * world
 
 
 def _mean_speed(lines: list[dict[str, Any]]) -> float | None:
@@ -434,7 +509,7 @@ def _save_adapter(model: Any, adapter: Path, bundle: Bundle, options: TrainOptio
 
 
 def _run_record(bundle: Bundle, data: Path, options: TrainOptions, stats: DataStats, eval_stats: DataStats | None,
-                status: str) -> dict[str, Any]:
+                status: str, world: int) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {
@@ -443,6 +518,9 @@ def _run_record(bundle: Bundle, data: Path, options: TrainOptions, stats: DataSt
         "bundle": str(bundle.path),
         "base_model": bundle.base_model,
         "options": options.to_record(),
+        # Processes that trained together and the examples per optimizer step over all of them.
+        "world_size": world,
+        "effective_batch_size": _effective_batch(options, world),
         "data": {**asdict(stats), "path": str(data.resolve())},
         "eval_data": asdict(eval_stats) if eval_stats else None,
     }

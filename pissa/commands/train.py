@@ -49,15 +49,21 @@ def _default(name: str) -> object:
 def train(bundle: str, data: str, out: str, resume: bool, overwrite: bool, no_progress: bool, **options) -> None:
     """Fine-tune a bundle's PiSSA adapter (or, with --init lora, the plain-LoRA baseline).
 
-    Runs on CPU as is; on GPUs run it under `accelerate launch` (DDP/FSDP/DeepSpeed from accelerate's
-    config) with --bf16 and optionally --gradient-checkpointing.
+    Runs in one process as is. Data-parallel over N processes (DDP; gloo on CPU, nccl on GPUs):
+    `torchrun --standalone --nproc_per_node N -m pissa train ...` or
+    `accelerate launch --multi_gpu --num_processes N -m pissa train ...`; --batch-size is per process
+    (see docs/training.md). On GPUs add --bf16 and optionally --gradient-checkpointing.
     """
     from training.train import train as run_train
 
     result = run_train(bundle, data, out, TrainOptions(**options), resume=resume,
                        overwrite=overwrite, progress=not no_progress)
+    if not result.is_main:
+        return  # rank 0 reports for the whole run
     d = result.data
     click.echo(f"trained {result.init} for {result.steps} steps in {result.seconds:.1f} s → {result.adapter}")
+    if result.world_size > 1:
+        click.echo(f"  {result.world_size} processes, effective batch {result.effective_batch_size}")
     click.echo(f"  data: {d.examples} examples of {d.records} records ({d.dropped_overlong} dropped as too long, "
                f"{d.truncated} truncated, {d.dropped_no_target} without response tokens)")
     if result.first_loss is not None and result.final_loss is not None:
