@@ -445,3 +445,26 @@ def test_hub_gguf_source_errors(hub, tiny_gguf: Path, tmp_path: Path, capsys) ->
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err and fix in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_cache_fallback_failure_is_not_disguised_as_network_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only "not in the cache" means "report the network problem"; any other failure surfaces as itself."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(HubError, match="cannot reach the Hub"):  # not cached: the network problem
+        download_checkpoint("alice/x", None, cache_dir=tmp_path / "cache")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cache listing failed")
+
+    monkeypatch.setattr(huggingface_hub, "get_cached_repo_tree", broken)
+    with pytest.raises(RuntimeError, match="cache listing failed"):
+        download_checkpoint("alice/x", None, cache_dir=tmp_path / "cache")
