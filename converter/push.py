@@ -318,7 +318,7 @@ def push(
             entry.path: entry
             for entry in api.get_paths_info(repo_id, [op.path_in_repo for op in operations], revision=branch)
         }
-        changed = [op for op in operations if not same_content(op.path_or_fileobj, remote.get(op.path_in_repo))]
+        changed = [op for op in operations if not same_content(_content(op), remote.get(op.path_in_repo))]
         if changed:
             info = api.create_commit(
                 repo_id,
@@ -356,7 +356,7 @@ def push(
     return report
 
 
-def same_content(local: str | bytes | Any, remote: Any) -> bool:
+def same_content(local: str | bytes, remote: Any) -> bool:
     """Whether a local file (path) or content (bytes) is identical to a remote file of ``get_paths_info``.
 
     The Hub identifies an LFS file by its sha256 (``remote.lfs.sha256``) and any other file by its
@@ -365,15 +365,21 @@ def same_content(local: str | bytes | Any, remote: Any) -> bool:
     """
     if remote is None or getattr(remote, "size", None) is None:
         return False
-    data = local if isinstance(local, bytes) else None
-    size = len(data) if data is not None else Path(local).stat().st_size
+    size = len(local) if isinstance(local, bytes) else Path(local).stat().st_size
     if size != remote.size:
         return False
     lfs = getattr(remote, "lfs", None)
     if lfs is not None:
-        digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(local)
+        digest = hashlib.sha256(local).hexdigest() if isinstance(local, bytes) else sha256_file(local)
         return bool(digest == lfs.sha256)
-    return bool(git_blob_sha1(data if data is not None else Path(local)) == remote.blob_id)
+    return bool(git_blob_sha1(local if isinstance(local, bytes) else Path(local)) == remote.blob_id)
+
+
+def _content(op: Any) -> str | bytes:
+    """What a ``CommitOperationAdd`` built above uploads: a file path or the card's bytes."""
+    content = op.path_or_fileobj
+    assert isinstance(content, str | bytes), type(content)
+    return content
 
 
 def raise_for_hub_id(repo_id: str) -> None:
