@@ -385,8 +385,6 @@ def torch_equal(a, b) -> bool:
 
 def test_convert_hub_gguf_file(hub, tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``hub:ORG/NAME/FILE.gguf`` downloads that one file and converts it as the local file would be."""
-    from converter.convert import convert
-    from converter.options import ConvertOptions
     from converter.sources import materialize_gguf, resolve_source
     from pissa.core.hashing import sha256_file
 
@@ -407,13 +405,12 @@ def test_convert_hub_gguf_file(hub, tiny_gguf: Path, tmp_path: Path, monkeypatch
     assert source.record["commit"] == hub.repos["alice/tiny-gguf"].refs["main"]
     _assert_dequantized_tiny_llama(source.folder, tiny_gguf)
 
-    report = convert("hub:alice/tiny-gguf/tiny-llama.F32.gguf", tmp_path / "b", ConvertOptions(rank=4),
-                     progress=False)
-    record = json.loads((report.out / "pissa.json").read_text())
+    assert run(["convert", "hub:alice/tiny-gguf/tiny-llama.F32.gguf", str(tmp_path / "b"), "--rank", "4"]) == 0
+    record = json.loads((tmp_path / "b" / "pissa.json").read_text())
     assert record["source"]["kind"] == "gguf" and record["source"]["repo_id"] == "alice/tiny-gguf"
     from converter.verify import verify_bundle
 
-    assert not verify_bundle(report.out).problems
+    assert not verify_bundle(tmp_path / "b").problems
 
 
 def test_convert_hub_repo_with_one_gguf(hub, tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

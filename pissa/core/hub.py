@@ -1,8 +1,9 @@
 """The Hugging Face Hub client of the pipeline: endpoint, token, downloads, and error mapping.
 
-Everything that talks to the Hub goes through huggingface_hub and its cache, so ``pissa convert
-hub:ORG/NAME``, serving manifests that name hub ids and ``pissa push`` share one client, one cache
-and one set of errors:
+Everything of ours that talks to the Hub goes through huggingface_hub and its cache, so ``pissa
+convert hub:ORG/NAME``, the validation of serving manifests that name hub ids (serving.validate) and
+``pissa push`` share one client, one cache and one set of errors (vLLM then loads those hub ids
+itself, with its own huggingface_hub client):
 
 - endpoint: ``HF_ENDPOINT`` read when called (so a stand-in started later is honoured), else the
   library's default (https://huggingface.co);
