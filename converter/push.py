@@ -12,17 +12,19 @@ Order of operations (nothing is published unless every step before it passed):
    renderer (the text ``pissa convert`` writes; it is checksummed in ``pissa.json``, so it is
    rendered exactly as convert did and the published bundle still verifies after a download); an
    export's README is uploaded as it is;
-4. ``create_repo(exist_ok=True)`` (+ the branch for ``--revision``), then ONE ``create_commit`` of
-   every file (the same call ``upload_folder`` makes, with the card given as bytes so the local
-   folder is never modified). The commit is atomic on the Hub side: a failure leaves the previous
-   revision in place. Re-running resumes: LFS objects already uploaded are not sent again, and a
-   commit whose files all match the remote is skipped (no empty commit).
+4. ``create_repo(exist_ok=True)`` (+ the branch for ``--revision``), then ``get_paths_info`` of the
+   branch: a file whose size and sha256 (LFS) or git blob sha1 (other files) equal the remote copy's
+   is unchanged and not sent; ONE ``create_commit`` of the others (the same call ``upload_folder``
+   makes, with the card given as bytes so the local folder is never modified), and no commit at all
+   when nothing changed. The commit is atomic on the Hub side: a failure leaves the previous
+   revision in place. Re-running resumes: LFS objects already uploaded are not sent again.
 
 The card renderer and the bundle verifier are injectable (tests; other front-ends).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -36,7 +38,7 @@ from pissa.core.errors import HubError, SourceNotFoundError, VerificationError
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as bundle_format
 from pissa.core.formats import export as export_format
-from pissa.core.hashing import sha256_file
+from pissa.core.hashing import git_blob_sha1, sha256_file
 from pissa.core.jsonio import read_json
 
 logger = logging.getLogger(__name__)
@@ -312,32 +314,37 @@ def push(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-        info = api.create_commit(
-            repo_id,
-            operations,
-            commit_message=message or default_message,
-            revision=branch,
-            create_pr=create_pr,
-        )
+        remote = {
+            entry.path: entry
+            for entry in api.get_paths_info(repo_id, [op.path_in_repo for op in operations], revision=branch)
+        }
+        changed = [op for op in operations if not same_content(_content(op), remote.get(op.path_in_repo))]
+        if changed:
+            info = api.create_commit(
+                repo_id,
+                changed,
+                commit_message=message or default_message,
+                revision=branch,
+                create_pr=create_pr,
+            )
+            commit_oid, commit_url, pr_url = info.oid, info.commit_url, info.pr_url
+        else:  # every file is already there: no (empty) commit
+            commit_oid, commit_url, pr_url = api.repo_info(repo_id, revision=branch).sha, None, None
     except (VerificationError, SourceNotFoundError):
         raise
     except Exception as exc:  # noqa: BLE001 - every client failure becomes one HubError
         raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=branch) from exc
 
-    uploaded: list[str] = []
-    unchanged: list[str] = []
-    for op in operations:
-        remote = getattr(op, "_remote_oid", None)
-        same = remote is not None and remote == getattr(op, "_local_oid", None)
-        (unchanged if same else uploaded).append(op.path_in_repo)
+    uploaded = [op.path_in_repo for op in changed]
+    unchanged = sorted({op.path_in_repo for op in operations} - set(uploaded))
     report = PushReport(
         path=str(folder),
         repo_id=repo_id,
         kind=kind,
         revision=branch,
-        commit_oid=getattr(info, "oid", None),
-        commit_url=getattr(info, "commit_url", None),
-        pr_url=getattr(info, "pr_url", None),
+        commit_oid=commit_oid,
+        commit_url=commit_url,
+        pr_url=pr_url,
         uploaded=tuple(sorted(uploaded)),
         unchanged=tuple(sorted(unchanged)),
         bytes_uploaded=sum(sizes[p] for p in uploaded),
@@ -349,11 +356,36 @@ def push(
     return report
 
 
+def same_content(local: str | bytes, remote: Any) -> bool:
+    """Whether a local file (path) or content (bytes) is identical to a remote file of ``get_paths_info``.
+
+    The Hub identifies an LFS file by its sha256 (``remote.lfs.sha256``) and any other file by its
+    git blob sha1 (``remote.blob_id``); sizes are compared first, so nothing is hashed for a file
+    that changed size.
+    """
+    if remote is None or getattr(remote, "size", None) is None:
+        return False
+    size = len(local) if isinstance(local, bytes) else Path(local).stat().st_size
+    if size != remote.size:
+        return False
+    lfs = getattr(remote, "lfs", None)
+    if lfs is not None:
+        digest = hashlib.sha256(local).hexdigest() if isinstance(local, bytes) else sha256_file(local)
+        return bool(digest == lfs.sha256)
+    return bool(git_blob_sha1(local if isinstance(local, bytes) else Path(local)) == remote.blob_id)
+
+
+def _content(op: Any) -> str | bytes:
+    """What a ``CommitOperationAdd`` built above uploads: a file path or the card's bytes."""
+    content = op.path_or_fileobj
+    assert isinstance(content, str | bytes), type(content)
+    return content
+
+
 def raise_for_hub_id(repo_id: str) -> None:
-    """Reject a repo id that cannot be valid (``ORG/NAME``), before any network access."""
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id) or ".." in repo_id:
-        raise HubError(
-            f"{repo_id!r} is not a valid repo id",
-            repo_id=repo_id,
-            fix="use ORG/NAME (letters, digits, '-', '_', '.')",
-        )
+    """Reject a repo id that cannot be valid (``ORG/NAME``, huggingface_hub's rule), before any request."""
+    from pissa.core.hub import repo_id_problem
+
+    problem = repo_id_problem(repo_id)
+    if problem is not None:
+        raise HubError(problem, repo_id=repo_id, fix="use ORG/NAME (letters, digits, '-', '_', '.')")

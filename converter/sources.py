@@ -5,7 +5,9 @@
   safetensors folder in the cache (``$PISSA_CACHE`` or ``~/.cache/pissa``), keyed by the file's
   sha256, so converting it again (other ranks, a zoo) reuses it.
 - ``hub:ORG/NAME`` or ``ORG/NAME`` that is not a local path is downloaded with huggingface_hub
-  (``pissa.core.hub.download_checkpoint``: revision, HF_TOKEN and HF_ENDPOINT honoured).
+  (``pissa.core.hub.download_checkpoint``: revision, HF_TOKEN and HF_ENDPOINT honoured). A repo
+  whose only weights are one ``.gguf`` file, or ``hub:ORG/NAME/FILE.gguf`` (one file of a repo that
+  holds several quantizations), is downloaded and then dequantized exactly as a local ``.gguf``.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def resolve_source(source: str, *, revision: str | None = None) -> ResolvedSourc
         HubError: the download failed.
     """
     if source.startswith("hub:"):
-        return _from_hub(source[4:], revision)
+        repo_id, filename = split_hub_source(source[4:])
+        return _from_hub(repo_id, revision, filename)
     path = Path(source).expanduser()
     if path.is_dir():
         return ResolvedSource(path.resolve(), "local", str(path.resolve()), record={"path": str(path.resolve())})
@@ -71,27 +74,66 @@ def resolve_source(source: str, *, revision: str | None = None) -> ResolvedSourc
     if _looks_like_repo_id(source):
         return _from_hub(source, revision)
     raise SourceNotFoundError(
-        f"{source} does not exist", path=source, fix="give a model folder, a .gguf file, or hub:ORG/NAME"
+        f"{source} does not exist",
+        path=source,
+        fix="give a model folder, a .gguf file, hub:ORG/NAME or hub:ORG/NAME/FILE.gguf",
     )
 
 
 def _looks_like_repo_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts) and not text.startswith(("/", "~"))
+    from pissa.core.hub import repo_id_problem
+
+    return not text.startswith(("/", "~", ".")) and repo_id_problem(text) is None
 
 
-def _from_hub(repo_id: str, revision: str | None) -> ResolvedSource:
-    from pissa.core.hub import download_checkpoint
+def split_hub_source(text: str) -> tuple[str, str | None]:
+    """``ORG/NAME`` -> ``("ORG/NAME", None)``; ``ORG/NAME/PATH.gguf`` -> ``("ORG/NAME", "PATH.gguf")``.
 
-    folder = Path(download_checkpoint(repo_id, revision))
+    Raises:
+        SourceNotFoundError: not a valid repo id, or a path in the repo that is not a ``.gguf`` file.
+    """
+    from pissa.core.hub import repo_id_problem
+
+    parts = text.split("/", 2)
+    repo_id = "/".join(parts[:2])
+    filename = parts[2] if len(parts) == 3 else None
+    problem = repo_id_problem(repo_id)
+    if problem is not None:
+        raise SourceNotFoundError(
+            f"hub:{text}: {problem}", path=text, fix="give hub:ORG/NAME or hub:ORG/NAME/FILE.gguf"
+        )
+    if filename is not None and not filename.endswith(".gguf"):
+        raise SourceNotFoundError(
+            f"hub:{text}: only a .gguf file of a repo can be named ({filename!r} is not one)",
+            path=text,
+            fix=f"give hub:{repo_id} (its safetensors are found) or hub:{repo_id}/FILE.gguf",
+        )
+    return repo_id, filename
+
+
+def _from_hub(repo_id: str, revision: str | None, filename: str | None = None) -> ResolvedSource:
+    from pissa.core.hub import checkpoint_files, download_checkpoint
+
+    folder = Path(download_checkpoint(repo_id, revision, filename=filename))
     # huggingface_hub names snapshot folders by commit: record the exact commit, not just the branch.
-    record = {"repo_id": repo_id, "revision": revision or "main", "commit": folder.name, "path": str(folder)}
-    return ResolvedSource(folder, "hub", repo_id, record=record)
+    hub_record = {"repo_id": repo_id, "revision": revision or "main", "commit": folder.name}
+    if filename is None:
+        # The same choice the download made: a repo whose only weights are one .gguf file.
+        present = [p.name for p in folder.iterdir() if p.is_file()]
+        ggufs = [f for f in checkpoint_files(present, repo_id=repo_id) if f.endswith(".gguf")]
+        filename = ggufs[0] if ggufs else None
+    if filename is not None:
+        gguf = materialize_gguf(folder / filename)
+        record = {**hub_record, "file": filename, **gguf.record}
+        return ResolvedSource(gguf.folder, "gguf", gguf.base_model, gguf.default_dtype, record)
+    return ResolvedSource(folder, "hub", repo_id, record={**hub_record, "path": str(folder)})
 
 
 def materialize_gguf(path: Path) -> ResolvedSource:
     """Dequantize a GGUF file into a cached float32 safetensors folder (once per file content)."""
-    path = path.resolve()
+    # Resolve the folder only: a file in a huggingface_hub snapshot is a symlink to a blob without
+    # the .gguf name transformers is given.
+    path = path.parent.resolve() / path.name
     digest = sha256_file(path)
     folder = cache_root() / "gguf" / digest[:16]
     record = {"path": str(path), "gguf_sha256": digest}

@@ -193,6 +193,8 @@ def reuse_problems(bundle: Path, job: ZooJob, source: str) -> list[str]:
             problems.append(f"option {key} was {recorded[key]!r}, the manifest now says {wanted!r}")
     src = record.get("source", {})
     known = {str(v) for k, v in src.items() if k in ("path", "repo_id") and v}
+    if src.get("repo_id") and src.get("file"):  # hub:ORG/NAME/FILE.gguf
+        known.add(f"{src['repo_id']}/{src['file']}")
     known |= {os.path.realpath(v) for v in known}
     if known and not (known & _source_identity(source)):
         problems.append(f"converted from {sorted(known)[0]}, the manifest now says {source}")

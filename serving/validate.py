@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pissa.core.errors import AdapterValidationError
+from pissa.core.errors import AdapterValidationError, HubError
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as bundle_format
 from pissa.core.formats import export as export_format
@@ -333,26 +333,38 @@ def check_adapters(
 
 
 # --- reading from disk (the thin IO driver) -----------------------------------------------------
-def _local_model_folder(ref_value: str, is_local: bool, patterns: list[str]) -> Path:
-    if is_local:
-        return Path(ref_value)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(ref_value, allow_patterns=patterns))
-
-
-def read_base(location: str, *, is_local: bool, aliases: Sequence[str] = (), given: str | None = None) -> BaseInfo:
-    """Read the served base's identities and weight shapes (headers only).
+def _local_model_folder(ref_value: str, is_local: bool, patterns: list[str], revision: str | None) -> Path:
+    """The folder itself, or the hub repo's snapshot through the pipeline's one Hub client.
 
     Raises:
-        AdapterValidationError: the base cannot be read (no config or safetensors weights).
+        HubError: the download failed (one line with what to do).
+    """
+    if is_local:
+        return Path(ref_value)
+    from pissa.core.hub import download_repo
+
+    return download_repo(ref_value, revision, allow_patterns=patterns)
+
+
+def read_base(
+    location: str, *, is_local: bool, aliases: Sequence[str] = (), given: str | None = None,
+    revision: str | None = None,
+) -> BaseInfo:
+    """Read the served base's identities and weight shapes (headers only).
+
+    Args:
+        location: a folder, or a hub id (downloaded with :func:`pissa.core.hub.download_repo`).
+        revision: for a hub id: branch, tag or commit (None: ``main``).
+
+    Raises:
+        AdapterValidationError: the base cannot be fetched or read (no config or safetensors weights).
     """
     identities = {location, *aliases}
     if given:
         identities.add(given)
     try:
-        folder = _local_model_folder(location, is_local, ["*.json", "*.safetensors"])
-    except Exception as exc:  # noqa: BLE001 - hub errors have many types; one line for the user
+        folder = _local_model_folder(location, is_local, ["*.json", "*.safetensors"], revision)
+    except HubError as exc:
         raise AdapterValidationError(
             "base unreadable", [f"base {location!r}: cannot fetch it: {exc}"],
             fix="check the base path or hub id (and HF_HUB_OFFLINE / the cache)",
@@ -393,15 +405,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def read_adapter(name: str, location: str, *, is_local: bool) -> AdapterInfo:
-    """Read an adapter folder (or hub repo): config, tensor shapes, export record.
+def read_adapter(name: str, location: str, *, is_local: bool, revision: str | None = None) -> AdapterInfo:
+    """Read an adapter folder (or hub repo, at ``revision``): config, tensor shapes, export record.
 
-    Problems reading it are returned in ``read_problems`` (never raised), so every adapter is
-    reported.
+    Problems reading it (a Hub download failure included) are returned in ``read_problems``
+    (never raised), so every adapter is reported.
     """
     try:
-        folder = _local_model_folder(location, is_local, ["*.json", "*.safetensors", "*.bin", "*.pt"])
-    except Exception as exc:  # noqa: BLE001
+        folder = _local_model_folder(location, is_local, ["*.json", "*.safetensors", "*.bin", "*.pt"], revision)
+    except HubError as exc:
         return AdapterInfo(name, location, {}, {}, None, (f"cannot fetch it: {exc}",))
     if not folder.is_dir():
         return AdapterInfo(name, location, {}, {}, None, (f"{folder} is not a folder",))

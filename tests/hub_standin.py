@@ -11,6 +11,7 @@ stand-in speaks the LFS "basic" transfer, not Xet). It implements exactly the en
 ``POST /api/validate-yaml``                           README metadata check (always fine)
 ``GET  /api/models/{repo}[/revision/{rev}]``          model info: sha, private, siblings
 ``GET  /api/models/{repo}/tree/{rev}[/{path}]``       recursive listing (files with lfs info)
+``POST /api/models/{repo}/paths-info/{rev}``          the same entries for given paths (form data)
 ``POST /api/models/{repo}/preupload/{rev}``           upload mode per file + oid of the remote copy
 ``POST /api/models/{repo}/branch/{branch}``           create a branch (409 if it exists)
 ``POST /{repo}.git/info/lfs/objects/batch``           LFS batch: upload actions for missing objects
@@ -257,6 +258,7 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", r"/api/repos/create", self.create_repo),
             ("POST", r"/api/validate-yaml", lambda **_: _Reply(200, {"errors": [], "warnings": []})),
             ("GET", rf"/api/models/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<sub>.*))?", self.tree),
+            ("POST", rf"/api/models/{REPO}/paths-info/(?P<rev>[^/]+)", self.paths_info),
             ("GET", rf"/api/models/{REPO}(?:/revision/(?P<rev>[^/]+))?", self.model_info),
             ("POST", rf"/api/models/{REPO}/preupload/(?P<rev>[^/]+)", self.preupload),
             ("POST", rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", self.create_branch),
@@ -357,12 +359,19 @@ class _Handler(BaseHTTPRequestHandler):
                 parts = rest.split("/")[:-1]
                 for i in range(len(parts)):
                     folders.add(prefix + "/".join(parts[: i + 1]))
-            blob = c.files[p]
-            entry: dict[str, Any] = {"type": "file", "path": p, "size": len(blob.data), "oid": git_blob_sha1(blob.data)}
-            if blob.lfs:
-                entry["lfs"] = {"oid": blob.sha256, "size": len(blob.data), "pointerSize": 134}
-            entries.append(entry)
-        entries += [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)]
+            entries.append(_file_entry(p, c.files[p]))
+        entries += [_folder_entry(f) for f in sorted(folders)]
+        return _Reply(200, entries)
+
+    def paths_info(self, repo: str, rev: str, body: bytes, **_: Any) -> _Reply:
+        r = self._repo(repo)
+        c = self._commit(r, rev)
+        entries: list[dict[str, Any]] = []
+        for p in parse_qs(body.decode()).get("paths", []):
+            if p in c.files:
+                entries.append(_file_entry(p, c.files[p]))
+            elif any(f.startswith(p.rstrip("/") + "/") for f in c.files):
+                entries.append(_folder_entry(p))
         return _Reply(200, entries)
 
     def preupload(self, repo: str, rev: str, body: bytes, **_: Any) -> _Reply:
@@ -471,6 +480,18 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Linked-Etag"] = f'"{etag}"'
             headers["X-Linked-Size"] = str(len(blob.data))
         return _Reply(200, blob.data, headers)
+
+
+def _file_entry(path: str, blob: Blob) -> dict[str, Any]:
+    """A file as the tree and paths-info endpoints describe it (git blob oid; sha256 for LFS)."""
+    entry: dict[str, Any] = {"type": "file", "path": path, "size": len(blob.data), "oid": git_blob_sha1(blob.data)}
+    if blob.lfs:
+        entry["lfs"] = {"oid": blob.sha256, "size": len(blob.data), "pointerSize": 134}
+    return entry
+
+
+def _folder_entry(path: str) -> dict[str, Any]:
+    return {"type": "directory", "path": path, "oid": hashlib.sha1(path.encode()).hexdigest()}
 
 
 def _new_oid(*parts: str) -> str:

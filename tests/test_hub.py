@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -264,11 +265,22 @@ def test_offline_without_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert "unset HF_HUB_OFFLINE" in str(err.value)
 
 
-def test_invalid_repo_id_rejected_before_any_request(hub, bundle: Path) -> None:
-    with pytest.raises(HubError, match="not a valid repo id"):
-        push(bundle, "no-namespace")
-    with pytest.raises(HubError, match="not a valid repo id"):
-        push(bundle, "a/b/c")
+@pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "alice/a--b", "alice/x.", "alice/-x"])
+def test_invalid_repo_id_rejected_before_any_request(hub, bundle: Path, repo_id: str) -> None:
+    """huggingface_hub's own rule (validate_repo_id): e.g. no ``--`` and no trailing ``.``."""
+    with pytest.raises(HubError, match="not of the form ORG/NAME|not a valid Hub repo id") as err:
+        push(bundle, repo_id, verifier=lambda p: None)
+    assert err.value.repo_id == repo_id
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("source", ["alice/a--b", "alice/x."])
+def test_source_that_is_no_valid_repo_id_is_a_missing_path(hub, source: str) -> None:
+    """A source that is neither a path nor a valid repo id is reported missing, without a Hub request."""
+    from converter.sources import resolve_source
+
+    with pytest.raises(SourceNotFoundError, match=f"{re.escape(source)} does not exist"):
+        resolve_source(source)
     assert hub.requests == []
 
 
@@ -314,3 +326,142 @@ def test_hub_error_formatter(status: int, kind: str, expected: str, fix: str) ->
     err = hub_error(exc, repo_id="o/n", action="testing", endpoint="http://hub.test")
     assert isinstance(err, HubError) and err.status == status and err.repo_id == "o/n"
     assert str(err).startswith(f"testing (http://hub.test): {expected}") and fix in (err.fix or "")
+
+
+def test_push_compares_content_not_size(hub, tmp_path: Path, tiny_llama_bundle: Path) -> None:
+    """A file changed to the same size is sent again; only it; identical files are never re-sent."""
+    adapter = Path(shutil.copytree(tiny_llama_bundle / "pissa_init", tmp_path / "adapter"))
+    (adapter / "notes.txt").write_text("version 1\n")
+    first = push(adapter, "alice/same-size")
+    assert set(first.uploaded) == set(_tree(adapter))
+    (adapter / "notes.txt").write_text("version 2\n")
+    second = push(adapter, "alice/same-size")
+    assert second.uploaded == ("notes.txt",) and set(second.unchanged) == set(_tree(adapter)) - {"notes.txt"}
+    assert hub.head_files("alice/same-size")["notes.txt"] == b"version 2\n"
+    third = push(adapter, "alice/same-size")
+    assert third.uploaded == () and third.commit_oid == hub.repos["alice/same-size"].refs["main"]
+    assert hub.count("POST", COMMIT) == 2 and hub.count("POST", r"/paths-info/main$") == 3
+
+
+# --- GGUF sources on the Hub ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama (tests/tiny.py) as an F32 GGUF file, with the HF folder it was written from."""
+    from tiny import make_tiny_model
+    from tiny_gguf import write_tiny_llama_gguf
+
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    hf = make_tiny_model(root / "hf", "llama")
+    (root / "gguf").mkdir()
+    return write_tiny_llama_gguf(hf, root / "gguf" / "tiny-llama.F32.gguf")
+
+
+def _gguf_repo(hub, repo_id: str, files: dict[str, Path | bytes]) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token="hf_alice")
+    api.create_repo(repo_id)
+    for name, content in files.items():
+        api.upload_file(path_or_fileobj=content if isinstance(content, bytes) else str(content),
+                        path_in_repo=name, repo_id=repo_id)
+
+
+def _assert_dequantized_tiny_llama(folder: Path, tiny_gguf: Path) -> None:
+    """The cached folder holds the tiny Llama's exact weights (F32 GGUF: dequantizing is lossless)."""
+    from safetensors.torch import load_file
+
+    got = load_file(str(folder / "model.safetensors"))
+    want = load_file(str(tiny_gguf.parent.parent / "hf" / "model.safetensors"))
+    assert set(want) <= set(got)
+    for key, tensor in want.items():
+        assert torch_equal(got[key], tensor), key
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def test_convert_hub_gguf_file(hub, tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hub:ORG/NAME/FILE.gguf`` downloads that one file and converts it as the local file would be."""
+    from converter.sources import materialize_gguf, resolve_source
+    from pissa.core.hashing import sha256_file
+
+    monkeypatch.setenv("PISSA_CACHE", str(tmp_path / "pissa-cache"))
+    _gguf_repo(hub, "alice/tiny-gguf", {
+        "tiny-llama.F32.gguf": tiny_gguf,
+        "tiny-llama.other.gguf": b"GGUF but never downloaded",
+        "README.md": b"---\nlicense: apache-2.0\n---\n",
+    })
+    source = resolve_source("hub:alice/tiny-gguf/tiny-llama.F32.gguf")
+    assert source.kind == "gguf"
+    assert hub.count("GET", r"/resolve/[^/]+/tiny-llama\.F32\.gguf$") == 1
+    assert hub.count("GET", r"/resolve/[^/]+/tiny-llama\.other\.gguf$") == 0
+    # the same cached float32 folder as the local file (keyed by content), with the exact weights
+    assert source.folder == materialize_gguf(tiny_gguf).folder
+    assert source.record["gguf_sha256"] == sha256_file(tiny_gguf)
+    assert source.record["repo_id"] == "alice/tiny-gguf" and source.record["file"] == "tiny-llama.F32.gguf"
+    assert source.record["commit"] == hub.repos["alice/tiny-gguf"].refs["main"]
+    _assert_dequantized_tiny_llama(source.folder, tiny_gguf)
+
+    assert run(["convert", "hub:alice/tiny-gguf/tiny-llama.F32.gguf", str(tmp_path / "b"), "--rank", "4"]) == 0
+    record = json.loads((tmp_path / "b" / "pissa.json").read_text())
+    assert record["source"]["kind"] == "gguf" and record["source"]["repo_id"] == "alice/tiny-gguf"
+    from converter.verify import verify_bundle
+
+    assert not verify_bundle(tmp_path / "b").problems
+
+
+def test_convert_hub_repo_with_one_gguf(hub, tiny_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hub:ORG/NAME`` whose only weights are one .gguf: downloaded, dequantized, converted."""
+    from converter.convert import convert
+    from converter.options import ConvertOptions
+
+    monkeypatch.setenv("PISSA_CACHE", str(tmp_path / "pissa-cache"))
+    _gguf_repo(hub, "alice/one-gguf", {"model.gguf": tiny_gguf, "README.md": b"# tiny\n"})
+    report = convert("hub:alice/one-gguf", tmp_path / "b", ConvertOptions(rank=4), progress=False)
+    record = json.loads((report.out / "pissa.json").read_text())
+    assert record["source"]["kind"] == "gguf"
+    assert record["source"]["repo_id"] == "alice/one-gguf" and record["source"]["file"] == "model.gguf"
+    _assert_dequantized_tiny_llama(Path(record["base_model"]), tiny_gguf)
+
+
+def test_hub_gguf_source_errors(hub, tiny_gguf: Path, tmp_path: Path, capsys) -> None:
+    """Several GGUF files and none named, a missing file, a non-GGUF path: one line each, nothing written."""
+    _gguf_repo(hub, "alice/two", {"a.gguf": tiny_gguf, "b.gguf": tiny_gguf})
+    capsys.readouterr()  # the upload's progress bars
+    cases = [
+        ("hub:alice/two", "alice/two holds 2 GGUF files", "name the one to convert: hub:alice/two/FILE.gguf"),
+        ("hub:alice/two/c.gguf", "alice/two has no file 'c.gguf'", "pick one of: a.gguf, b.gguf"),
+        ("hub:alice/two/model.safetensors", "only a .gguf file of a repo can be named", "hub:alice/two/FILE.gguf"),
+        ("hub:alice/two--x/a.gguf", "not a valid Hub repo id", "hub:ORG/NAME/FILE.gguf"),
+    ]
+    for source, message, fix in cases:
+        assert run(["convert", source, str(tmp_path / "out")]) != 0
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and fix in err, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_cache_fallback_failure_is_not_disguised_as_network_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Only "not in the cache" means "report the network problem"; any other failure surfaces as itself."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(HubError, match="cannot reach the Hub"):  # not cached: the network problem
+        download_checkpoint("alice/x", None, cache_dir=tmp_path / "cache")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cache listing failed")
+
+    monkeypatch.setattr(huggingface_hub, "get_cached_repo_tree", broken)
+    with pytest.raises(RuntimeError, match="cache listing failed"):
+        download_checkpoint("alice/x", None, cache_dir=tmp_path / "cache")

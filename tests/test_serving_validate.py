@@ -289,3 +289,64 @@ def test_base_without_weights(tmp_path):
 def test_base_path_identity(tiny_llama):
     base = read_base(str(tiny_llama), is_local=True, aliases=["org/tiny"])
     assert str(Path(tiny_llama).resolve()) in base.identities and "org/tiny" in base.identities
+
+
+# --- hub ids: downloaded through pissa.core.hub (the Hub stand-in of tests/hub_standin.py) --------
+def _upload(hub, repo_id: str, folder: Path, revision: str | None = None) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.endpoint, token="hf_alice")
+    api.create_repo(repo_id, exist_ok=True)
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision)
+
+
+def test_hub_base_and_adapter_validated_through_the_hub_client(hub, tiny_llama, tmp_path):
+    """Hub ids go through pissa.core.hub.download_repo: HF_ENDPOINT and HF_TOKEN read when called."""
+    from serving.testing import make_peft_adapter
+
+    make_peft_adapter(tiny_llama, tmp_path / "a", seed=1)  # records the local folder as its base
+    _upload(hub, "alice/base", tiny_llama)
+    _upload(hub, "alice/tenant-a", tmp_path / "a")
+    base = read_base("alice/base", is_local=False, aliases=[str(tiny_llama)])
+    assert base.weight_shapes["model.layers.0.self_attn.q_proj"] == (128, 128)
+    report = validate_adapters(base, [("a", "alice/tenant-a", False)])
+    assert report.ranks == {"a": 8}
+    assert hub.count("GET", r"^/alice/tenant-a/resolve/[^/]+/adapter_model\.safetensors$") == 1
+
+
+def test_hub_adapter_revision_is_honoured(hub, tiny_llama, tmp_path):
+    from serving.testing import make_peft_adapter
+
+    make_peft_adapter(tiny_llama, tmp_path / "r8", seed=1, rank=8)
+    make_peft_adapter(tiny_llama, tmp_path / "r16", seed=1, rank=16)
+    _upload(hub, "alice/tenant", tmp_path / "r8")
+    _upload(hub, "alice/tenant", tmp_path / "r16", revision="v2")
+    assert read_adapter("t", "alice/tenant", is_local=False).config["r"] == 8
+    assert read_adapter("t", "alice/tenant", is_local=False, revision="v2").config["r"] == 16
+    missing = read_adapter("t", "alice/tenant", is_local=False, revision="nope")
+    assert missing.read_problems == (
+        f"cannot fetch it: downloading alice/tenant@nope ({hub.endpoint}): revision 'nope' does not exist in "
+        "alice/tenant (check the branch, tag or commit (--revision))",
+    )
+
+
+def test_hub_failures_are_adapter_validation_lines(hub, tiny_llama, tmp_path):
+    """A missing adapter repo and a failing Hub: one HubError line each, every adapter reported."""
+    from serving.testing import make_peft_adapter
+
+    make_peft_adapter(tiny_llama, tmp_path / "a", seed=1)
+    _upload(hub, "alice/ok", tmp_path / "a")
+    base = read_base(str(tiny_llama), is_local=True)
+    with pytest.raises(AdapterValidationError) as exc:
+        validate_adapters(base, [("ok", "alice/ok", False), ("gone", "alice/gone", False)])
+    assert exc.value.problems() == [
+        f"adapter 'gone' (alice/gone): cannot fetch it: downloading alice/gone@main ({hub.endpoint}): repository "
+        "alice/gone not found (or private and not visible to this token) (HTTP 404) (check the repo id)"
+    ]
+    hub.fail("GET", r"^/api/models/alice/ok", 503)
+    with pytest.raises(AdapterValidationError) as exc:
+        read_base("alice/ok", is_local=False)
+    (line,) = exc.value.problems()
+    assert line.startswith("base 'alice/ok': cannot fetch it: ") and "the Hub failed with HTTP 503" in line

@@ -313,3 +313,27 @@ def test_shipped_zoo_local_runs_offline(tmp_path: Path, smollm2_gguf: Path) -> N
                                                                          (32, "converted", 210)]
     energies = [r.mean_energy for r in report.results]
     assert energies == sorted(energies) and energies[0] > 0.05  # more rank, more captured energy
+
+
+def test_zoo_hub_gguf_file_source_is_skipped_when_done(
+    hub, tmp_path: Path, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``source: hub:ORG/NAME/FILE.gguf``: converted once; the re-run recognises the bundle as its own."""
+    from huggingface_hub import HfApi
+    from tiny_gguf import write_tiny_llama_gguf
+
+    monkeypatch.setenv("PISSA_CACHE", str(tmp_path / "pissa-cache"))
+    gguf = write_tiny_llama_gguf(tiny_llama, tmp_path / "tiny.gguf")
+    api = HfApi(endpoint=hub.endpoint, token="hf_alice")
+    api.create_repo("alice/tg")
+    api.upload_file(path_or_fileobj=str(gguf), path_in_repo="tiny.F32.gguf", repo_id="alice/tg")
+    manifest = _write(tmp_path / "zoo.yaml", """\
+        entries:
+          - name: tg
+            source: hub:alice/tg/tiny.F32.gguf
+            ranks: 4
+        """)
+    first = run_zoo(manifest, out=tmp_path / "out", progress=False)
+    assert [r.status for r in first.results] == ["converted"], first.failed
+    again = run_zoo(manifest, out=tmp_path / "out", progress=False)
+    assert [r.status for r in again.results] == ["skipped"], again.results

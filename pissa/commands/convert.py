@@ -41,7 +41,7 @@ def _default(name: str) -> object:
 @click.option("--resume", is_flag=True, help="Continue an interrupted conversion into OUT.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def convert(source: str, out: str, targets: str | None, overwrite: bool, resume: bool, quiet: bool, **kw) -> None:
-    """Convert SOURCE (model folder, .gguf file, or hub:ORG/NAME) into a PiSSA bundle at OUT."""
+    """Convert SOURCE (model folder, .gguf file, hub:ORG/NAME or hub:ORG/NAME/FILE.gguf) into a PiSSA bundle at OUT."""
     from converter.alloc import tune_allocator
     from converter.convert import convert as run_convert
     from converter.targets import describe_left_out

@@ -54,3 +54,18 @@ class BackgroundDigests:
         self._stop.set()
         for fut in self._futures.values():
             fut.cancel()
+
+
+def git_blob_sha1(content: bytes | os.PathLike[str]) -> str:
+    """Git's object id of a blob (``sha1(b"blob <size>\\0" + content)``): how the Hub names a non-LFS file.
+
+    Args:
+        content: the bytes, or a file read in chunks.
+    """
+    if isinstance(content, bytes):
+        return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
+    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(content))
+    with open(content, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()

@@ -1,8 +1,9 @@
 """The Hugging Face Hub client of the pipeline: endpoint, token, downloads, and error mapping.
 
-Everything that talks to the Hub goes through huggingface_hub and its cache, so ``pissa convert
-hub:ORG/NAME``, serving manifests that name hub ids and ``pissa push`` share one client, one cache
-and one set of errors:
+Everything of ours that talks to the Hub goes through huggingface_hub and its cache, so ``pissa
+convert hub:ORG/NAME``, the validation of serving manifests that name hub ids (serving.validate) and
+``pissa push`` share one client, one cache and one set of errors (vLLM then loads those hub ids
+itself, with its own huggingface_hub client):
 
 - endpoint: ``HF_ENDPOINT`` read when called (so a stand-in started later is honoured), else the
   library's default (https://huggingface.co);
@@ -166,7 +167,8 @@ def download_checkpoint(
         HubError: auth, missing repo or revision, server or network failure (one line + fix).
         SourceNotFoundError: the repo has no weights this tool reads.
     """
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import get_cached_repo_tree, snapshot_download
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
 
     endpoint = hub_endpoint()
     token = hub_token()
@@ -185,14 +187,12 @@ def download_checkpoint(
             raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
         logger.warning("cannot reach %s (%s): looking for a cached copy of %s@%s", endpoint, exc, repo_id, rev)
         try:
-            from huggingface_hub import get_cached_repo_tree
-
             cached = [f.path for f in get_cached_repo_tree(repo_id, revision=rev, cache_dir=cache)]
             wanted = checkpoint_files(cached, repo_id=repo_id, filename=filename)
             folder = snapshot_download(
                 repo_id, revision=rev, cache_dir=cache, allow_patterns=wanted, local_files_only=True
             )
-        except Exception:  # noqa: BLE001 - not cached: report the original network problem
+        except (CachedRepoTreeNotFoundError, LocalEntryNotFoundError):  # not cached: the network problem
             raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
         logger.warning("using the cached snapshot %s", folder)
     return Path(folder)
@@ -220,6 +220,7 @@ def download_repo(
         HubError: as :func:`download_checkpoint`.
     """
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     endpoint = hub_endpoint()
     token = hub_token()
@@ -240,7 +241,7 @@ def download_repo(
             folder = snapshot_download(
                 repo_id, revision=rev, cache_dir=cache, allow_patterns=allow_patterns, local_files_only=True
             )
-        except Exception:  # noqa: BLE001 - not cached: report the original network problem
+        except LocalEntryNotFoundError:  # not cached: report the original network problem
             raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
     return Path(folder)
 
@@ -254,12 +255,9 @@ def _network_error_types() -> tuple[type[BaseException], ...]:
             types.append(getattr(mod, name))
         except (ImportError, AttributeError):
             continue
-    try:
-        from huggingface_hub.errors import OfflineModeIsEnabled
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
-        types.append(OfflineModeIsEnabled)
-    except ImportError:
-        pass
+    types.append(OfflineModeIsEnabled)
     return tuple(types)
 
 
@@ -272,12 +270,9 @@ def _is_network_error(exc: BaseException) -> bool:
             return True
         seen.add(id(cur))
         cur = cur.__cause__ or cur.__context__
-    try:
-        from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-        return isinstance(exc, LocalEntryNotFoundError)
-    except ImportError:
-        return False
+    return isinstance(exc, LocalEntryNotFoundError)
 
 
 def _status(exc: BaseException) -> int | None:
@@ -318,7 +313,7 @@ def hub_error(
     if _is_network_error(exc) and status is None:
         from huggingface_hub import constants
 
-        offline = isinstance(exc, getattr(hf_errors, "OfflineModeIsEnabled", ())) or bool(constants.HF_HUB_OFFLINE)
+        offline = isinstance(exc, hf_errors.OfflineModeIsEnabled) or bool(constants.HF_HUB_OFFLINE)
         if offline:
             return HubError(
                 f"{where}: offline mode is on (HF_HUB_OFFLINE) and {repo_id} is not in the cache",
@@ -344,8 +339,7 @@ def hub_error(
             status=status,
             fix="check the branch, tag or commit (--revision)",
         )
-    missing_entry = (getattr(hf_errors, "RemoteEntryNotFoundError", ()), getattr(hf_errors, "EntryNotFoundError", ()))
-    if isinstance(exc, missing_entry):
+    if isinstance(exc, hf_errors.EntryNotFoundError):  # RemoteEntryNotFoundError (local: handled above)
         return HubError(
             f"{where}: a file is missing in {repo_id}{_server_message(exc)}",
             repo_id=repo_id,
