@@ -102,6 +102,20 @@ def _tiny_bundle(tiny_cache: Path, source: Path, name: str, **options) -> Path:
     return out
 
 
+#: Small multiplication records for the tiny training runs (test_train, test_train_ddp).
+ARITH_RECORDS = [{"prompt": f"What is {a} times {b}?", "response": f"{a * b}"} for a in range(2, 6) for b in range(2, 6)]
+
+
+@pytest.fixture(scope="session")
+def arith_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ARITH_RECORDS as a JSONL file."""
+    import json
+
+    path = tmp_path_factory.mktemp("arith") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ARITH_RECORDS))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_bundle(tiny_cache: Path, tiny_llama: Path) -> Path:
     """PiSSA bundle of tiny_llama (rank 8, exact SVD, fp32 residual), read-only (training/export tests)."""

@@ -16,15 +16,12 @@ from training.metrics import read_metrics
 from training.train import train
 
 # Small, learnable data: the response is a fixed function of the prompt.
-RECORDS = [{"prompt": f"What is {a} times {b}?", "response": f"{a * b}"} for a in range(2, 6) for b in range(2, 6)]
 FAST = dict(lr=2e-2, batch_size=4, max_length=64, log_every=1, seed=0)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
+def data(arith_data: Path) -> Path:
+    return arith_data
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from safetensors.torch import load_file
 from training.metrics import read_metrics
 from training.train import train
 
-RECORDS = [{"prompt": f"What is {a} times {b}?", "response": f"{a * b}"} for a in range(2, 6) for b in range(2, 6)]
 STEPS, PER_DEVICE, LR = 4, 2, 1e-2
 REL = 1e-5
 
@@ -57,10 +56,8 @@ def launch_train(launcher: str, bundle: Path, data: Path, out: Path) -> subproce
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ddp-data") / "train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return path
+def data(arith_data: Path) -> Path:
+    return arith_data
 
 
 @pytest.fixture(scope="module")

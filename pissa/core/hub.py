@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -167,35 +167,10 @@ def download_checkpoint(
         HubError: auth, missing repo or revision, server or network failure (one line + fix).
         SourceNotFoundError: the repo has no weights this tool reads.
     """
-    from huggingface_hub import get_cached_repo_tree, snapshot_download
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
-
-    endpoint = hub_endpoint()
-    token = hub_token()
-    rev = revision or "main"
-    cache = str(cache_dir) if cache_dir is not None else None
-    action = f"downloading {repo_id}@{rev}"
-    try:
-        info = hub_api(endpoint, token).model_info(repo_id, revision=rev)
-        wanted = checkpoint_files([s.rfilename for s in info.siblings or []], repo_id=repo_id, filename=filename)
-        logger.info("downloading %d files of %s@%s from %s", len(wanted), repo_id, rev, endpoint)
-        folder = snapshot_download(
-            repo_id, revision=rev, cache_dir=cache, allow_patterns=wanted, endpoint=endpoint, token=token
-        )
-    except Exception as exc:  # noqa: BLE001 - mapped below; unknown errors re-raised
-        if not _is_network_error(exc):
-            raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
-        logger.warning("cannot reach %s (%s): looking for a cached copy of %s@%s", endpoint, exc, repo_id, rev)
-        try:
-            cached = [f.path for f in get_cached_repo_tree(repo_id, revision=rev, cache_dir=cache)]
-            wanted = checkpoint_files(cached, repo_id=repo_id, filename=filename)
-            folder = snapshot_download(
-                repo_id, revision=rev, cache_dir=cache, allow_patterns=wanted, local_files_only=True
-            )
-        except (CachedRepoTreeNotFoundError, LocalEntryNotFoundError):  # not cached: the network problem
-            raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
-        logger.warning("using the cached snapshot %s", folder)
-    return Path(folder)
+    return _download(
+        repo_id, revision, cache_dir,
+        choose=lambda files: checkpoint_files(files, repo_id=repo_id, filename=filename),
+    )
 
 
 def download_repo(
@@ -219,8 +194,20 @@ def download_repo(
     Raises:
         HubError: as :func:`download_checkpoint`.
     """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    return _download(repo_id, revision, cache_dir, choose=lambda files: allow_patterns)
+
+
+def _download(
+    repo_id: str, revision: str | None, cache_dir: Path | None, *, choose: Callable[[list[str]], list[str] | None]
+) -> Path:
+    """``snapshot_download`` of the files ``choose`` picks from the repo's file list (None: all of them).
+
+    The repo is asked for first: snapshot_download hides HTTP errors (401, 404, 5xx) behind a
+    generic "cannot find the files" error when it falls back to the cache. When the Hub cannot be
+    reached, the choice is made from the cached snapshot of that revision instead.
+    """
+    from huggingface_hub import get_cached_repo_tree, snapshot_download
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError, LocalEntryNotFoundError
 
     endpoint = hub_endpoint()
     token = hub_token()
@@ -228,21 +215,25 @@ def download_repo(
     cache = str(cache_dir) if cache_dir is not None else None
     action = f"downloading {repo_id}@{rev}"
     try:
-        # repo_info first: snapshot_download hides HTTP errors (401, 404, 5xx) behind a generic
-        # "cannot find the files" error when it falls back to the cache.
-        hub_api(endpoint, token).repo_info(repo_id, revision=rev)
+        info = hub_api(endpoint, token).repo_info(repo_id, revision=rev)
+        wanted = choose([s.rfilename for s in info.siblings or []])
+        logger.info("downloading %s of %s@%s from %s", f"{len(wanted)} files" if wanted is not None else "every file",
+                    repo_id, rev, endpoint)
         folder = snapshot_download(
-            repo_id, revision=rev, cache_dir=cache, allow_patterns=allow_patterns, endpoint=endpoint, token=token
+            repo_id, revision=rev, cache_dir=cache, allow_patterns=wanted, endpoint=endpoint, token=token
         )
     except Exception as exc:  # noqa: BLE001 - mapped below; unknown errors re-raised
         if not _is_network_error(exc):
             raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
+        logger.warning("cannot reach %s (%s): looking for a cached copy of %s@%s", endpoint, exc, repo_id, rev)
         try:
+            cached = [f.path for f in get_cached_repo_tree(repo_id, revision=rev, cache_dir=cache)]
             folder = snapshot_download(
-                repo_id, revision=rev, cache_dir=cache, allow_patterns=allow_patterns, local_files_only=True
+                repo_id, revision=rev, cache_dir=cache, allow_patterns=choose(cached), local_files_only=True
             )
-        except LocalEntryNotFoundError:  # not cached: report the original network problem
+        except (CachedRepoTreeNotFoundError, LocalEntryNotFoundError):  # not cached: the network problem
             raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=rev) from exc
+        logger.warning("using the cached snapshot %s", folder)
     return Path(folder)
 
 
