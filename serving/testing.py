@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pissa.core.formats import adapter as adapter_format
+
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -63,7 +65,7 @@ def make_peft_adapter(
     # save_pretrained records the flag it was built with; a served adapter states a standard init.
     import json
 
-    cfg_path = out / "adapter_config.json"
+    cfg_path = out / adapter_format.CONFIG
     cfg = json.loads(cfg_path.read_text())
     cfg["init_lora_weights"] = True
     cfg_path.write_text(json.dumps(cfg, indent=2))
