@@ -151,15 +151,8 @@ class ExportError(PissaError, ValueError):
     """A trained adapter that cannot be exported (not from a bundle, init mismatch, bad shapes)."""
 
 
-class AdapterMismatchError(ExportError):
+class AdapterMismatchError(MultiProblemError, ExportError):
     """A trained adapter and a bundle that do not belong together (init checksums, modules, shapes; all listed)."""
-
-    def __init__(self, summary: str, problems: Sequence[str], *, fix: str | None = None) -> None:
-        super().__init__(summary, fix=fix)
-        self._problems = list(problems)
-
-    def problems(self) -> list[str]:
-        return list(self._problems) or [self.message]
 
 
 # --- serving ------------------------------------------------------------------------------------
