@@ -43,7 +43,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
-from converter.options import ConvertOptions
+from converter.options import SVD_METHODS, ConvertOptions
 from pissa.core.errors import SourceNotFoundError
 from pissa.core.formats.dtypes import FLOAT_NAMES
 from pissa.core.hub import repo_id_problem
@@ -113,7 +113,7 @@ class ZooOptions(ManifestModel):
     alpha_ratio: Annotated[float, Field(gt=0)] | None = None
     rslora: bool | None = None
     targets: Targets | None = None
-    svd: Annotated[str, AfterValidator(one_of("randomized", "exact"))] | None = None
+    svd: Annotated[str, AfterValidator(one_of(*SVD_METHODS))] | None = None
     niter: Annotated[int, Field(ge=0)] | None = None
     oversample: Annotated[int, Field(ge=0)] | None = None
     svd_tol: Annotated[float, Field(ge=0, lt=1)] | None = None
@@ -170,20 +170,20 @@ class ZooEntry:
 
     name: str
     source: str
-    ranks: tuple[int, ...] = (16,)
-    revision: str | None = None
-    alpha: float | None = None
+    ranks: tuple[int, ...] = (ConvertOptions.rank,)
+    revision: str | None = ConvertOptions.revision
+    alpha: float | None = ConvertOptions.alpha
     alpha_ratio: float | None = None
-    rslora: bool = False
-    targets: tuple[str, ...] | None = None
-    svd: str = "randomized"
+    rslora: bool = ConvertOptions.rslora
+    targets: tuple[str, ...] | None = ConvertOptions.targets
+    svd: str = ConvertOptions.svd
     niter: int = ConvertOptions.niter
     oversample: int = ConvertOptions.oversample
     svd_tol: float = ConvertOptions.svd_tol
-    seed: int = 0
-    dtype: str | None = None
-    adapter_dtype: str = "float32"
-    allow_pickle: bool = False
+    seed: int = ConvertOptions.seed
+    dtype: str | None = ConvertOptions.dtype
+    adapter_dtype: str = ConvertOptions.adapter_dtype
+    allow_pickle: bool = ConvertOptions.allow_pickle
     push: str | None = None
     private: bool = False
     line: int = 0

@@ -137,6 +137,21 @@ def test_svd_settings_default_to_converts_and_can_be_set(tmp_path: Path) -> None
     assert (got_b.niter, got_b.oversample, got_b.svd_tol) == (4, 8, 0.0)
 
 
+
+def test_an_entry_without_options_converts_with_the_converters_defaults(tmp_path: Path) -> None:
+    """Every default of a zoo entry is ConvertOptions' own (no second copy that could drift)."""
+    from dataclasses import replace
+
+    from converter.options import ConvertOptions
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "zoo.yaml").write_text("entries:\n  - name: a\n    source: m\n")
+    (entry,) = load_zoo_manifest(tmp_path / "zoo.yaml").entries
+    assert entry.ranks == (ConvertOptions.rank,)
+    # equal to the converter's defaults field by field, so changing one there cannot leave the zoo behind
+    assert entry.options(entry.ranks[0]) == ConvertOptions()
+    assert entry.options(8) == replace(ConvertOptions(), rank=8)
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
