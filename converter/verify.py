@@ -26,6 +26,7 @@ from pissa.core.errors import VerificationError
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as B
 from pissa.core.formats.dtypes import torch_dtype
+from pissa.core.formats.safetensors import tensor_shapes
 from pissa.core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -173,15 +174,11 @@ def check_left_out(bundle: Path, record: dict[str, Any]) -> list[str]:
     entries = record.get(B.LEFT_OUT_KEY) or []
     if not entries:
         return []
-    from safetensors import safe_open
-
     from converter.targets import matrix_count, pattern_regex
 
     shapes: dict[str, tuple[int, ...]] = {}
     for shard in sorted(set(_weight_map(bundle).values())):
-        with safe_open(str(bundle / shard), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+        shapes.update(tensor_shapes(bundle / shard))
     converted = {m["key"] for m in record["matrices"]}
     problems = []
     for entry in entries:
