@@ -16,13 +16,14 @@ from typing import Any
 
 from pissa.core.errors import CorruptCheckpointError, SourceNotFoundError, UnsupportedCheckpointError
 from pissa.core.formats import bundle
+from pissa.core.formats import model as model_format
 from pissa.core.formats.dtypes import CODE_BYTES, FLOAT_CODES, code_of
 from pissa.core.jsonio import read_json
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
-BIN_INDEX = "pytorch_model.bin.index.json"
-BIN_SINGLE = "pytorch_model.bin"
+SAFETENSORS_INDEX = model_format.SAFETENSORS_INDEX
+SAFETENSORS_SINGLE = model_format.SAFETENSORS_SINGLE
+BIN_INDEX = model_format.BIN_INDEX
+BIN_SINGLE = model_format.BIN_SINGLE
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
 # Files of the source that the bundle does not copy (we write our own model card and records).
 NOT_COPIED = {bundle.CARD, bundle.RECORD, SAFETENSORS_INDEX, BIN_INDEX}
@@ -138,7 +139,7 @@ def open_checkpoint(folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
     folder = Path(folder)
     if not folder.is_dir():
         raise SourceNotFoundError(f"{folder} is not a folder", path=str(folder), fix="give a checkpoint folder")
-    config = read_json(folder / "config.json", fix="the folder needs its config.json")
+    config = read_json(folder / model_format.CONFIG, fix=f"the folder needs its {model_format.CONFIG}")
 
     index_metadata: dict[str, Any] = {}
     weight_map: dict[str, str] | None = None

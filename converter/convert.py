@@ -18,7 +18,6 @@ failing rank prints its error. A rank that dies is noticed by the others at once
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
@@ -51,10 +50,11 @@ from pissa.core.errors import (
 )
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as B
+from pissa.core.formats import model as model_format
 from pissa.core.formats.bundle import PARTS
 from pissa.core.formats.dtypes import torch_dtype
 from pissa.core.hashing import BackgroundDigests, sha256_file
-from pissa.core.jsonio import write_json
+from pissa.core.jsonio import read_json, write_json
 
 if TYPE_CHECKING:
     from converter.shard import ShardJob, StopFlag
@@ -191,7 +191,7 @@ def _env_rank(distributed: bool) -> tuple[int, int]:
 def _prepare_staging(staging: Path, plan: _Plan, resume: bool) -> None:
     if staging.exists() and resume:
         try:
-            previous = json.loads((staging / PLAN).read_text())
+            previous = read_json(staging / PLAN)
         except (OSError, ValueError):
             previous = None
         if previous != plan.fingerprint:
@@ -391,7 +391,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
     from converter.shard import _writer
 
     ckpt = plan.ckpt
-    parts = [json.loads(j.marker.read_text()) for j in plan.jobs]
+    parts = [read_json(j.marker) for j in plan.jobs]
     adapter_dir = staging / B.INIT_DIR
     adapter_dir.mkdir(exist_ok=True)
     layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
@@ -433,7 +433,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
         write_json(staging / SAFETENSORS_INDEX, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
 
     for name in ckpt.extra_files:
-        if name == "config.json" and plan.residual_dtype:
+        if name == model_format.CONFIG and plan.residual_dtype:
             config = dict(ckpt.config)
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = plan.residual_dtype
             config.pop("quantization_config", None)
@@ -488,7 +488,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
 
 def _source_license(folder: Path) -> str | None:
     """``license`` from the source's model card YAML header, if any."""
-    card = folder / "README.md"
+    card = folder / B.CARD
     if not card.is_file():
         return None
     text = card.read_text(errors="replace")

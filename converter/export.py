@@ -39,6 +39,7 @@ from pissa.core.errors import (
     InvalidOptionsError,
     SourceNotFoundError,
 )
+from pissa.core.formats import model as model_format
 from pissa.core.formats import run as run_format
 from pissa.core.formats.adapter import CONFIG as ADAPTER_CONFIG
 from pissa.core.formats.adapter import WEIGHTS as ADAPTER_WEIGHTS
@@ -458,7 +459,7 @@ def _write_adapter(
     lines = [f"- export: {mode}, rank {out_rank}, lora_alpha {out_alpha:g}",
              f"- worst-layer relative error of ΔW: {worst:.3g}",
              f"- vLLM: `--max-lora-rank {max_lora_rank}`"]
-    (tmp / "README.md").write_text(_model_card(base, lines), encoding="utf-8")
+    (tmp / model_format.CARD).write_text(_model_card(base, lines), encoding="utf-8")
     return ExportReport(out=out, mode=mode, rank=out_rank, lora_alpha=out_alpha, base_model=base,
                         max_rel_error=worst, layers=tuple(layers), candidates=candidates,
                         max_lora_rank=max_lora_rank)
@@ -497,7 +498,7 @@ def _write_merged(
         "source": {"adapter": str(trained.path.resolve()), "bundle": str(bundle.path)},
         "files": dict(sorted(files.items())),
     })
-    (tmp / "README.md").write_text(
+    (tmp / model_format.CARD).write_text(
         _model_card(base, ["- merged: full weights W + ΔW (= residual + trained PiSSA adapter)"]).replace(
             "- lora\n", ""), encoding="utf-8")
     return ExportReport(out=out, mode="merged", rank=None, lora_alpha=None, base_model=base, max_rel_error=0.0,

@@ -25,7 +25,6 @@ The card renderer and the bundle verifier are injectable (tests; other front-end
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
@@ -38,6 +37,8 @@ from pissa.core.errors import HubError, SourceNotFoundError, VerificationError
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as bundle_format
 from pissa.core.formats import export as export_format
+from pissa.core.formats import model as model_format
+from pissa.core.formats.safetensors import tensor_shapes
 from pissa.core.hashing import git_blob_sha1, sha256_file
 from pissa.core.jsonio import read_json
 
@@ -92,21 +93,20 @@ def detect_kind(path: Path) -> str:
     record = path / bundle_format.RECORD
     if record.is_file():
         try:
-            data = json.loads(record.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            data = read_json(record)
+        except (OSError, ValueError) as exc:
             raise VerificationError(f"{record} is not valid JSON: {exc}", [], fix="re-run pissa convert") from None
         if isinstance(data, dict) and data.get("format") == bundle_format.FORMAT:
             return "bundle"
     if (path / adapter_format.CONFIG).is_file():
         return "adapter"
     export = path / export_format.RECORD
-    if export.is_file() and (path / "config.json").is_file():
+    if export.is_file() and (path / model_format.CONFIG).is_file():
         try:
-            data = json.loads(export.read_text())
-        except (OSError, json.JSONDecodeError):
-            data = None
-        if isinstance(data, dict) and data.get("mode") == "merged":
-            return "merged"
+            if read_json(export).get("mode") == "merged":
+                return "merged"
+        except (OSError, ValueError):
+            pass
     raise VerificationError(
         f"{path} is neither a PiSSA bundle (pissa.json), a LoRA adapter (adapter_config.json) "
         "nor a merged export (pissa_export.json)",
@@ -123,12 +123,10 @@ def check_adapter_folder(path: Path) -> list[str]:
     [out, r] with the same r; and every ``{"files": {name: sha256}}`` record in a top-level JSON
     file matches the files on disk.
     """
-    from safetensors import safe_open
-
     problems: list[str] = []
     try:
-        config = json.loads((path / adapter_format.CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = read_json(path / adapter_format.CONFIG)
+    except (OSError, ValueError) as exc:
         return [f"adapter_config.json: cannot be read as JSON: {exc}"]
     if str(config.get("peft_type", "")).upper() != "LORA":
         problems.append(f"adapter_config.json: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
@@ -140,9 +138,8 @@ def check_adapter_folder(path: Path) -> list[str]:
         problems.append("adapter_model.safetensors is missing")
         return problems
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
-    except Exception as exc:  # noqa: BLE001 - any read failure is a corrupt file
+        shapes = tensor_shapes(weights)
+    except (OSError, ValueError) as exc:
         return [*problems, f"adapter_model.safetensors: unreadable: {exc}"]
     a_keys = [k for k in shapes if ".lora_A." in k]
     if not a_keys:
@@ -177,8 +174,8 @@ def _check_recorded_checksums(path: Path) -> list[str]:
     problems: list[str] = []
     for record in sorted(path.glob("*.json")):
         try:
-            data = json.loads(record.read_text())
-        except (OSError, json.JSONDecodeError):
+            data = read_json(record)
+        except (OSError, ValueError):
             continue
         files = data.get("files") if isinstance(data, dict) else None
         if not isinstance(files, dict):
@@ -278,7 +275,7 @@ def push(
         record = bundle_format.read_record(folder)
         # The card is checksummed in pissa.json when convert wrote it: regenerate it exactly as
         # convert did (no repo id), so the published bundle still verifies after a download.
-        checksummed = "README.md" in (record.get("files") or {})
+        checksummed = bundle_format.CARD in (record.get("files") or {})
         card = (card_renderer or _default_card)(record, repo_id=None if checksummed else repo_id).encode()
         default_message = f"Upload PiSSA bundle (r={record.get('adapter', {}).get('r')}) of {record.get('base_model')}"
     else:
@@ -298,13 +295,13 @@ def push(
     operations = []
     sizes: dict[str, int] = {}
     for rel in files:
-        if rel == "README.md" and card is not None:
+        if rel == bundle_format.CARD and card is not None:
             continue
         operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)))
         sizes[rel] = (folder / rel).stat().st_size
     if card is not None:
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card))
-        sizes["README.md"] = len(card)
+        operations.append(CommitOperationAdd(path_in_repo=bundle_format.CARD, path_or_fileobj=card))
+        sizes[bundle_format.CARD] = len(card)
 
     branch = revision or "main"
     endpoint = hub_endpoint()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import threading
 import time
@@ -35,6 +34,7 @@ from pissa.core.formats.adapter import adapter_key
 from pissa.core.formats.bundle import PARTS
 from pissa.core.formats.dtypes import torch_dtype
 from pissa.core.hashing import BackgroundDigests, sha256_file
+from pissa.core.jsonio import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def matrix_seed(seed: int, key: str) -> int:
 def part_is_complete(job: ShardJob) -> bool:
     """A finished part whose files still match the checksums in its marker."""
     try:
-        marker = json.loads(job.marker.read_text())
+        marker = read_json(job.marker)
         out = Path(job.staging) / job.output_file
         return (
             sha256_file(out) == marker["output_sha256"]
@@ -370,8 +370,6 @@ def _convert_shard(
         "matrices": stats,
         "seconds": round(time.perf_counter() - start, 3),
     }
-    tmp = job.marker.with_name(job.marker.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(job.marker)
+    write_json(job.marker, record)
     log.debug("shard %s: %d matrices in %.2fs", job.source_file, len(stats), record["seconds"])
     return record

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pissa.core.errors import CorruptCheckpointError, SourceNotFoundError
+from pissa.core.formats import model as model_format
 from pissa.core.hashing import sha256_file
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def materialize_gguf(path: Path) -> ResolvedSource:
     folder = cache_root() / "gguf" / digest[:16]
     record = {"path": str(path), "gguf_sha256": digest}
     # The base an exported LoRA applies to (and vLLM should serve) is the dequantized folder.
-    if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
+    if (folder / model_format.CONFIG).exists() and (folder / model_format.SAFETENSORS_SINGLE).exists():
         return ResolvedSource(folder, "gguf", str(folder), "bfloat16", record)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest[:16]}.", dir=folder.parent))

@@ -16,7 +16,6 @@ All problems are collected and reported together. Shards are read one at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,11 @@ from typing import Any
 from pissa.core.errors import VerificationError
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as B
+from pissa.core.formats import model as model_format
 from pissa.core.formats.dtypes import torch_dtype
 from pissa.core.formats.safetensors import tensor_shapes
 from pissa.core.hashing import sha256_file
+from pissa.core.jsonio import read_json
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def check_files(bundle: Path, record: dict[str, Any]) -> list[str]:
 def check_adapter_config(bundle: Path, record: dict[str, Any]) -> list[str]:
     adapter = record["adapter"]
     try:
-        cfg = json.loads((bundle / B.INIT_DIR / adapter_format.CONFIG).read_text())
+        cfg = read_json(bundle / B.INIT_DIR / adapter_format.CONFIG)
     except (OSError, ValueError) as exc:
         return [f"{B.INIT_DIR}/{adapter_format.CONFIG}: unreadable ({exc})"]
     problems = []
@@ -88,13 +89,13 @@ def check_adapter_config(bundle: Path, record: dict[str, Any]) -> list[str]:
 
 
 def _weight_map(bundle: Path) -> dict[str, str]:
-    index = bundle / "model.safetensors.index.json"
+    index = bundle / model_format.SAFETENSORS_INDEX
     if index.exists():
-        return json.loads(index.read_text())["weight_map"]
+        return read_json(index)["weight_map"]
     from safetensors import safe_open
 
-    with safe_open(str(bundle / "model.safetensors"), framework="pt") as f:
-        return dict.fromkeys(f.keys(), "model.safetensors")
+    with safe_open(str(bundle / model_format.SAFETENSORS_SINGLE), framework="pt") as f:
+        return dict.fromkeys(f.keys(), model_format.SAFETENSORS_SINGLE)
 
 
 def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | None) -> tuple[list[str], float | None]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from pissa.core.jsonio import write_json, write_text
 
 REPORT_JSON = "zoo-report.json"
 REPORT_MD = "zoo-report.md"
@@ -107,17 +107,11 @@ def markdown(results: list[JobResult], summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_reports(root: Path, results: list[JobResult], summary: dict[str, Any]) -> tuple[Path, Path]:
     """Write ``zoo-report.json`` and ``zoo-report.md`` under ``root`` (each by an atomic rename)."""
     root.mkdir(parents=True, exist_ok=True)
     payload = {**summary, "results": [asdict(r) for r in results]}
     json_path, md_path = root / REPORT_JSON, root / REPORT_MD
-    _atomic_write(json_path, json.dumps(payload, indent=2) + "\n")
-    _atomic_write(md_path, markdown(results, summary))
+    write_json(json_path, payload)
+    write_text(md_path, markdown(results, summary))
     return json_path, md_path

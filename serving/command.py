@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pissa.core.errors import InvalidOptionsError
 from serving.kv_cache import KvCacheChoice
@@ -24,12 +24,12 @@ class LaunchPlan:
     """What to run: ``argv``, environment additions, and where clients connect."""
 
     argv: tuple[str, ...]
-    env: Mapping[str, str] = field(default_factory=dict)
-    url: str = "http://127.0.0.1:8000"
-    served_names: tuple[str, ...] = ()
-    max_lora_rank: int = 0
-    host: str = "127.0.0.1"
-    port: int = 8000
+    env: Mapping[str, str]
+    url: str
+    served_names: tuple[str, ...]
+    max_lora_rank: int
+    host: str
+    port: int
     notes: tuple[str, ...] = ()  # start-up lines about choices made for the user (the KV cache size)
 
     def shell(self) -> str:

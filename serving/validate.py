@@ -43,6 +43,7 @@ from pissa.core.errors import AdapterValidationError, HubError
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as bundle_format
 from pissa.core.formats import export as export_format
+from pissa.core.formats import model as model_format
 from pissa.core.formats.safetensors import tensor_shapes
 from pissa.core.hashing import sha256_file
 from pissa.core.jsonio import read_json
@@ -388,7 +389,7 @@ def read_base(
                 "base unreadable", [f"base {location!r}: {file.name} is not readable safetensors: {exc}"],
                 fix="repair or re-download the base",
             ) from exc
-    config = _read_json(folder / "config.json") or {}
+    config = _read_json(folder / model_format.CONFIG) or {}
     if "lm_head" not in shapes:
         # Tied output layer: lm_head shares the input embedding's weight [vocab, hidden].
         embed = next((k for k in shapes if k.rsplit(".", 1)[-1] in _EMBEDDING_NAMES), None)

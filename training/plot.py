@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from pissa.core.errors import SourceNotFoundError, TrainingDataError
 from pissa.core.formats import run as run_format
+from pissa.core.jsonio import read_json
 from training.metrics import METRICS_FILE, curves
 
 
@@ -16,7 +16,7 @@ def run_label(run: Path) -> str:
     record = run / run_format.RECORD
     if record.exists():
         try:
-            init = json.loads(record.read_text()).get("options", {}).get("init")
+            init = read_json(record).get("options", {}).get("init")
             if init and init not in run.name:
                 return f"{run.name} ({init})"
         except (OSError, ValueError):

@@ -1,4 +1,4 @@
-"""The one JSON reader and writer for every record the pipeline keeps (pissa.json, run.json, ...)."""
+"""The one JSON reader and writer for every record the pipeline keeps (pissa.json, run.json, ...), and atomic text writes."""
 
 from __future__ import annotations
 
@@ -30,13 +30,17 @@ def read_json(path: str | os.PathLike[str], *, fix: str | None = None) -> dict[s
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, fsynced, then renamed over ``path``."""
+    """Write JSON atomically (see :func:`write_text`), indented, with a final newline."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` atomically: a temporary file in the same folder, fsynced, then renamed over ``path``."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(p)

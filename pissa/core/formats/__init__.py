@@ -4,6 +4,7 @@
 - :mod:`.bundle`: a PiSSA bundle (residual + ``pissa_init/`` + ``pissa.json`` + card);
 - :mod:`.run`: a training run (``run.json``, ``metrics.jsonl``, adapters with ``pissa_training.json``);
 - :mod:`.export`: an exported LoRA adapter's record (``pissa_export.json``);
+- :mod:`.model`: a Hugging Face model folder (config, weights, index, card);
 - :mod:`.dtypes`: tensor dtype codes, names and sizes;
 - :mod:`.safetensors`: header reading (shapes, offsets) of safetensors files.
 """

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from pissa.core.errors import CorruptCheckpointError, SourceNotFoundError
-from pissa.core.formats import adapter
+from pissa.core.formats import adapter, model
 from pissa.core.jsonio import read_json
 
 INIT_DIR = "pissa_init"
 RECORD = "pissa.json"
-CARD = "README.md"
+CARD = model.CARD
 PARTS = ".parts"  # per-shard results of an unfinished conversion, in its staging folder
 FORMAT = "pissa-bundle"
 FORMAT_VERSION = 1
