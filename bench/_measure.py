@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from pissa.core.formats import adapter as adapter_format
+
 
 @dataclass(frozen=True)
 class Run:
@@ -109,7 +111,7 @@ def adapter_energy(adapter_dir: Path, norms_sq: dict[str, float], scaling: float
     """
     from safetensors.torch import load_file
 
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    tensors = load_file(adapter_dir / adapter_format.WEIGHTS)
     out = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:

