@@ -23,6 +23,7 @@ from procs import alive
 from pissa.core.errors import ServingError
 from serving.command import LaunchPlan
 from serving.launcher import VllmServer, run_plan, tail
+from serving.watch import WatchPolicy
 
 
 def _free_port() -> int:
@@ -60,10 +61,10 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-def _child_pid(log: Path) -> int:
+def _child_pid(log: Path, tag: str = "CHILD") -> int:
     for _ in range(100):
         for line in log.read_text().splitlines():
-            if line.startswith("CHILD "):
+            if line.startswith(tag + " "):
                 return int(line.split()[1])
         time.sleep(0.05)
     raise AssertionError("stand-in did not report its child")
@@ -131,6 +132,101 @@ sys.exit(9)
 def test_unexpected_death_while_serving_is_an_error(tmp_path):
     with pytest.raises(ServingError, match="(?s)exited unexpectedly \\(code 9\\).*fatal: engine died"):
         run_plan(_plan(HEALTHY_THEN_DIES, _free_port()), health_timeout=30, log_path=tmp_path / "log")
+
+
+# Like vLLM with VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1: healthy, then the engine "dies" (after the
+# first /health or after a signal file appears): /health answers 503, every other request 500, and the
+# process (and its grandchild) stays alive until stopped.
+ENGINE_DIES_SERVER_STAYS = """
+import http.server, os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+print(f"CHILD {child.pid}", flush=True)
+dead = []
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if not dead and os.path.exists(sys.argv[2]):
+            print("ERROR EngineCore died: RuntimeError: einsum(): subscript b has size 3", flush=True)
+            dead.append(1)
+        if self.path == "/health":
+            self.send_response(503 if dead else 200)
+        else:
+            self.send_response(500 if dead else 200)
+        self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+# Healthy, then the HTTP server stops answering (socket closed) while the process lives on.
+STOPS_ANSWERING = """
+import http.server, os, sys, threading, time
+print(f"SERVER {os.getpid()}", flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+srv.shutdown(); srv.server_close()
+print("api server hung", flush=True)
+time.sleep(300)
+"""
+
+
+def _plan_with_trigger(code: str, port: int, trigger: Path) -> LaunchPlan:
+    plan = _plan(code, port)
+    return LaunchPlan((*plan.argv, str(trigger)), {}, plan.url, plan.served_names, 8, plan.host, port)
+
+
+@pytest.mark.timeout(120)  # on failure (the watch never fires) run_plan would serve forever
+def test_dead_engine_behind_a_live_server_stops_serving(tmp_path):
+    """/health turns 503 while the process stays up: run_plan stops the whole group and raises with
+    the reason and the log tail instead of serving HTTP 500 for ever."""
+    log, trigger = tmp_path / "log", tmp_path / "die"
+
+    def on_ready(plan, startup, log_path):
+        trigger.touch()
+
+    with pytest.raises(ServingError) as exc:
+        run_plan(_plan_with_trigger(ENGINE_DIES_SERVER_STAYS, _free_port(), trigger), health_timeout=30,
+                 log_path=log, on_ready=on_ready, watch_policy=WatchPolicy(interval=0.2))
+    msg = str(exc.value)
+    assert "engine is dead: /health answered 503 on 2 polls in a row" in msg
+    assert "ERROR EngineCore died: RuntimeError" in msg  # the log tail
+    assert "start `pissa serve` again" in exc.value.fix
+    assert not alive(_child_pid(log))
+
+
+@pytest.mark.timeout(120)
+def test_server_that_stops_answering_is_stopped(tmp_path):
+    """The HTTP side goes away while the process lives on: stopped after the stated silent polls."""
+    log, trigger = tmp_path / "log", tmp_path / "hang"
+
+    def on_ready(plan, startup, log_path):
+        trigger.touch()
+
+    with pytest.raises(ServingError, match="(?s)stopped answering: no healthy /health on 5 polls.*api server hung"):
+        run_plan(_plan_with_trigger(STOPS_ANSWERING, _free_port(), trigger), health_timeout=30, log_path=log,
+                 on_ready=on_ready, watch_policy=WatchPolicy(interval=0.2, probe_timeout=1, silent_polls=5))
+    assert not alive(_child_pid(log, "SERVER"))
+
+
+def test_probe_health_reads_vllms_answers(tmp_path):
+    """200 → OK, 503 → DEAD (vLLM's EngineDeadError), and the stand-in's 500 on other paths → SILENT."""
+    import subprocess
+
+    from serving.watch import Health, probe_health
+
+    port, trigger = _free_port(), tmp_path / "die"
+    server = VllmServer(_plan_with_trigger(ENGINE_DIES_SERVER_STAYS, port, trigger), tmp_path / "log", health_timeout=30)
+    with server:
+        url = server.plan.url
+        assert probe_health(url + "/health", 5) == (Health.OK, "200")
+        trigger.touch()
+        assert probe_health(url + "/health", 5) == (Health.DEAD, "503")
+        assert probe_health(url + "/v1/models", 5) == (Health.SILENT, "HTTP 500")
+    assert isinstance(server.process, subprocess.Popen) and server.process.poll() is not None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
