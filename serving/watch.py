@@ -77,13 +77,14 @@ def judge(observations: Sequence[Observation], policy: WatchPolicy) -> Verdict |
     if not observations:
         return None
     last = observations[-1]
-    if last.exit_code is not None:
-        return Verdict(f"vLLM exited unexpectedly (code {last.exit_code})", last.exit_code)
-    run: list[Observation] = []
+    run: list[Observation] = []  # the polls since the last 200, newest first
     for obs in reversed(observations):
         if obs.health is Health.OK:
             break
         run.append(obs)
+    if last.exit_code is not None:
+        after = " after /health answered 503 (its engine died)" if any(o.health is Health.DEAD for o in run) else ""
+        return Verdict(f"vLLM exited unexpectedly (code {last.exit_code}){after}", last.exit_code)
     if len(run) >= policy.dead_polls and all(o.health is Health.DEAD for o in run[: policy.dead_polls]):
         return Verdict(f"vLLM's engine is dead: /health answered 503 on {policy.dead_polls} polls in a row")
     if len(run) >= policy.silent_polls:

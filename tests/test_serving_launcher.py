@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import alive
+from procs import alive, children, descendants
 
 from pissa.core.errors import ServingError
 from serving.command import LaunchPlan
@@ -285,3 +285,50 @@ def test_real_vllm_startup_failure_is_one_clear_error(tmp_path, tiny_llama, caps
     err = capsys.readouterr().err
     assert code == 1
     assert "vLLM exited with code" in err and "--no-such-vllm-flag" in err
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("keep_alive", ["0", "1"], ids=["vllm-default", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1"])
+def test_real_engine_killed_pissa_serve_exits(tmp_path, tiny_llama, keep_alive):
+    """SIGKILL to vLLM's engine core while `pissa serve` serves: it exits 1 with one clear line and the
+    log tail, and leaves no process. vLLM 0.32 alone answers 503/500 and then stops itself (code 0) by
+    default; with VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 it would answer 500 until stopped, so there only
+    the watch ends it."""
+    import subprocess
+
+    port = _free_port()
+    out_path = tmp_path / "pissa-serve.out"
+    env = {**os.environ, "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": keep_alive}
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pissa", "serve", "--base", str(tiny_llama), "--dtype", "float32",
+             "--kv-cache", "64M", "--port", str(port), "--log-file", str(tmp_path / "vllm.log")],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        while "vLLM is up" not in out_path.read_text():
+            assert proc.poll() is None, "pissa serve did not come up:\n" + out_path.read_text()[-3000:]
+            time.sleep(0.5)
+        (api,) = children(proc.pid)
+        spawned = descendants(proc.pid)
+        engines = [pid for pid, name in children(api).items() if "EngineCore" in name]
+        assert len(engines) == 1, children(api)
+        os.kill(engines[0], signal.SIGKILL)
+        t_kill = time.monotonic()
+        code = proc.wait(timeout=60)  # the bound: it must not keep serving
+        print(f"pissa serve exited {code} {time.monotonic() - t_kill:.1f} s after the engine was killed")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    text = out_path.read_text()
+    assert code == 1, text[-3000:]
+    assert ("vLLM's engine is dead: /health answered 503 on 2 polls in a row" in text
+            or "vLLM exited unexpectedly (code 0) after /health answered 503 (its engine died)" in text), text[-3000:]
+    if keep_alive == "1":
+        assert "vLLM's engine is dead" in text, text[-3000:]
+    assert "last lines of" in text and "EngineCore" in text  # the log tail names the dead engine
+    assert "start `pissa serve` again" in text
+    time.sleep(0.5)
+    left = [p for p in spawned if alive(p)]
+    assert not left, f"processes left behind: {left}"

@@ -31,6 +31,13 @@ def test_exit_is_dead_at_once_whatever_health_said():
         assert v == Verdict(f"vLLM exited unexpectedly (code {code})", code)
 
 
+def test_exit_after_503_says_the_engine_died():
+    """vLLM 0.32 exits (code 0) on its own soon after its engine dies: the verdict names the cause."""
+    v = judge(_obs(OK, DEAD, exit_code=0), POLICY)
+    assert v == Verdict("vLLM exited unexpectedly (code 0) after /health answered 503 (its engine died)", 0)
+    assert judge(_obs(DEAD, OK, exit_code=0), POLICY) == Verdict("vLLM exited unexpectedly (code 0)", 0)
+
+
 @pytest.mark.parametrize("healths", [(DEAD, DEAD), (OK, DEAD, DEAD), (SILENT, DEAD, DEAD), (OK, SILENT, DEAD, DEAD)])
 def test_503_twice_in_a_row_is_a_dead_engine(healths):
     v = judge(_obs(*healths), POLICY)
