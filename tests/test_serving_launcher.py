@@ -1,8 +1,10 @@
 """The launcher with stand-in servers (fast) and one real vLLM start-up failure.
 
 Stand-ins are small Python programs run exactly like vLLM (same process-group handling): one dies at
-once, one never becomes healthy, one serves /health and spawns a grandchild. They check the log tail
-on death, the health timeout, SIGTERM forwarding, and that no process is left behind.
+once, one never becomes healthy, one serves /health and spawns a grandchild, one whose "engine" dies
+(/health 503, requests 500) while the process stays up, one that stops answering. They check the log
+tail on death, the health timeout, SIGTERM forwarding, the watch while serving, and that no process is
+left behind. The real-vLLM tests (``vllm``): a start-up failure, and the engine core killed while serving.
 """
 
 from __future__ import annotations
@@ -316,7 +318,8 @@ def test_real_engine_killed_pissa_serve_exits(tmp_path, tiny_llama, keep_alive):
         os.kill(engines[0], signal.SIGKILL)
         t_kill = time.monotonic()
         code = proc.wait(timeout=60)  # the bound: it must not keep serving
-        print(f"pissa serve exited {code} {time.monotonic() - t_kill:.1f} s after the engine was killed")
+        first = next((line for line in out_path.read_text().splitlines() if line.startswith("error")), "")
+        print(f"pissa serve exited {code} {time.monotonic() - t_kill:.1f} s after the engine was killed: {first}")
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
