@@ -355,7 +355,7 @@ def run_plan(
             verdict = _watch(server, watch_policy, lambda: bool(stopped_by))
             if verdict is not None and not stopped_by:
                 log_tail = tail(server.log_path)  # type: ignore[arg-type]  # before our SIGTERM adds lines
-                logger.error("%s: stopping vLLM", verdict.reason)
+                logger.info("%s: stopping vLLM", verdict.reason)
                 grace = DEAD_GRACE
                 raise ServingError(
                     f"{verdict.reason}; stopped vLLM and its processes; last lines of {server.log_path}:\n"
