@@ -30,10 +30,12 @@ from serving.kv_cache import NodeMemory, cuda_available, decide_kv_cache, read_n
 from serving.manifest import ServeManifest
 from serving.validate import BaseInfo, ValidationReport, read_base, validate_adapters
 from serving.vllm_env import require_vllm
+from serving.watch import Verdict, WatchPolicy, probe_health, watch
 
 logger = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 30
+DEAD_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when the server is already dead
 
 
 def plan_serving(
@@ -322,8 +324,14 @@ def run_plan(
     health_timeout: float = 300.0,
     log_path: str | Path | None = None,
     on_ready: Callable[[LaunchPlan, float, Path], None] | None = None,
+    watch_policy: WatchPolicy = WatchPolicy(),
 ) -> ServeResult:
     """Run ``plan`` until SIGINT/SIGTERM (forwarded to the server's process group) or its death.
+
+    While serving, ``/health`` and the server process are watched (:mod:`serving.watch`): when the
+    process exits, or ``/health`` says the engine is dead (503) or stops answering, the whole process
+    group is stopped and a :class:`ServingError` with the log tail is raised — a dead engine is never
+    left answering HTTP 500.
 
     Raises:
         ServingError: start-up failure or timeout, or the server died while serving (log tail).
@@ -337,26 +345,41 @@ def run_plan(
         if server.process is not None:
             _signal_group(server.process.pid, signal.SIGTERM)
 
+    grace = 20.0
     with _forward_signals(on_signal):
         server.start()
         try:
             startup = server.wait_healthy()
             if on_ready is not None and not stopped_by:
                 on_ready(plan, startup, server.log_path)  # type: ignore[arg-type]
-            while server.alive():
-                assert server.process is not None
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    server.process.wait(timeout=0.5)
+            verdict = _watch(server, watch_policy, lambda: bool(stopped_by))
+            if verdict is not None and not stopped_by:
+                log_tail = tail(server.log_path)  # type: ignore[arg-type]  # before our SIGTERM adds lines
+                logger.info("%s: stopping vLLM", verdict.reason)
+                grace = DEAD_GRACE
+                raise ServingError(
+                    f"{verdict.reason}; stopped vLLM and its processes; last lines of {server.log_path}:\n"
+                    + log_tail,
+                    fix="read the log above (the first error is the cause), then start `pissa serve` again",
+                )
         except ServingError:
             if stopped_by:  # stopped on request while starting: not a failure
                 return ServeResult(plan, str(server.log_path), None, stopped_by[0])
             raise
         finally:
-            code = server.stop()
-    if not stopped_by:
-        raise ServingError(
-            f"vLLM exited unexpectedly (code {code}); last lines of {server.log_path}:\n"
-            + tail(server.log_path),  # type: ignore[arg-type]
-            fix="read the log above",
-        )
+            server.stop(grace=grace)
     return ServeResult(plan, str(server.log_path), startup, stopped_by[0])
+
+
+def _watch(server: VllmServer, policy: WatchPolicy, stop_requested: Callable[[], bool]) -> Verdict | None:
+    """Watch a healthy server (:func:`serving.watch.watch`) until it dies or a stop is requested."""
+    proc = server.process
+    assert proc is not None
+
+    def wait(seconds: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=seconds)
+
+    url = server.plan.url + "/health"
+    return watch(proc.poll, lambda: probe_health(url, policy.probe_timeout), policy, wait=wait,
+                 stop_requested=stop_requested)

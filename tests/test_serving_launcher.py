@@ -1,8 +1,10 @@
 """The launcher with stand-in servers (fast) and one real vLLM start-up failure.
 
 Stand-ins are small Python programs run exactly like vLLM (same process-group handling): one dies at
-once, one never becomes healthy, one serves /health and spawns a grandchild. They check the log tail
-on death, the health timeout, SIGTERM forwarding, and that no process is left behind.
+once, one never becomes healthy, one serves /health and spawns a grandchild, one whose "engine" dies
+(/health 503, requests 500) while the process stays up, one that stops answering. They check the log
+tail on death, the health timeout, SIGTERM forwarding, the watch while serving, and that no process is
+left behind. The real-vLLM tests (``vllm``): a start-up failure, and the engine core killed while serving.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import alive
+from procs import alive, children, descendants
 
 from pissa.core.errors import ServingError
 from serving.command import LaunchPlan
 from serving.launcher import VllmServer, run_plan, tail
+from serving.watch import WatchPolicy
 
 
 def _free_port() -> int:
@@ -60,10 +63,10 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 """
 
 
-def _child_pid(log: Path) -> int:
+def _child_pid(log: Path, tag: str = "CHILD") -> int:
     for _ in range(100):
         for line in log.read_text().splitlines():
-            if line.startswith("CHILD "):
+            if line.startswith(tag + " "):
                 return int(line.split()[1])
         time.sleep(0.05)
     raise AssertionError("stand-in did not report its child")
@@ -133,6 +136,101 @@ def test_unexpected_death_while_serving_is_an_error(tmp_path):
         run_plan(_plan(HEALTHY_THEN_DIES, _free_port()), health_timeout=30, log_path=tmp_path / "log")
 
 
+# Like vLLM with VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1: healthy, then the engine "dies" (after the
+# first /health or after a signal file appears): /health answers 503, every other request 500, and the
+# process (and its grandchild) stays alive until stopped.
+ENGINE_DIES_SERVER_STAYS = """
+import http.server, os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+print(f"CHILD {child.pid}", flush=True)
+dead = []
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if not dead and os.path.exists(sys.argv[2]):
+            print("ERROR EngineCore died: RuntimeError: einsum(): subscript b has size 3", flush=True)
+            dead.append(1)
+        if self.path == "/health":
+            self.send_response(503 if dead else 200)
+        else:
+            self.send_response(500 if dead else 200)
+        self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+# Healthy, then the HTTP server stops answering (socket closed) while the process lives on.
+STOPS_ANSWERING = """
+import http.server, os, sys, threading, time
+print(f"SERVER {os.getpid()}", flush=True)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+srv.shutdown(); srv.server_close()
+print("api server hung", flush=True)
+time.sleep(300)
+"""
+
+
+def _plan_with_trigger(code: str, port: int, trigger: Path) -> LaunchPlan:
+    plan = _plan(code, port)
+    return LaunchPlan((*plan.argv, str(trigger)), {}, plan.url, plan.served_names, 8, plan.host, port)
+
+
+@pytest.mark.timeout(120)  # on failure (the watch never fires) run_plan would serve forever
+def test_dead_engine_behind_a_live_server_stops_serving(tmp_path):
+    """/health turns 503 while the process stays up: run_plan stops the whole group and raises with
+    the reason and the log tail instead of serving HTTP 500 for ever."""
+    log, trigger = tmp_path / "log", tmp_path / "die"
+
+    def on_ready(plan, startup, log_path):
+        trigger.touch()
+
+    with pytest.raises(ServingError) as exc:
+        run_plan(_plan_with_trigger(ENGINE_DIES_SERVER_STAYS, _free_port(), trigger), health_timeout=30,
+                 log_path=log, on_ready=on_ready, watch_policy=WatchPolicy(interval=0.2))
+    msg = str(exc.value)
+    assert "engine is dead: /health answered 503 on 2 polls in a row" in msg
+    assert "ERROR EngineCore died: RuntimeError" in msg  # the log tail
+    assert "start `pissa serve` again" in exc.value.fix
+    assert not alive(_child_pid(log))
+
+
+@pytest.mark.timeout(120)
+def test_server_that_stops_answering_is_stopped(tmp_path):
+    """The HTTP side goes away while the process lives on: stopped after the stated silent polls."""
+    log, trigger = tmp_path / "log", tmp_path / "hang"
+
+    def on_ready(plan, startup, log_path):
+        trigger.touch()
+
+    with pytest.raises(ServingError, match="(?s)stopped answering: no healthy /health on 5 polls.*api server hung"):
+        run_plan(_plan_with_trigger(STOPS_ANSWERING, _free_port(), trigger), health_timeout=30, log_path=log,
+                 on_ready=on_ready, watch_policy=WatchPolicy(interval=0.2, probe_timeout=1, silent_polls=5))
+    assert not alive(_child_pid(log, "SERVER"))
+
+
+def test_probe_health_reads_vllms_answers(tmp_path):
+    """200 → OK, 503 → DEAD (vLLM's EngineDeadError), and the stand-in's 500 on other paths → SILENT."""
+    import subprocess
+
+    from serving.watch import Health, probe_health
+
+    port, trigger = _free_port(), tmp_path / "die"
+    server = VllmServer(_plan_with_trigger(ENGINE_DIES_SERVER_STAYS, port, trigger), tmp_path / "log", health_timeout=30)
+    with server:
+        url = server.plan.url
+        assert probe_health(url + "/health", 5) == (Health.OK, "200")
+        trigger.touch()
+        assert probe_health(url + "/health", 5) == (Health.DEAD, "503")
+        assert probe_health(url + "/v1/models", 5) == (Health.SILENT, "HTTP 500")
+    assert isinstance(server.process, subprocess.Popen) and server.process.poll() is not None
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_server_dies_when_the_launcher_is_killed(tmp_path):
     """SIGKILL to the launching process (no chance to forward anything): the server still stops."""
@@ -189,3 +287,51 @@ def test_real_vllm_startup_failure_is_one_clear_error(tmp_path, tiny_llama, caps
     err = capsys.readouterr().err
     assert code == 1
     assert "vLLM exited with code" in err and "--no-such-vllm-flag" in err
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("keep_alive", ["0", "1"], ids=["vllm-default", "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1"])
+def test_real_engine_killed_pissa_serve_exits(tmp_path, tiny_llama, keep_alive):
+    """SIGKILL to vLLM's engine core while `pissa serve` serves: it exits 1 with one clear line and the
+    log tail, and leaves no process. vLLM 0.32 alone answers 503/500 and then stops itself (code 0) by
+    default; with VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1 it would answer 500 until stopped, so there only
+    the watch ends it."""
+    import subprocess
+
+    port = _free_port()
+    out_path = tmp_path / "pissa-serve.out"
+    env = {**os.environ, "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": keep_alive}
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pissa", "serve", "--base", str(tiny_llama), "--dtype", "float32",
+             "--kv-cache", "64M", "--port", str(port), "--log-file", str(tmp_path / "vllm.log")],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        while "vLLM is up" not in out_path.read_text():
+            assert proc.poll() is None, "pissa serve did not come up:\n" + out_path.read_text()[-3000:]
+            time.sleep(0.5)
+        (api,) = children(proc.pid)
+        spawned = descendants(proc.pid)
+        engines = [pid for pid, name in children(api).items() if "EngineCore" in name]
+        assert len(engines) == 1, children(api)
+        os.kill(engines[0], signal.SIGKILL)
+        t_kill = time.monotonic()
+        code = proc.wait(timeout=60)  # the bound: it must not keep serving
+        first = next((line for line in out_path.read_text().splitlines() if line.startswith("error")), "")
+        print(f"pissa serve exited {code} {time.monotonic() - t_kill:.1f} s after the engine was killed: {first}")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=60)
+    text = out_path.read_text()
+    assert code == 1, text[-3000:]
+    assert ("vLLM's engine is dead: /health answered 503 on 2 polls in a row" in text
+            or "vLLM exited unexpectedly (code 0) after /health answered 503 (its engine died)" in text), text[-3000:]
+    if keep_alive == "1":
+        assert "vLLM's engine is dead" in text, text[-3000:]
+    assert "last lines of" in text and "EngineCore" in text  # the log tail names the dead engine
+    assert "start `pissa serve` again" in text
+    time.sleep(0.5)
+    left = [p for p in spawned if alive(p)]
+    assert not left, f"processes left behind: {left}"
