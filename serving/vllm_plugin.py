@@ -174,7 +174,7 @@ def register() -> None:
     unpatched (the tests would then fail:
     ``tests/test_vllm_plugin.py::test_mixed_batch_wrong_without_plugin_zero_wrong_with_it``,
     ``tests/test_vllm_server.py::test_mixed_concurrent_batch_zero_wrong`` and
-    ``tests/test_vllm_logprobs.py``).
+    ``tests/test_vllm_prompt_logprobs.py``, ``tests/test_vllm_server_logprobs.py``).
     """
     _register_ops_fix()
     try:
