@@ -110,16 +110,21 @@ def sampler_slots(punica: Any, slots: Any) -> Iterator[None]:
 
 
 def _cpu_logits_punica(runner: Any) -> Any:
-    """The CPU punica wrapper of the runner's logits LoRA layer, or None (no LoRA, or not CPU)."""
-    if _PUNICA_CACHE in runner.__dict__:
-        return runner.__dict__[_PUNICA_CACHE]
+    """The CPU punica wrapper of the runner's logits LoRA layer, or None (no LoRA, or not CPU).
+
+    Looked up once per model object (cached on the runner; a reloaded model is looked up again).
+    """
+    model = runner.model
+    cached = runner.__dict__.get(_PUNICA_CACHE)
+    if cached is not None and cached[0] is model:
+        return cached[1]
     found = None
     try:
         from vllm.lora.layers.logits_processor import LogitsProcessorWithLoRA
         from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
 
-        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-        for module in model.modules():
+        root = runner.get_model() if hasattr(runner, "get_model") else model
+        for module in root.modules():
             if isinstance(module, LogitsProcessorWithLoRA):
                 punica = getattr(module, "punica_wrapper", None)
                 if isinstance(punica, PunicaWrapperCPU):
@@ -127,7 +132,7 @@ def _cpu_logits_punica(runner: Any) -> Any:
                 break
     except Exception:  # noqa: BLE001 - no LoRA layer or another vLLM layout: run vLLM's code as is
         logger.debug("no CPU logits LoRA layer found", exc_info=True)
-    runner.__dict__[_PUNICA_CACHE] = found
+    runner.__dict__[_PUNICA_CACHE] = (model, found)
     return found
 
 

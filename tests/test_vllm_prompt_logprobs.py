@@ -121,7 +121,7 @@ def cpu_runner():
     lora_b = torch.randn(2, 1, 7, 3, generator=g, dtype=torch.float64)
     runner = SimpleNamespace(model=_FakeModel(punica, lora_a, lora_b), num_prompt_logprobs={"r": 1},
                              windows=[(qsl[i], n - 1) for i, n in enumerate(LENGTHS)])
-    runner.__dict__[vpl._PUNICA_CACHE] = punica  # what _cpu_logits_punica finds in a real runner
+    runner.__dict__[vpl._PUNICA_CACHE] = (runner.model, punica)  # what _cpu_logits_punica finds in a real runner
     hidden = torch.randn(qsl[-1], HIDDEN, generator=g, dtype=torch.float64)
     return runner, punica, hidden, lora_a, lora_b
 
