@@ -61,7 +61,8 @@ def make_peft_adapter(
         str(base) if base_model_name_or_path is None else base_model_name_or_path
     )
     out = Path(out)
-    peft_model.save_pretrained(str(out))
+    # save_embedding_layers=False: an lm_head target would otherwise also save the base lm_head weight.
+    peft_model.save_pretrained(str(out), save_embedding_layers=False)
     # save_pretrained records the flag it was built with; a served adapter states a standard init.
     import json
 

@@ -1,4 +1,8 @@
-"""vLLM general plugin: fix the CPU multi-LoRA "no adapter" index (vllm-project/vllm#48421, #49656).
+"""vLLM general plugin: two CPU multi-LoRA fixes, each probed and patched only where needed.
+
+1. The "no adapter" index in the CPU LoRA ops (vllm-project/vllm#48421, #49656): below.
+2. The LoRA slots of prompt-logprobs logits rows (vllm-project/vllm#16668): in
+   :mod:`serving.vllm_prompt_logprobs`, installed by :func:`register` too.
 
 The bug. vLLM gives every token (and every sampled row) a LoRA slot index, with ``-1`` meaning
 "no adapter" (a base-model request). The GPU (Triton) kernels skip rows whose index is -1. The
@@ -160,13 +164,29 @@ def is_active() -> bool:
 
 
 def register() -> None:
-    """vLLM plugin entry point: patch the CPU LoRA ops if (and only if) they show the -1 bug.
+    """vLLM plugin entry point: both fixes, each patched if (and only if) the installed vLLM needs it.
+
+    1. The CPU LoRA ops' index -1 (this module): patched now if they show the bug.
+    2. LoRA slots for prompt-logprobs logits rows (:mod:`serving.vllm_prompt_logprobs`): patched when
+       vLLM's model runner is imported, if the probe shows the per-request mapping.
 
     Safe to call many times and in every process. Never raises: a failure is logged and vLLM runs
-    unpatched (the mixed-batch tests would then fail:
-    ``tests/test_vllm_plugin.py::test_mixed_batch_wrong_without_plugin_zero_wrong_with_it`` and
-    ``tests/test_vllm_server.py::test_mixed_concurrent_batch_zero_wrong``).
+    unpatched (the tests would then fail:
+    ``tests/test_vllm_plugin.py::test_mixed_batch_wrong_without_plugin_zero_wrong_with_it``,
+    ``tests/test_vllm_server.py::test_mixed_concurrent_batch_zero_wrong`` and
+    ``tests/test_vllm_logprobs.py``).
     """
+    _register_ops_fix()
+    try:
+        from serving import vllm_prompt_logprobs
+
+        vllm_prompt_logprobs.install()
+    except Exception:  # noqa: BLE001 - a plugin must never take the server down
+        logger.exception("%s: could not install the prompt-logprobs LoRA fix", PLUGIN_NAME)
+
+
+def _register_ops_fix() -> None:
+    """Patch the CPU LoRA ops if (and only if) they show the -1 bug; never raises."""
     try:
         modules = _import_targets()
         ops = next((m for m in modules if m.__name__.endswith("lora_ops")), None)
