@@ -165,7 +165,9 @@ def test_lm_eval_through_endpoint_equals_hf_peft(server, tiny_llama, exported, t
            "--tasks", TASK, "--include_path", str(task_dir),
            "--output_path", str(out_dir), "--log_samples"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=lm_eval_env, cwd=tmp_path)
-    vllm_log = (root / "vllm.log").read_text()[-4000:] if (root / "vllm.log").exists() else ""
+    log_text = (root / "vllm.log").read_text() if (root / "vllm.log").exists() else ""
+    first_error = next((ln for ln in log_text.splitlines() if "Error:" in ln), "")
+    vllm_log = f"first error: {first_error}\n...\n{log_text[-3000:]}"
     assert run.returncode == 0, f"lm_eval failed:\n{run.stderr[-4000:]}\n--- vLLM log ---\n{vllm_log}"
     assert proc.poll() is None, "pissa serve died during the evaluation:\n" + vllm_log
     files = sorted(out_dir.rglob(f"samples_{TASK}_*.jsonl"))
