@@ -43,3 +43,10 @@ def descendants(pid: int) -> set[int]:
         frontier = {c for p in frontier for c in children(p)} - out
         out |= frontier
     return out
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (the project's own helper, re-used by every test that starts a server)."""
+    from serving.vllm_env import free_port as _free
+
+    return _free()

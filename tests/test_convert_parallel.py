@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from procs import free_port
 
 from converter.convert import convert
 from converter.options import ConvertOptions
@@ -176,18 +177,10 @@ def _error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("error:")]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _two_nodes(args: list[str], cwd: Path, timeout: float) -> list[subprocess.CompletedProcess]:
     """``torchrun --nnodes 2 --nproc-per-node 1 --node-rank k`` twice: two elastic agents, as on two
     machines (rank k runs under agent k), so no agent can stop the other's rank: the ranks must."""
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",

@@ -28,13 +28,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from procs import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -69,12 +69,6 @@ def _questions() -> list[dict]:
         choices = wrong[: i % 4] + [right] + wrong[i % 4:]
         out.append({"question": f"What is {a} plus {b}?", "choices": [f" {c}" for c in choices], "answer": i % 4})
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +109,7 @@ def lm_eval_env(tmp_path_factory) -> dict[str, str]:
 def server(tmp_path_factory, tiny_llama, exported):
     """``pissa serve --base TINY --adapter t1=EXPORT`` in a subprocess; yields its URL; SIGINT at teardown."""
     root = tmp_path_factory.mktemp("lmeval-serve")
-    port = _free_port()
+    port = free_port()
     out_path = root / "pissa-serve.out"
     with open(out_path, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pissa", "serve", "--base", str(tiny_llama),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from procs import free_port
 
 from pissa.cli import run
 from pissa.core.errors import ServingError
@@ -165,17 +165,11 @@ def test_flags_only_dry_run_has_an_explicit_kv_cache_on_cpu(capsys, tiny_llama, 
     assert lines[0].startswith("KV cache: ") and "free on " in lines[0] and "vllm.kv_cache_memory_bytes" in lines[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.vllm
 def test_flags_only_serve_starts_on_cpu(tmp_path, tiny_llama, adapter):
     """One real start of `pissa serve --base TINY --adapter a=ADAPTER` with no KV cache size given: vLLM comes
     up with the chosen size, serves the adapter, and stops on SIGINT."""
-    port = _free_port()
+    port = free_port()
     out_path, log = tmp_path / "pissa-serve.out", tmp_path / "vllm.log"
     with open(out_path, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pissa", "serve", "--base", str(tiny_llama), "--adapter",

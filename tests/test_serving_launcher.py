@@ -20,18 +20,12 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import alive, children, descendants
+from procs import alive, children, descendants, free_port
 
 from pissa.core.errors import ServingError
 from serving.command import LaunchPlan
 from serving.launcher import VllmServer, run_plan, tail
 from serving.watch import WatchPolicy
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _plan(code: str, port: int) -> LaunchPlan:
@@ -73,7 +67,7 @@ def _child_pid(log: Path, tag: str = "CHILD") -> int:
 
 
 def test_death_during_startup_shows_log_tail(tmp_path):
-    server = VllmServer(_plan(DIES, _free_port()), tmp_path / "log", health_timeout=30)
+    server = VllmServer(_plan(DIES, free_port()), tmp_path / "log", health_timeout=30)
     with pytest.raises(ServingError) as exc, server:
         pass
     assert "exited with code 3" in str(exc.value) and "ERROR boom: unsupported configuration" in str(exc.value)
@@ -81,7 +75,7 @@ def test_death_during_startup_shows_log_tail(tmp_path):
 
 def test_health_timeout_stops_the_whole_group(tmp_path):
     log = tmp_path / "log"
-    server = VllmServer(_plan(NEVER_HEALTHY, _free_port()), log, health_timeout=1.5)
+    server = VllmServer(_plan(NEVER_HEALTHY, free_port()), log, health_timeout=1.5)
     t0 = time.monotonic()
     with pytest.raises(ServingError, match="not healthy after 2 s"):
         server.start()
@@ -111,7 +105,7 @@ def test_sigterm_is_forwarded_and_nothing_left(tmp_path):
         threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     before = signal.getsignal(signal.SIGTERM)
-    result = run_plan(_plan(HEALTHY, _free_port()), health_timeout=30, log_path=log, on_ready=on_ready)
+    result = run_plan(_plan(HEALTHY, free_port()), health_timeout=30, log_path=log, on_ready=on_ready)
     assert ready and result.stopped_by == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is before  # handlers restored
     assert not alive(_child_pid(log))
@@ -133,7 +127,7 @@ sys.exit(9)
 
 def test_unexpected_death_while_serving_is_an_error(tmp_path):
     with pytest.raises(ServingError, match="(?s)exited unexpectedly \\(code 9\\).*fatal: engine died"):
-        run_plan(_plan(HEALTHY_THEN_DIES, _free_port()), health_timeout=30, log_path=tmp_path / "log")
+        run_plan(_plan(HEALTHY_THEN_DIES, free_port()), health_timeout=30, log_path=tmp_path / "log")
 
 
 # Like vLLM with VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1: healthy, then the engine "dies" (after the
@@ -191,7 +185,7 @@ def test_dead_engine_behind_a_live_server_stops_serving(tmp_path):
         trigger.touch()
 
     with pytest.raises(ServingError) as exc:
-        run_plan(_plan_with_trigger(ENGINE_DIES_SERVER_STAYS, _free_port(), trigger), health_timeout=30,
+        run_plan(_plan_with_trigger(ENGINE_DIES_SERVER_STAYS, free_port(), trigger), health_timeout=30,
                  log_path=log, on_ready=on_ready, watch_policy=WatchPolicy(interval=0.2))
     msg = str(exc.value)
     assert "engine is dead: /health answered 503 on 2 polls in a row" in msg
@@ -209,7 +203,7 @@ def test_server_that_stops_answering_is_stopped(tmp_path):
         trigger.touch()
 
     with pytest.raises(ServingError, match="(?s)stopped answering: no healthy /health on 5 polls.*api server hung"):
-        run_plan(_plan_with_trigger(STOPS_ANSWERING, _free_port(), trigger), health_timeout=30, log_path=log,
+        run_plan(_plan_with_trigger(STOPS_ANSWERING, free_port(), trigger), health_timeout=30, log_path=log,
                  on_ready=on_ready, watch_policy=WatchPolicy(interval=0.2, probe_timeout=1, silent_polls=5))
     assert not alive(_child_pid(log, "SERVER"))
 
@@ -220,7 +214,7 @@ def test_probe_health_reads_vllms_answers(tmp_path):
 
     from serving.watch import Health, probe_health
 
-    port, trigger = _free_port(), tmp_path / "die"
+    port, trigger = free_port(), tmp_path / "die"
     server = VllmServer(_plan_with_trigger(ENGINE_DIES_SERVER_STAYS, port, trigger), tmp_path / "log", health_timeout=30)
     with server:
         url = server.plan.url
@@ -237,7 +231,7 @@ def test_server_dies_when_the_launcher_is_killed(tmp_path):
     import subprocess
 
     log = tmp_path / "log"
-    port = _free_port()
+    port = free_port()
     launcher = textwrap.dedent(f"""
         import sys, time, textwrap
         sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -281,7 +275,7 @@ def test_real_vllm_startup_failure_is_one_clear_error(tmp_path, tiny_llama, caps
     from pissa.cli import run
 
     manifest = tmp_path / "serve.yaml"
-    manifest.write_text(f"base:\n  path: {tiny_llama}\nvllm:\n  port: {_free_port()}\n  kv_cache_memory_bytes: 64M\n"
+    manifest.write_text(f"base:\n  path: {tiny_llama}\nvllm:\n  port: {free_port()}\n  kv_cache_memory_bytes: 64M\n"
                         "  health_timeout: 120\nextra_args: [--no-such-vllm-flag]\n")
     code = run(["serve", str(manifest), "--log-file", str(tmp_path / "vllm.log")])
     err = capsys.readouterr().err
@@ -299,7 +293,7 @@ def test_real_engine_killed_pissa_serve_exits(tmp_path, tiny_llama, keep_alive):
     the watch ends it."""
     import subprocess
 
-    port = _free_port()
+    port = free_port()
     out_path = tmp_path / "pissa-serve.out"
     env = {**os.environ, "VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": keep_alive}
     with open(out_path, "w") as out:

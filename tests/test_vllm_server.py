@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from procs import alive
+from procs import alive, free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -38,12 +37,6 @@ TENANTS = {  # name -> (training records, seed)
     "mult": ([{"prompt": f"What is {a} times {b}?", "response": f"{a * b}"} for a in range(2, 6) for b in range(2, 6)], 0),
     "add": ([{"prompt": f"What is {a} times {b}?", "response": f"{a + b} plus"} for a in range(2, 6) for b in range(2, 6)], 1),
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _descendants(pid: int) -> set[int]:
@@ -86,7 +79,7 @@ def tenants(tmp_path_factory, tiny_llama_bundle) -> dict[str, Path]:
 def server(tmp_path_factory, tiny_llama, tenants):
     """``pissa serve`` in a subprocess; yields (url, process); SIGINT and leftover check at teardown."""
     root = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     manifest = root / "serve.yaml"
     manifest.write_text(f"""
 base:

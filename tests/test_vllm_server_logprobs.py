@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -38,12 +38,6 @@ MODELS = ("base", "t0", "t1")
 PROMPTS = ["The capital of France is", "def add(a, b):", "What is 3 times 4?", "Hello world, hello"]
 CONTROL = "The quick brown fox"
 CONTROL_TOKENS = 8
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +53,7 @@ def adapters(tmp_path_factory, tiny_llama) -> dict[str, Path]:
 def server(tmp_path_factory, tiny_llama, adapters):
     """``python -m pissa serve MANIFEST``; yields (url, log path); SIGINT at teardown."""
     root = tmp_path_factory.mktemp("serve-logprobs")
-    port = _free_port()
+    port = free_port()
     manifest = root / "serve.yaml"
     manifest.write_text(f"""
 base:
