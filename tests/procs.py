@@ -50,3 +50,35 @@ def free_port() -> int:
     from serving.vllm_env import free_port as _free
 
     return _free()
+
+
+def serve_manifest(base: Path, adapters: dict[str, Path], *, port: int, **vllm: object) -> str:
+    """A serving manifest (YAML) for ``base`` served as ``base`` with ``adapters``, fp32, 64M KV cache."""
+    settings = {"port": port, "dtype": "float32", "max_model_len": 256, "kv_cache_memory_bytes": "64M", **vllm}
+    return (
+        f"base:\n  path: {base}\n  served_name: base\nadapters:\n"
+        + "".join(f"  - name: {n}\n    path: {p}\n" for n, p in adapters.items())
+        + "vllm:\n" + "".join(f"  {k}: {v}\n" for k, v in settings.items())
+        + "extra_args: [--enforce-eager]\n"
+    )
+
+
+def start_pissa_serve(args: list[str], out_path: Path, *, timeout: float = 300):
+    """``python -m pissa serve ARGS`` with stdout and stderr in ``out_path``; returns the process once it
+    says "vLLM is up" (the test fails with the output's tail if it exits or times out first)."""
+    import subprocess
+    import sys
+    import time
+
+    import pytest
+
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pissa", "serve", *args],
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout
+    while "vLLM is up" not in out_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("pissa serve did not come up:\n" + out_path.read_text()[-3000:])
+        time.sleep(0.5)
+    return proc

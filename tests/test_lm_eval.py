@@ -29,12 +29,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from procs import free_port
+from procs import free_port, start_pissa_serve
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -110,18 +108,9 @@ def server(tmp_path_factory, tiny_llama, exported):
     """``pissa serve --base TINY --adapter t1=EXPORT`` in a subprocess; yields its URL; SIGINT at teardown."""
     root = tmp_path_factory.mktemp("lmeval-serve")
     port = free_port()
-    out_path = root / "pissa-serve.out"
-    with open(out_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pissa", "serve", "--base", str(tiny_llama),
-                                 "--adapter", f"t1={exported}", "--dtype", "float32", "--kv-cache", "64M",
-                                 "--port", str(port), "--log-file", str(root / "vllm.log")],
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while "vLLM is up" not in out_path.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("pissa serve did not come up:\n" + out_path.read_text()[-3000:])
-        time.sleep(0.5)
+    proc = start_pissa_serve(["--base", str(tiny_llama), "--adapter", f"t1={exported}", "--dtype", "float32",
+                              "--kv-cache", "64M", "--port", str(port), "--log-file", str(root / "vllm.log")],
+                             root / "pissa-serve.out")
     yield f"http://127.0.0.1:{port}", proc, root
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)

@@ -111,15 +111,19 @@ def test_sigterm_is_forwarded_and_nothing_left(tmp_path):
     assert not alive(_child_pid(log))
 
 
-HEALTHY_THEN_DIES = """
-import http.server, sys, threading, time
+# A stand-in that answers 200 to every GET from a background thread (the scripts below add their fate).
+OK_IN_BACKGROUND = """
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200); self.end_headers()
     def log_message(self, *a): pass
 srv = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
 threading.Thread(target=srv.serve_forever, daemon=True).start()
-time.sleep(1.5)
+"""
+
+HEALTHY_THEN_DIES = """
+import http.server, sys, threading, time
+""" + OK_IN_BACKGROUND + """time.sleep(1.5)
 print("fatal: engine died", flush=True)
 sys.exit(9)
 """
@@ -156,13 +160,7 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 STOPS_ANSWERING = """
 import http.server, os, sys, threading, time
 print(f"SERVER {os.getpid()}", flush=True)
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200); self.end_headers()
-    def log_message(self, *a): pass
-srv = http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H)
-threading.Thread(target=srv.serve_forever, daemon=True).start()
-while not os.path.exists(sys.argv[2]):
+""" + OK_IN_BACKGROUND + """while not os.path.exists(sys.argv[2]):
     time.sleep(0.05)
 srv.shutdown(); srv.server_close()
 print("api server hung", flush=True)

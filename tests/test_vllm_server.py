@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from procs import alive, free_port
+from procs import alive, free_port, serve_manifest, start_pissa_serve
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -81,34 +79,11 @@ def server(tmp_path_factory, tiny_llama, tenants):
     root = tmp_path_factory.mktemp("serve")
     port = free_port()
     manifest = root / "serve.yaml"
-    manifest.write_text(f"""
-base:
-  path: {tiny_llama}
-  served_name: base
-adapters:
-""" + "".join(f"  - name: {n}\n    path: {p}\n" for n, p in tenants.items()) + f"""
-vllm:
-  port: {port}
-  dtype: float32
-  max_loras: 2
-  max_cpu_loras: 4
-  max_lora_rank: 16
-  max_model_len: 256
-  kv_cache_memory_bytes: 64M
-  health_timeout: 240
-extra_args: [--enforce-eager]
-""")
+    manifest.write_text(serve_manifest(tiny_llama, tenants, port=port, max_loras=2, max_cpu_loras=4,
+                                       max_lora_rank=16, health_timeout=240))
     log = root / "vllm.log"
-    with open(root / "pissa-serve.out", "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pissa", "serve", str(manifest), "--log-file", str(log)],
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc = start_pissa_serve([str(manifest), "--log-file", str(log)], root / "pissa-serve.out")
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while "vLLM is up" not in (root / "pissa-serve.out").read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("pissa serve did not come up:\n" + (root / "pissa-serve.out").read_text()[-3000:])
-        time.sleep(0.5)
     spawned = _descendants(proc.pid)
     yield url, proc, spawned
     proc.send_signal(signal.SIGINT)

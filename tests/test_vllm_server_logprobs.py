@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import free_port
+from procs import free_port, serve_manifest, start_pissa_serve
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -55,34 +52,11 @@ def server(tmp_path_factory, tiny_llama, adapters):
     root = tmp_path_factory.mktemp("serve-logprobs")
     port = free_port()
     manifest = root / "serve.yaml"
-    manifest.write_text(f"""
-base:
-  path: {tiny_llama}
-  served_name: base
-adapters:
-""" + "".join(f"  - name: {n}\n    path: {p}\n" for n, p in adapters.items()) + f"""
-vllm:
-  port: {port}
-  dtype: float32
-  max_loras: 2
-  max_cpu_loras: 2
-  max_lora_rank: 8
-  max_model_len: 256
-  kv_cache_memory_bytes: 64M
-  health_timeout: 300
-extra_args: [--enforce-eager]
-""")
+    manifest.write_text(serve_manifest(tiny_llama, adapters, port=port, max_loras=2, max_cpu_loras=2,
+                                       max_lora_rank=8, health_timeout=300))
     log = root / "vllm.log"
     out_path = root / "pissa-serve.out"
-    with open(out_path, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pissa", "serve", str(manifest), "--log-file", str(log)],
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 360
-    while "vLLM is up" not in out_path.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("pissa serve did not come up:\n" + out_path.read_text()[-3000:])
-        time.sleep(0.5)
+    proc = start_pissa_serve([str(manifest), "--log-file", str(log)], out_path, timeout=360)
     yield f"http://127.0.0.1:{port}", log
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, out_path.read_text()[-2000:]
