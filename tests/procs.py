@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def alive(pid: int) -> bool:
@@ -82,3 +83,17 @@ def start_pissa_serve(args: list[str], out_path: Path, *, timeout: float = 300):
             pytest.fail("pissa serve did not come up:\n" + out_path.read_text()[-3000:])
         time.sleep(0.5)
     return proc
+
+
+def serve_from_manifest(root: Path, base: Path, adapters: dict[str, Path], *, timeout: float = 300,
+                        **vllm: object) -> tuple[str, Path, Any]:
+    """Write :func:`serve_manifest` into ``root`` (free port) and start ``pissa serve`` on it.
+
+    Returns ``(url, vLLM log path, process)``; the command's output is in ``root / "pissa-serve.out"``.
+    """
+    port = free_port()
+    manifest = root / "serve.yaml"
+    manifest.write_text(serve_manifest(base, adapters, port=port, **vllm))
+    log = root / "vllm.log"
+    proc = start_pissa_serve([str(manifest), "--log-file", str(log)], root / "pissa-serve.out", timeout=timeout)
+    return f"http://127.0.0.1:{port}", log, proc

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from procs import alive, free_port, serve_manifest, start_pissa_serve
+from procs import alive, descendants, serve_from_manifest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -35,24 +35,6 @@ TENANTS = {  # name -> (training records, seed)
     "mult": ([{"prompt": f"What is {a} times {b}?", "response": f"{a * b}"} for a in range(2, 6) for b in range(2, 6)], 0),
     "add": ([{"prompt": f"What is {a} times {b}?", "response": f"{a + b} plus"} for a in range(2, 6) for b in range(2, 6)], 1),
 }
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every live process whose ancestry reaches ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    out: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {c for c, p in parents.items() if p in frontier} - out
-        out |= frontier
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +59,9 @@ def tenants(tmp_path_factory, tiny_llama_bundle) -> dict[str, Path]:
 def server(tmp_path_factory, tiny_llama, tenants):
     """``pissa serve`` in a subprocess; yields (url, process); SIGINT and leftover check at teardown."""
     root = tmp_path_factory.mktemp("serve")
-    port = free_port()
-    manifest = root / "serve.yaml"
-    manifest.write_text(serve_manifest(tiny_llama, tenants, port=port, max_loras=2, max_cpu_loras=4,
-                                       max_lora_rank=16, health_timeout=240))
-    log = root / "vllm.log"
-    proc = start_pissa_serve([str(manifest), "--log-file", str(log)], root / "pissa-serve.out")
-    url = f"http://127.0.0.1:{port}"
-    spawned = _descendants(proc.pid)
+    url, _, proc = serve_from_manifest(root, tiny_llama, tenants, max_loras=2, max_cpu_loras=4, max_lora_rank=16,
+                                       health_timeout=240)
+    spawned = descendants(proc.pid)
     yield url, proc, spawned
     proc.send_signal(signal.SIGINT)
     code = proc.wait(timeout=60)
@@ -92,7 +69,7 @@ def server(tmp_path_factory, tiny_llama, tenants):
     assert code == 0, text[-2000:]
     assert "stopped (SIGINT)" in text
     time.sleep(0.5)
-    left = [p for p in spawned | _descendants(proc.pid) if alive(p)]
+    left = [p for p in spawned | descendants(proc.pid) if alive(p)]
     assert not left, f"processes left behind: {left}"
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import free_port, serve_manifest, start_pissa_serve
+from procs import serve_from_manifest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -50,16 +50,11 @@ def adapters(tmp_path_factory, tiny_llama) -> dict[str, Path]:
 def server(tmp_path_factory, tiny_llama, adapters):
     """``python -m pissa serve MANIFEST``; yields (url, log path); SIGINT at teardown."""
     root = tmp_path_factory.mktemp("serve-logprobs")
-    port = free_port()
-    manifest = root / "serve.yaml"
-    manifest.write_text(serve_manifest(tiny_llama, adapters, port=port, max_loras=2, max_cpu_loras=2,
-                                       max_lora_rank=8, health_timeout=300))
-    log = root / "vllm.log"
-    out_path = root / "pissa-serve.out"
-    proc = start_pissa_serve([str(manifest), "--log-file", str(log)], out_path, timeout=360)
-    yield f"http://127.0.0.1:{port}", log
+    url, log, proc = serve_from_manifest(root, tiny_llama, adapters, timeout=360, max_loras=2, max_cpu_loras=2,
+                                         max_lora_rank=8, health_timeout=300)
+    yield url, log
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 0, out_path.read_text()[-2000:]
+    assert proc.wait(timeout=60) == 0, (root / "pissa-serve.out").read_text()[-2000:]
 
 
 @pytest.fixture(scope="module")
