@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "Export a trained PiSSA adapter as a LoRA adapter for the original base."),
     "serve": ("serve", "Serve one base and many LoRA adapters with vLLM (OpenAI API)."),
     "adapters": ("adapters", "Add, remove or list adapters on a running server."),
+    "tenants": ("tenants", "Tenant keys (add, revoke, list) and usage of a gateway manifest."),
     "zoo": ("zoo", "Convert (verify, push) every model of a zoo manifest; resumable."),
     "push": ("push", "Verify and push a bundle or adapter to the Hugging Face Hub."),
     "demo": ("demo", "Run the whole pipeline offline on the embedded SmolLM2-135M-Instruct."),

@@ -14,7 +14,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ class ServedModel:
 
 
 def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, api_key: str | None = None,
-             timeout: float = 60.0) -> tuple[int, str]:
+             timeout: float = 60.0) -> tuple[int, str, Mapping[str, str]]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     if data is not None:
@@ -48,9 +48,9 @@ def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, 
         req.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read().decode("utf-8", errors="replace")
+            return r.status, r.read().decode("utf-8", errors="replace"), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode("utf-8", errors="replace")
+        return exc.code, exc.read().decode("utf-8", errors="replace"), {k.lower(): v for k, v in exc.headers.items()}
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ServingError(f"cannot reach {url}: {reason}",
@@ -78,7 +78,7 @@ def list_models(url: str, *, api_key: str | None = None) -> list[ServedModel]:
     Raises:
         ServingError: unreachable server or an error answer.
     """
-    status, text = _request(url.rstrip("/") + "/v1/models", api_key=api_key)
+    status, text, _ = _request(url.rstrip("/") + "/v1/models", api_key=api_key)
     if status != 200:
         raise ServingError(f"GET /v1/models failed with HTTP {status}: {_server_message(text)}",
                            fix="check --url and --api-key-env")
@@ -116,8 +116,12 @@ def check_runtime_adapter(url: str, name: str, path: str | Path, *, api_key: str
 
 
 def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = None,
-                validate: bool = True, aliases: Sequence[str] = ()) -> ValidationReport | None:
+                validate: bool = True, aliases: Sequence[str] = (),
+                tenants: Sequence[str] = ()) -> ValidationReport | None:
     """Validate, then load ``path`` as ``name`` on the running server.
+
+    With ``tenants`` (a ``pissa serve`` gateway, admin key), the adapter is granted to those tenants at
+    once; the gateway keeps the grant in its ``usage_db`` for the next start.
 
     Returns:
         the validation report (None when ``validate`` is false).
@@ -128,13 +132,19 @@ def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = 
     """
     report = check_runtime_adapter(url, name, path, api_key=api_key, aliases=aliases) if validate else None
     lora_path = str(Path(path).expanduser().resolve())
-    status, text = _request(url.rstrip("/") + "/v1/load_lora_adapter", "POST",
-                            {"lora_name": name, "lora_path": lora_path}, api_key=api_key, timeout=300)
+    body: dict[str, Any] = {"lora_name": name, "lora_path": lora_path}
+    if tenants:
+        body["tenants"] = list(tenants)
+    status, text, headers = _request(url.rstrip("/") + "/v1/load_lora_adapter", "POST", body, api_key=api_key,
+                                     timeout=300)
     if status != 200:
         hint = ("start the server with runtime_lora_updating: true (VLLM_ALLOW_RUNTIME_LORA_UPDATING)"
                 if status == 404 and "Not Found" in text else "read the server's message")
         raise ServingError(f"server refused adapter {name!r} (HTTP {status}): {_server_message(text)}", fix=hint)
-    logger.info("loaded adapter %s from %s", name, lora_path)
+    if tenants and headers.get("x-pissa-granted") is None:
+        raise ServingError(f"loaded {name!r}, but {url} is not a pissa gateway, so no tenant was granted it",
+                           fix="give --url of `pissa serve` with tenants:, or drop --tenant")
+    logger.info("loaded adapter %s from %s (granted to: %s)", name, lora_path, ", ".join(tenants) or "-")
     return report
 
 
@@ -144,7 +154,7 @@ def remove_adapter(url: str, name: str, *, api_key: str | None = None) -> None:
     Raises:
         ServingError: unknown name, or the server refused.
     """
-    status, text = _request(url.rstrip("/") + "/v1/unload_lora_adapter", "POST", {"lora_name": name},
+    status, text, _ = _request(url.rstrip("/") + "/v1/unload_lora_adapter", "POST", {"lora_name": name},
                             api_key=api_key)
     if status != 200:
         raise ServingError(f"server could not remove adapter {name!r} (HTTP {status}): {_server_message(text)}",

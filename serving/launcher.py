@@ -311,6 +311,10 @@ def serve(
         MissingDependencyError: vLLM (or the openai client) is not installed.
         ServingError: the server failed to start, or died while serving (tail of its log).
     """
+    if manifest.gateway is not None:  # tenants: vLLM on loopback behind the gateway
+        from serving.gateway.run import serve_with_gateway
+
+        return serve_with_gateway(manifest, dry_run=dry_run, log_path=log_path, on_ready=on_ready)
     plan = plan_serving(manifest)
     if dry_run:
         return ServeResult(plan, None, None, None)

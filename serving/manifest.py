@@ -23,6 +23,11 @@ Layout (every key but ``base.path`` optional)::
       runtime_lora_updating: true     # allow /v1/load_lora_adapter (pissa adapters add/remove)
       health_timeout: 300             # seconds to wait for /health at start-up
     extra_args: [--enforce-eager]     # passed to vLLM verbatim (not the flags set above)
+    gateway: {host: 0.0.0.0, port: 8000}   # with tenants: the public listener (serving/gateway/config.py)
+    tenants:                          # optional: per-tenant keys, allow-lists, limits, usage
+      - name: acme
+        models: [tenant-a]
+        limits: {requests_per_minute: 120}
 
 The file is validated into :class:`ServeFile` (pydantic, strict types, unknown keys refused; a later
 section such as ``tenants:`` is one more model field), then its paths are resolved into a
@@ -35,12 +40,12 @@ a hub id; anything else is a missing local path and is reported.
 
 from __future__ import annotations
 
-import re
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, field_validator
 
 from pissa.core.errors import InvalidOptionsError
 from pissa.core.hub import repo_id_problem
@@ -48,6 +53,7 @@ from pissa.core.manifests import (
     Checked,
     ManifestModel,
     Seq,
+    Size,
     check,
     check_name,
     error_problems,
@@ -55,10 +61,11 @@ from pissa.core.manifests import (
     load_yaml,
     name_problem,
     one_of,
+    parse_size,
 )
+from serving.gateway.config import GatewayConfig, GatewaySection, TenantSection, resolve_gateway
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
 # Flags the launcher sets from the manifest: giving them again in extra_args is a conflict.
 MANAGED_FLAGS = (
     "--model", "--host", "--port", "--dtype", "--served-model-name", "--enable-lora", "--lora-modules",
@@ -91,16 +98,6 @@ class AdapterSpec:
     ref: ModelRef
 
 
-def _size(value: Any) -> Any:
-    """``kv_cache_memory_bytes: 64M`` -> 67108864 (integers pass through to the type check)."""
-    if isinstance(value, str):
-        size = parse_size(value)
-        if size is None:
-            raise ValueError(f"must be a positive size like 64M or 1G, got {value!r}")
-        return size
-    return value
-
-
 def _not_managed(arg: str) -> str:
     problem = _managed_flag_problem(arg)
     if problem:
@@ -121,7 +118,7 @@ class VllmSettings(ManifestModel):
     max_cpu_loras: Count | None = None
     max_lora_rank: Count | None = None
     max_model_len: Count | None = None
-    kv_cache_memory_bytes: Annotated[int, BeforeValidator(_size), Field(gt=0)] | None = None
+    kv_cache_memory_bytes: Size | None = None
     tensor_parallel_size: Count = 1
     api_key_env: str | None = None
     runtime_lora_updating: bool = True
@@ -154,6 +151,8 @@ class ServeFile(ManifestModel):
     adapters: Seq[AdapterSection] = ()
     vllm: VllmSettings = VllmSettings()
     extra_args: Seq[Annotated[str, AfterValidator(_not_managed)]] = ()
+    gateway: GatewaySection | None = None
+    tenants: Seq[TenantSection] = ()
 
 
 @dataclass(frozen=True)
@@ -163,6 +162,7 @@ class ServeManifest:
     vllm: VllmSettings = field(default_factory=VllmSettings)
     extra_args: tuple[str, ...] = ()
     path: str | None = None
+    gateway: GatewayConfig | None = None  # set when the manifest has tenants
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -180,21 +180,6 @@ def resolve_ref(value: str, root: Path) -> tuple[ModelRef | None, str | None]:
     if repo_id_problem(value) is None:
         return ModelRef(value, False), None
     return None, f"{value!r} is neither an existing path (looked at {candidate}) nor a hub id (owner/name)"
-
-
-def parse_size(value: int | str) -> int | None:
-    """``64M`` -> 67108864, ``1G`` -> 1073741824, 4096 -> 4096 (binary units); None if invalid."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    m = SIZE_RE.match(str(value).strip())
-    if not m:
-        return None
-    unit = (m.group(2) or "B").upper()[0]
-    factor = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
-    n = int(m.group(1)) * factor
-    return n if n > 0 else None
 
 
 def name_problems(base_name: str, adapter_names: list[str]) -> list[str]:
@@ -252,6 +237,41 @@ def _resolve(checked: Checked[ServeFile], root: Path) -> tuple[BaseSpec | None, 
     return base, tuple(adapters)
 
 
+def _check_tenants(checked: Checked[ServeFile], served: set[str]) -> None:
+    """Tenant names are unique, allow-lists name served models (once each), and vLLM's own address is
+    the launcher's to choose when a gateway fronts it."""
+    doc = checked.doc
+    items = doc.value(("tenants",))
+    n = len(items) if isinstance(items, list) else 0
+    if n == 0:
+        if isinstance(doc.value(("gateway",)), dict):
+            checked.add(("gateway",), "a gateway needs a tenants: section (without tenants vLLM serves alone)")
+        return
+    for key in ("host", "port"):
+        if doc.line(("vllm", key)) is not None:
+            checked.add(("vllm", key), "with tenants, vLLM listens on loopback on a free port; set gateway."
+                        f"{key} for the public address instead")
+    seen: dict[str, int] = {}
+    for i in range(n):
+        at = ("tenants", i)
+        name = checked.clean_value((*at, "name"))
+        if name is not None and name in seen:
+            checked.add((*at, "name"), f"tenant name {name!r} is used twice (first on line {seen[name]})")
+        elif name is not None:
+            seen[name] = doc.line(at) or 0
+        models = checked.clean_value((*at, "models"))
+        listed: set[str] = set()
+        for j, model in enumerate(models if isinstance(models, list) else []):
+            if model in listed:
+                checked.add((*at, "models", j), f"{model!r} is listed twice")
+            elif model not in served:
+                near = difflib.get_close_matches(model, sorted(served), n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else ""
+                checked.add((*at, "models", j), f"{model!r} is not a served model{hint}; served: "
+                            + ", ".join(sorted(served)))
+            listed.add(model)
+
+
 def load_serve_manifest(path: str | Path) -> ServeManifest:
     """Read and validate a serving manifest.
 
@@ -259,10 +279,14 @@ def load_serve_manifest(path: str | Path) -> ServeManifest:
         ManifestError: every problem of the file at once, each with its line.
     """
     checked = check(load_yaml(path), ServeFile)
-    base, adapters = _resolve(checked, Path(path).resolve().parent)
+    root = Path(path).resolve().parent
+    base, adapters = _resolve(checked, root)
+    served_name = checked.clean_value(("base", "served_name")) or checked.clean_value(("base", "path"))
+    _check_tenants(checked, {served_name, *(a.name for a in adapters)} - {None})
     file = checked.result()
     assert base is not None  # the file validated, so its base path resolved
-    return ServeManifest(base, adapters, file.vllm, file.extra_args, str(path))
+    gateway = resolve_gateway(file.gateway or GatewaySection(), file.tenants, root) if file.tenants else None
+    return ServeManifest(base, adapters, file.vllm, file.extra_args, str(path), gateway)
 
 
 def vllm_settings(**values: Any) -> VllmSettings:
@@ -368,6 +392,8 @@ def resolve_manifest(
         return manifest_from_flags(base, list(adapters or []), served_name=served_name,
                                    settings=vllm_settings(**overrides))
     m = load_serve_manifest(path)
+    if m.gateway is not None:  # with tenants, --host/--port are the gateway's public address
+        m = replace(m, gateway=replace(m.gateway, **{k: overrides.pop(k) for k in ("host", "port") if k in overrides}))
     settings = vllm_settings(**{**m.vllm.model_dump(), **overrides})
     extra = manifest_from_flags(m.base.ref.value, list(adapters or []), served_name=m.base.served_name,
                                 settings=settings, extra_args=m.extra_args) if adapters else None

@@ -31,13 +31,17 @@ def adapters() -> None:
 @_key
 @click.option("--base-alias", "aliases", multiple=True,
               help="Another name of the served base (as the manifest's base.aliases; repeatable).")
-def add(name: str, path: Path, url: str, api_key_env: str | None, aliases: tuple[str, ...]) -> None:
+@click.option("--tenant", "tenants", multiple=True,
+              help="Grant the adapter to this tenant at once (gateway with the admin key; repeatable).")
+def add(name: str, path: Path, url: str, api_key_env: str | None, aliases: tuple[str, ...],
+        tenants: tuple[str, ...]) -> None:
     """Validate the adapter at PATH against the served base, then load it as NAME."""
     from serving.client import add_adapter
 
-    report = add_adapter(url, name, path, api_key=_api_key(api_key_env), aliases=aliases)
+    report = add_adapter(url, name, path, api_key=_api_key(api_key_env), aliases=aliases, tenants=tenants)
     rank = report.ranks.get(name) if report else None
-    click.echo(f"added {name} (rank {rank}) from {path.resolve()}")
+    granted = f"; granted to {', '.join(tenants)}" if tenants else ""
+    click.echo(f"added {name} (rank {rank}) from {path.resolve()}{granted}")
 
 
 @adapters.command("remove")

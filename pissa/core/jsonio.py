@@ -29,17 +29,25 @@ def read_json(path: str | os.PathLike[str], *, fix: str | None = None) -> dict[s
     return data
 
 
-def write_json(path: str | os.PathLike[str], data: Any) -> None:
+def write_json(path: str | os.PathLike[str], data: Any, *, mode: int | None = None) -> None:
     """Write JSON atomically (see :func:`write_text`), indented, with a final newline."""
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", mode=mode)
 
 
-def write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` atomically: a temporary file in the same folder, fsynced, then renamed over ``path``."""
+def write_text(path: str | os.PathLike[str], text: str, *, mode: int | None = None) -> None:
+    """Write ``text`` atomically: a temporary file in the same folder, fsynced, then renamed over ``path``.
+
+    ``mode`` (e.g. ``0o600`` for secrets) is the file's permission bits from its creation on, so the
+    text is never readable by others, not even briefly.
+    """
     p = Path(path)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     try:
-        with tmp.open("w", encoding="utf-8") as f:
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        if mode is not None:
+            os.fchmod(fd, mode)  # the umask may have removed bits; never more than asked
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from pissa.core.errors import ManifestError
 
@@ -199,6 +199,38 @@ def _list_to_tuple(value: Any) -> Any:
 
 # A YAML list held as a tuple (strict validation otherwise refuses the list YAML gives).
 Seq = Annotated[tuple[T, ...], BeforeValidator(_list_to_tuple)]
+
+SIZE_RE = re.compile(r"^(\d+)\s*([KMGT]i?B?|B)?$", re.IGNORECASE)
+
+
+def parse_size(value: int | str) -> int | None:
+    """``64M`` -> 67108864, ``1G`` -> 1073741824, 4096 -> 4096 (binary units); None if invalid."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value > 0 else None
+    m = SIZE_RE.match(str(value).strip())
+    if not m:
+        return None
+    unit = (m.group(2) or "B").upper()[0]
+    factor = {"B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit]
+    n = int(m.group(1)) * factor
+    return n if n > 0 else None
+
+
+def _size(value: Any) -> Any:
+    """``kv_cache_memory_bytes: 64M`` -> 67108864 (integers pass through to the type check)."""
+    if isinstance(value, str):
+        size = parse_size(value)
+        if size is None:
+            raise ValueError(f"must be a positive size like 64M or 1G, got {value!r}")
+        return size
+    return value
+
+
+# A byte count written as an integer or with a binary unit suffix (``64M``, ``1G``).
+Size = Annotated[int, BeforeValidator(_size), Field(gt=0)]
+
 
 NAME_RULE = "use only letters, digits, '.', '_' and '-', starting with a letter or digit"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

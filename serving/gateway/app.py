@@ -1,0 +1,460 @@
+"""The gateway's ASGI app (Starlette): authenticate, check the model against the tenant's list, enforce
+limits, count usage, forward bytes to vLLM.
+
+Routes (nothing else is forwarded; any other path is 404 and never reaches vLLM):
+
+==============================  =========================================================================
+``GET /health``                 vLLM's health (200/503), no key needed
+``GET /v1/models``              a tenant sees only its models; the admin key sees all
+``POST /v1/completions``        forwarded unchanged (streaming too) when the model is on the tenant's list;
+``POST /v1/chat/completions``   a missing ``max_tokens`` is set to the tenant's cap, and a stream gets
+                                ``include_usage`` (its usage chunk is dropped again if the client did not
+                                ask for it) so that streamed tokens are counted exactly
+``POST /v1/load_lora_adapter``  admin key only; ``"tenants": [...]`` in the body grants the adapter
+``POST /v1/unload_lora_adapter`` admin key only; the adapter leaves every tenant's list
+``GET /metrics``                admin key only: the gateway's Prometheus metrics
+==============================  =========================================================================
+
+No key, an unknown or revoked key → 401; a tenant on an admin path → 403; a model the tenant may not
+call → the same 404 as for a model that does not exist. Requests are forwarded to fixed upstream
+paths (never the client's path) with the internal key, only ``Content-Type`` and ``Accept`` copied.
+Keys, prompts and completions are never logged: the access log has one JSON line per request with
+time, tenant, key id, model, status, tokens, latency and upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from serving.gateway import store
+from serving.gateway.config import GatewayConfig, Tenant
+from serving.gateway.keys import KeyStore
+from serving.gateway.limiter import Admission, max_tokens_problem
+from serving.gateway.metrics import GatewayMetrics
+from serving.gateway.responses import error, model_not_found
+from serving.gateway.sse import EventSplitter, event_data, is_usage_only, usage_of
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("serving.gateway.access")
+
+ADMIN = "admin"
+MAX_LOGGED_NAME = 128
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant: Tenant | None  # None: the admin key
+    key_id: str
+
+    @property
+    def name(self) -> str:
+        return self.tenant.name if self.tenant else ADMIN
+
+
+@dataclass
+class Exchange:
+    """One request as the access log and the metrics see it."""
+
+    path: str
+    t0: float = field(default_factory=time.perf_counter)
+    caller: Caller | None = None
+    model: str | None = None
+    stream: bool = False
+    admitted: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class Gateway:
+    """The state behind the app: keys, limits, usage, grants and the upstream client.
+
+    Args:
+        config: the manifest's gateway and tenants.
+        upstream: vLLM's base URL (loopback).
+        upstream_key: vLLM's internal API key (None: vLLM runs without one).
+        admin_key: the key for admin paths (None: admin paths are closed to everyone).
+        transport: an httpx transport for the upstream (tests); default: the network.
+    """
+
+    def __init__(self, config: GatewayConfig, *, upstream: str, upstream_key: str | None, admin_key: str | None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.config = config
+        self.upstream = upstream.rstrip("/")
+        self._upstream_key = upstream_key
+        self._admin_key = admin_key.encode() if admin_key else None
+        self._transport = transport
+        self.keys = KeyStore(config.keys_file)
+        self.metrics = GatewayMetrics()
+        self.removed: set[str] = set()
+        self.granted: dict[str, set[str]] = store.grants(config.usage_db)
+        self.usage: store.UsageWriter | None = None
+        self.admission = Admission(config.tenants, lambda t: self.usage.tokens_today(t) if self.usage else 0)
+        self._client: httpx.AsyncClient | None = None
+
+    # --- life cycle -------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Gateway]:
+        """Open the upstream client and the usage writer; on exit close them (pending usage is written)."""
+        self.usage = store.UsageWriter(self.config.usage_db)
+        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
+        self._client = httpx.AsyncClient(transport=self._transport, limits=limits,
+                                         timeout=httpx.Timeout(None, connect=10.0))
+        try:
+            yield self
+        finally:
+            await self._client.aclose()
+            await asyncio.to_thread(self.usage.close)
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/completions", self.inference, methods=["POST"]),
+            Route("/v1/chat/completions", self.inference, methods=["POST"]),
+            Route("/v1/load_lora_adapter", self.load_adapter, methods=["POST"]),
+            Route("/v1/unload_lora_adapter", self.unload_adapter, methods=["POST"]),
+            Route("/metrics", self.metrics_endpoint, methods=["GET"]),
+        ]
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[None]:
+            async with self.running():
+                yield
+
+        app = Starlette(routes=routes, lifespan=lifespan,
+                        exception_handlers={HTTPException: self._http_error})  # type: ignore[dict-item]
+        app.router.redirect_slashes = False
+        return app
+
+    # --- pieces -----------------------------------------------------------------------------------
+    @property
+    def client(self) -> httpx.AsyncClient:
+        assert self._client is not None, "use the app's lifespan or `async with gateway.running()`"
+        return self._client
+
+    def caller(self, request: Request) -> Caller | None:
+        """The key's owner, or None (no key, malformed, unknown, revoked, or its tenant is gone)."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None
+        raw = token.encode("utf-8", "surrogateescape")
+        if self._admin_key is not None and hmac.compare_digest(raw, self._admin_key):
+            return Caller(None, ADMIN)
+        record = self.keys.authenticate(token)
+        tenant = self.config.tenant(record.tenant) if record else None
+        return Caller(tenant, record.id) if tenant and record else None
+
+    def allowed(self, tenant: Tenant) -> set[str]:
+        """The models ``tenant`` may call now: its manifest list minus removed adapters, plus runtime grants."""
+        return (set(tenant.models) - self.removed) | self.granted.get(tenant.name, set())
+
+    def _upstream_headers(self, accept: str | None = None) -> dict[str, str]:
+        headers = {"content-type": "application/json"}
+        if accept:
+            headers["accept"] = accept
+        if self._upstream_key:
+            headers["authorization"] = f"Bearer {self._upstream_key}"
+        return headers
+
+    async def _read_json(self, request: Request) -> tuple[bytes, dict[str, Any]] | Response:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return error(400, "invalid Content-Length header")
+            if int(declared) > limit:
+                return error(413, f"request body is larger than {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return error(413, f"request body is larger than {limit} bytes")
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            return error(400, "request body is not valid JSON")
+        if not isinstance(body, dict):
+            return error(400, "request body must be a JSON object")
+        return raw, body
+
+    def _finish(self, ex: Exchange, status: int) -> None:
+        """Account for a finished request: limits, usage, metrics, one access-log line."""
+        tenant = ex.caller.name if ex.caller else None
+        if ex.admitted and ex.caller and ex.caller.tenant:
+            self.admission.release(ex.caller.tenant.name)
+        if tenant and ex.caller and ex.caller.tenant and ex.model and ex.prompt_tokens is not None:
+            assert self.usage is not None
+            self.usage.add(tenant, ex.model, ex.prompt_tokens, ex.completion_tokens or 0)
+        elapsed = time.perf_counter() - ex.t0
+        label = tenant or "-"
+        self.metrics.requests.labels(label, ex.model if ex.admitted else "-", str(status)).inc()
+        self.metrics.latency.labels(label).observe(elapsed)
+        if ex.prompt_tokens is not None:
+            self.metrics.tokens.labels(label, "prompt").inc(ex.prompt_tokens)
+            self.metrics.tokens.labels(label, "completion").inc(ex.completion_tokens or 0)
+        if status in (401, 403, 404, 413, 429):
+            self.metrics.refused.labels(label, str(status)).inc()
+        access_logger.info(json.dumps({
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            "tenant": tenant, "key_id": ex.caller.key_id if ex.caller else None,
+            "model": ex.model[:MAX_LOGGED_NAME] if ex.model else None, "path": ex.path, "status": status,
+            "stream": ex.stream, "prompt_tokens": ex.prompt_tokens, "completion_tokens": ex.completion_tokens,
+            "latency_ms": round(elapsed * 1000, 2), "upstream": self.upstream,
+        }))
+
+    def _answer(self, ex: Exchange, response: Response) -> Response:
+        self._finish(ex, response.status_code)
+        return response
+
+    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
+        message = "method not allowed" if exc.status_code == 405 else "not found"
+        return self._answer(Exchange(request.url.path), error(exc.status_code, message))
+
+    # --- routes -----------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        try:
+            r = await self.client.get(self.upstream + "/health", timeout=5.0)
+            status = r.status_code
+        except httpx.HTTPError:
+            status = 503
+        return Response(status_code=200 if status == 200 else 503)
+
+    async def models(self, request: Request) -> Response:
+        ex = Exchange("/v1/models", caller=self.caller(request))
+        if ex.caller is None:
+            return self._answer(ex, _unauthorized())
+        try:
+            r = await self.client.get(self.upstream + "/v1/models", headers=self._upstream_headers())
+        except httpx.HTTPError:
+            return self._answer(ex, _unreachable())
+        if r.status_code != 200 or ex.caller.tenant is None:
+            return self._answer(ex, Response(r.content, r.status_code, media_type="application/json"))
+        data = r.json()
+        allowed = self.allowed(ex.caller.tenant)
+        data["data"] = [m for m in data.get("data", []) if m.get("id") in allowed]
+        return self._answer(ex, JSONResponse(data))
+
+    async def inference(self, request: Request) -> Response:
+        path = request.url.path
+        ex = Exchange(path, caller=self.caller(request))
+        if ex.caller is None:
+            return self._answer(ex, _unauthorized())
+        parsed = await self._read_json(request)
+        if isinstance(parsed, Response):
+            return self._answer(ex, parsed)
+        raw, body = parsed
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return self._answer(ex, error(400, "`model` is required and must be a string", param="model"))
+        ex.model = model
+        tenant = ex.caller.tenant
+        changed = False
+        if tenant is not None:
+            if model not in self.allowed(tenant):
+                return self._answer(ex, model_not_found(model))
+            problem = max_tokens_problem(body, tenant.limits)
+            if problem:
+                return self._answer(ex, error(400, problem, param="max_tokens"))
+            cap = tenant.limits.max_tokens
+            if cap is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+                body["max_tokens"] = cap
+                changed = True
+        ex.stream = body.get("stream") is True
+        strip_usage = False
+        if ex.stream:
+            options = body.get("stream_options")
+            if options is None or (isinstance(options, dict) and options.get("include_usage") in (None, False)):
+                body["stream_options"] = {**(options or {}), "include_usage": True}
+                strip_usage = changed = True
+        if tenant is not None:
+            refusal = self.admission.admit(tenant.name)
+            if refusal is not None:
+                return self._answer(ex, error(refusal.status, refusal.message, retry_after=refusal.retry_after))
+            ex.admitted = True
+        content = json.dumps(body).encode() if changed else raw
+        upstream_request = self.client.build_request(
+            "POST", self.upstream + path, content=content,
+            headers=self._upstream_headers("text/event-stream" if ex.stream else "application/json"))
+        try:
+            upstream = await self.client.send(upstream_request, stream=True)
+        except httpx.HTTPError:
+            return self._answer(ex, _unreachable())
+        media = upstream.headers.get("content-type", "application/json")
+        if not (ex.stream and upstream.status_code == 200 and media.startswith("text/event-stream")):
+            try:
+                data = await upstream.aread()
+            except httpx.HTTPError:
+                return self._answer(ex, _unreachable())
+            finally:
+                await upstream.aclose()
+            if upstream.status_code == 200:
+                with contextlib.suppress(ValueError):
+                    usage = usage_of(json.loads(data))
+                    if usage:
+                        ex.prompt_tokens, ex.completion_tokens = usage
+            return self._answer(ex, Response(data, upstream.status_code, media_type=media))
+        return Relay(self._relay(upstream, ex, strip_usage), media)
+
+    async def _relay(self, upstream: httpx.Response, ex: Exchange, strip_usage: bool) -> AsyncIterator[bytes]:
+        """Forward an event stream event by event; note the usage chunk; drop it if only we asked for it."""
+        splitter = EventSplitter()
+        status = 499  # the client went away before the end
+        try:
+            async for chunk in upstream.aiter_raw():
+                out = []
+                for event in splitter.feed(chunk):
+                    data = event_data(event)
+                    usage = usage_of(data)
+                    if usage:
+                        ex.prompt_tokens, ex.completion_tokens = usage
+                    if not (strip_usage and is_usage_only(data)):
+                        out.append(event)
+                if out:
+                    yield b"".join(out)
+            rest = splitter.rest()
+            if rest:
+                yield rest
+            status = 200
+        except httpx.HTTPError:
+            status = 502
+            logger.warning("upstream stream broke off (%s)", ex.path)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+            self._finish(ex, status)
+
+    async def load_adapter(self, request: Request) -> Response:
+        ex = Exchange("/v1/load_lora_adapter", caller=self.caller(request))
+        refused = _admin_only(ex.caller)
+        if refused is not None:
+            return self._answer(ex, refused)
+        parsed = await self._read_json(request)
+        if isinstance(parsed, Response):
+            return self._answer(ex, parsed)
+        _, body = parsed
+        tenants = body.pop("tenants", None) or []
+        known = {t.name for t in self.config.tenants}
+        if not isinstance(tenants, list) or not all(isinstance(t, str) and t in known for t in tenants):
+            return self._answer(ex, error(400, "`tenants` must list tenants of the manifest: " + ", ".join(sorted(known)),
+                                          param="tenants"))
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            return self._answer(ex, error(400, "`lora_name` and `lora_path` must be strings"))
+        ex.model = name
+        response = await self._forward_admin(request.url.path, body)
+        if response.status_code == 200:
+            await asyncio.to_thread(store.record_runtime_adapter, self.config.usage_db, name, path, tenants)
+            self.removed.discard(name)
+            for grants in self.granted.values():
+                grants.discard(name)
+            for t in tenants:
+                self.granted.setdefault(t, set()).add(name)
+            response.headers["x-pissa-granted"] = ",".join(tenants)
+        return self._answer(ex, response)
+
+    async def unload_adapter(self, request: Request) -> Response:
+        ex = Exchange("/v1/unload_lora_adapter", caller=self.caller(request))
+        refused = _admin_only(ex.caller)
+        if refused is not None:
+            return self._answer(ex, refused)
+        parsed = await self._read_json(request)
+        if isinstance(parsed, Response):
+            return self._answer(ex, parsed)
+        _, body = parsed
+        name = body.get("lora_name")
+        if not isinstance(name, str):
+            return self._answer(ex, error(400, "`lora_name` must be a string"))
+        ex.model = name
+        response = await self._forward_admin(request.url.path, body)
+        if response.status_code == 200:
+            await asyncio.to_thread(store.forget_model, self.config.usage_db, name)
+            self.removed.add(name)
+            for grants in self.granted.values():
+                grants.discard(name)
+        return self._answer(ex, response)
+
+    async def _forward_admin(self, path: str, body: dict[str, Any]) -> Response:
+        try:
+            r = await self.client.post(self.upstream + path, content=json.dumps(body).encode(),
+                                       headers=self._upstream_headers())
+        except httpx.HTTPError:
+            return _unreachable()
+        return Response(r.content, r.status_code, media_type=r.headers.get("content-type", "text/plain"))
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        ex = Exchange("/metrics", caller=self.caller(request))
+        refused = _admin_only(ex.caller)
+        if refused is not None:
+            return self._answer(ex, refused)
+        return self._answer(ex, Response(self.metrics.render(), media_type="text/plain; version=0.0.4"))
+
+
+class Relay(StreamingResponse):
+    """A streamed answer that stops reading upstream as soon as the client disconnects.
+
+    Starlette's ``StreamingResponse`` notices a disconnect only when its next write fails; here a task
+    waits for ``http.disconnect`` and cancels the relay at once, which closes the upstream request (vLLM
+    then aborts the generation) and accounts for what was streamed.
+    """
+
+    def __init__(self, events: AsyncIterator[bytes], media_type: str) -> None:
+        super().__init__(events, status_code=200, media_type=media_type, headers={"cache-control": "no-cache"})
+        self.events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def disconnected() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                group.cancel_scope.cancel()
+
+            group.start_soon(disconnected)
+            try:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                async for chunk in self.events:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # the client is gone
+            finally:
+                group.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await self.events.aclose()  # type: ignore[attr-defined]
+
+
+def _unauthorized() -> Response:
+    return error(401, "missing, unknown or revoked API key; send `Authorization: Bearer <key>`")
+
+
+def _unreachable() -> Response:
+    return error(502, "the model server did not answer; try again shortly")
+
+
+def _admin_only(caller: Caller | None) -> Response | None:
+    if caller is None:
+        return _unauthorized()
+    if caller.tenant is not None:
+        return error(403, "this path needs the admin key")
+    return None
