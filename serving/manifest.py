@@ -248,7 +248,7 @@ def _check_tenants(checked: Checked[ServeFile], served: set[str]) -> None:
             checked.add(("gateway",), "a gateway needs a tenants: section (without tenants vLLM serves alone)")
         return
     for key in ("host", "port"):
-        if doc.line(("vllm", key)) is not None:
+        if ("vllm", key) in doc.lines:
             checked.add(("vllm", key), "with tenants, vLLM listens on loopback on a free port; set gateway."
                         f"{key} for the public address instead")
     seen: dict[str, int] = {}

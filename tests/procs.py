@@ -64,9 +64,10 @@ def serve_manifest(base: Path, adapters: dict[str, Path], *, port: int, **vllm: 
     )
 
 
-def start_pissa_serve(args: list[str], out_path: Path, *, timeout: float = 300):
+def start_pissa_serve(args: list[str], out_path: Path, *, timeout: float = 300, env: dict[str, str] | None = None,
+                      ready: str = "vLLM is up"):
     """``python -m pissa serve ARGS`` with stdout and stderr in ``out_path``; returns the process once it
-    says "vLLM is up" (the test fails with the output's tail if it exits or times out first)."""
+    says ``ready`` (the test fails with the output's tail if it exits or times out first)."""
     import subprocess
     import sys
     import time
@@ -75,9 +76,9 @@ def start_pissa_serve(args: list[str], out_path: Path, *, timeout: float = 300):
 
     with open(out_path, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pissa", "serve", *args],
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+                                stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.monotonic() + timeout
-    while "vLLM is up" not in out_path.read_text():
+    while ready not in out_path.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail("pissa serve did not come up:\n" + out_path.read_text()[-3000:])

@@ -29,6 +29,7 @@ def _counterparts() -> dict[str, list[Any]]:
     from converter.zoo import run_zoo
     from pissa.demo import run_demo
     from serving.client import add_adapter
+    from serving.gateway.admin import usage
     from serving.launcher import serve
     from serving.manifest import resolve_manifest
     from training.options import TrainOptions
@@ -45,6 +46,9 @@ def _counterparts() -> dict[str, list[Any]]:
         "add": [add_adapter],
         "remove": [],  # --url: pissa serve's address (test_help_texts_state_the_library_defaults)
         "list": [],
+        "add-key": [],  # no options
+        "revoke": [],
+        "usage": [usage],
         "zoo": [run_zoo],
         "push": [push],
         "demo": [run_demo],
@@ -157,8 +161,10 @@ def test_help_texts_state_the_library_defaults() -> None:
     assert helps[("serve", "port")].endswith(f"[manifest or {vllm.port}].")
     assert helps[("serve", "dtype")].endswith(f"[manifest or {vllm.dtype}].")
     assert f"./{DEFAULT_ROOT})" in helps[("zoo", "out")]
+    from pissa.commands.adapters import adapters
+
     for name in ("add", "remove", "list"):
-        assert _given_nothing(commands[name])["url"] == f"http://{vllm.host}:{vllm.port}"
+        assert _given_nothing(adapters.commands[name])["url"] == f"http://{vllm.host}:{vllm.port}"
 
 
 @dataclass(frozen=True)

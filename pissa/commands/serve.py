@@ -43,7 +43,8 @@ def serve(manifest: Path | None, base: str | None, adapters: tuple[str, ...], se
                          port=port, dtype=dtype, max_loras=max_loras, kv_cache=kv_cache)
 
     def on_ready(plan, startup: float, log_path: Path) -> None:
-        click.echo(f"vLLM is up after {startup:.1f} s — OpenAI endpoint {plan.url}/v1")
+        what = "gateway endpoint (tenant keys)" if m.gateway is not None else "OpenAI endpoint"
+        click.echo(f"vLLM is up after {startup:.1f} s — {what} {plan.url}/v1")
         click.echo(f"  base:     {plan.served_names[0]}")
         for name in plan.served_names[1:]:
             click.echo(f"  adapter:  {name}")

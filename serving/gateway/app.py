@@ -113,6 +113,14 @@ class Gateway:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Gateway]:
         """Open the upstream client and the usage writer; on exit close them (pending usage is written)."""
+        handler = None
+        if self.config.access_log is not None:  # one JSON line per request into its own file
+            self.config.access_log.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(self.config.access_log, encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            access_logger.addHandler(handler)
+            access_logger.setLevel(logging.INFO)
+            access_logger.propagate = False
         self.usage = store.UsageWriter(self.config.usage_db)
         limits = httpx.Limits(max_connections=1024, max_keepalive_connections=256)
         self._client = httpx.AsyncClient(transport=self._transport, limits=limits,
@@ -122,6 +130,10 @@ class Gateway:
         finally:
             await self._client.aclose()
             await asyncio.to_thread(self.usage.close)
+            if handler is not None:
+                access_logger.removeHandler(handler)
+                access_logger.propagate = True
+                handler.close()
 
     def app(self) -> Starlette:
         routes = [

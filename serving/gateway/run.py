@@ -1,5 +1,8 @@
 """``pissa serve`` with tenants: vLLM on loopback (free port, random internal key) behind the gateway.
 
+vLLM's internal key is random per start, unless ``PISSA_GATEWAY_INTERNAL_KEY`` is set (to reach vLLM
+directly on loopback, e.g. to compare answers with and without the gateway).
+
 One process to stop: the gateway runs in a thread of ``pissa serve`` (:mod:`.server`); vLLM runs as
 always (:func:`serving.launcher.run_plan`), and SIGINT/SIGTERM stop both. Adapters loaded at run time
 through the gateway (recorded in ``usage_db``) are served again at the next start, so their grants
@@ -77,7 +80,7 @@ def serve_with_gateway(
     if admin_env and not admin_key:
         raise InvalidOptionsError("admin key missing", [f"vllm.api_key_env names {admin_env!r}, which is not set"],
                                   fix=f"export {admin_env}=<admin key> before starting, or drop api_key_env")
-    internal_key = secrets.token_urlsafe(32)
+    internal_key = os.environ.get(INTERNAL_KEY_ENV) or secrets.token_urlsafe(32)
     inner = upstream_manifest(manifest)
     plan = plan_serving(inner, environ={**os.environ, INTERNAL_KEY_ENV: internal_key})
     notes = (*plan.notes, f"vLLM listens on loopback only: {plan.url} (internal key)",
