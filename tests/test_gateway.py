@@ -166,6 +166,8 @@ def test_client_disconnect_cancels_the_upstream_stream(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert fake.cancelled == ["a1"]
         assert g.gateway.admission.active["acme"] == 0
+    rows = store.usage_rows(g.config.usage_db, tenant="acme")  # what was streamed still counts
+    assert [(r.prompt_tokens, r.completion_tokens) for r in rows] == [(0, 1)]
 
 
 def test_limits(tmp_path: Path) -> None:

@@ -332,6 +332,7 @@ class Gateway:
         """Forward an event stream event by event; note the usage chunk; drop it if only we asked for it."""
         splitter = EventSplitter()
         status = 499  # the client went away before the end
+        chunks = 0  # chunks with choices: one token each at vLLM's default stream interval
         try:
             async for chunk in upstream.aiter_raw():
                 out = []
@@ -340,6 +341,8 @@ class Gateway:
                     usage = usage_of(data)
                     if usage:
                         ex.prompt_tokens, ex.completion_tokens = usage
+                    elif data and data.get("choices"):
+                        chunks += 1
                     if not (strip_usage and is_usage_only(data)):
                         out.append(event)
                 if out:
@@ -354,6 +357,8 @@ class Gateway:
         finally:
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
+            if ex.prompt_tokens is None and chunks:  # cut off before vLLM's usage chunk: count what was sent
+                ex.prompt_tokens, ex.completion_tokens = 0, chunks
             self._finish(ex, status)
 
     async def load_adapter(self, request: Request) -> Response:
