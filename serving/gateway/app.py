@@ -31,7 +31,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +81,7 @@ class Exchange:
     admitted: bool = False
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    finished: bool = False
 
 
 class Gateway:
@@ -211,7 +212,10 @@ class Gateway:
         return raw, body
 
     def _finish(self, ex: Exchange, status: int) -> None:
-        """Account for a finished request: limits, usage, metrics, one access-log line."""
+        """Account for a finished request (once): limits, usage, metrics, one access-log line."""
+        if ex.finished:
+            return
+        ex.finished = True
         tenant = ex.caller.name if ex.caller else None
         if ex.admitted and ex.caller and ex.caller.tenant:
             self.admission.release(ex.caller.tenant.name)
@@ -241,7 +245,7 @@ class Gateway:
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         message = "method not allowed" if exc.status_code == 405 else "not found"
-        return self._answer(Exchange(request.url.path), error(exc.status_code, message))
+        return self._answer(Exchange(request.url.path[:MAX_LOGGED_NAME]), error(exc.status_code, message))
 
     # --- routes -----------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -304,7 +308,15 @@ class Gateway:
             if refusal is not None:
                 return self._answer(ex, error(refusal.status, refusal.message, retry_after=refusal.retry_after))
             ex.admitted = True
-        content = json.dumps(body).encode() if changed else raw
+        try:
+            return await self._forward(request.url.path, ex, body if changed else None, raw, strip_usage)
+        except BaseException:
+            self._finish(ex, 499)  # e.g. cancelled while waiting for vLLM: free the concurrency slot
+            raise
+
+    async def _forward(self, path: str, ex: Exchange, body: dict[str, Any] | None, raw: bytes,
+                       strip_usage: bool) -> Response:
+        content = json.dumps(body).encode() if body is not None else raw
         upstream_request = self.client.build_request(
             "POST", self.upstream + path, content=content,
             headers=self._upstream_headers("text/event-stream" if ex.stream else "application/json"))
@@ -326,40 +338,7 @@ class Gateway:
                     if usage:
                         ex.prompt_tokens, ex.completion_tokens = usage
             return self._answer(ex, Response(data, upstream.status_code, media_type=media))
-        return Relay(self._relay(upstream, ex, strip_usage), media)
-
-    async def _relay(self, upstream: httpx.Response, ex: Exchange, strip_usage: bool) -> AsyncIterator[bytes]:
-        """Forward an event stream event by event; note the usage chunk; drop it if only we asked for it."""
-        splitter = EventSplitter()
-        status = 499  # the client went away before the end
-        chunks = 0  # chunks with choices: one token each at vLLM's default stream interval
-        try:
-            async for chunk in upstream.aiter_raw():
-                out = []
-                for event in splitter.feed(chunk):
-                    data = event_data(event)
-                    usage = usage_of(data)
-                    if usage:
-                        ex.prompt_tokens, ex.completion_tokens = usage
-                    elif data and data.get("choices"):
-                        chunks += 1
-                    if not (strip_usage and is_usage_only(data)):
-                        out.append(event)
-                if out:
-                    yield b"".join(out)
-            rest = splitter.rest()
-            if rest:
-                yield rest
-            status = 200
-        except httpx.HTTPError:
-            status = 502
-            logger.warning("upstream stream broke off (%s)", ex.path)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await upstream.aclose()
-            if ex.prompt_tokens is None and chunks:  # cut off before vLLM's usage chunk: count what was sent
-                ex.prompt_tokens, ex.completion_tokens = 0, chunks
-            self._finish(ex, status)
+        return Relay(StreamRelay(upstream, ex, strip_usage, self._finish), media)
 
     async def load_adapter(self, request: Request) -> Response:
         ex = Exchange("/v1/load_lora_adapter", caller=self.caller(request))
@@ -427,6 +406,55 @@ class Gateway:
         return self._answer(ex, Response(self.metrics.render(), media_type="text/plain; version=0.0.4"))
 
 
+class StreamRelay:
+    """One upstream event stream: forwarded event by event, its usage noted, closed exactly once.
+
+    The usage chunk is dropped when only the gateway asked for it. :meth:`close` (idempotent) closes the
+    upstream request and accounts for the request, whether the stream ended, broke, or was never read.
+    """
+
+    def __init__(self, upstream: httpx.Response, ex: Exchange, strip_usage: bool,
+                 finish: Callable[[Exchange, int], None]) -> None:
+        self.upstream, self.ex, self.strip_usage, self._finish = upstream, ex, strip_usage, finish
+        self.status = 499  # the client went away before the end
+        self.chunks = 0  # chunks with choices: one token each at vLLM's default stream interval
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[bytes]:
+        splitter = EventSplitter()
+        try:
+            async for chunk in self.upstream.aiter_raw():
+                out = []
+                for event in splitter.feed(chunk):
+                    data = event_data(event)
+                    usage = usage_of(data)
+                    if usage:
+                        self.ex.prompt_tokens, self.ex.completion_tokens = usage
+                    elif data and data.get("choices"):
+                        self.chunks += 1
+                    if not (self.strip_usage and is_usage_only(data)):
+                        out.append(event)
+                if out:
+                    yield b"".join(out)
+            rest = splitter.rest()
+            if rest:
+                yield rest
+            self.status = 200
+        except httpx.HTTPError:
+            self.status = 502
+            logger.warning("upstream stream broke off (%s)", self.ex.path)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            await self.upstream.aclose()
+        if self.ex.prompt_tokens is None and self.chunks:  # cut off before vLLM's usage chunk: count what was sent
+            self.ex.prompt_tokens, self.ex.completion_tokens = 0, self.chunks
+        self._finish(self.ex, self.status)
+
+
 class Relay(StreamingResponse):
     """A streamed answer that stops reading upstream as soon as the client disconnects.
 
@@ -435,30 +463,34 @@ class Relay(StreamingResponse):
     then aborts the generation) and accounts for what was streamed.
     """
 
-    def __init__(self, events: AsyncIterator[bytes], media_type: str) -> None:
-        super().__init__(events, status_code=200, media_type=media_type, headers={"cache-control": "no-cache"})
-        self.events = events
+    def __init__(self, relay: StreamRelay, media_type: str) -> None:
+        super().__init__(relay.events(), status_code=200, media_type=media_type, headers={"cache-control": "no-cache"})
+        self.relay = relay
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as group:
+        try:
+            async with anyio.create_task_group() as group:
 
-            async def disconnected() -> None:
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                group.cancel_scope.cancel()
+                async def disconnected() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    group.cancel_scope.cancel()
 
-            group.start_soon(disconnected)
-            try:
-                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-                async for chunk in self.events:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except OSError:
-                pass  # the client is gone
-            finally:
-                group.cancel_scope.cancel()
-                with anyio.CancelScope(shield=True):
-                    await self.events.aclose()  # type: ignore[attr-defined]
+                group.start_soon(disconnected)
+                try:
+                    await send({"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})
+                    async for chunk in self.body_iterator:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                except OSError:
+                    pass  # the client is gone
+                finally:
+                    group.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+                await self.relay.close()
 
 
 def _unauthorized() -> Response:
