@@ -20,9 +20,10 @@ point quantizes the whole weight and starts from a zero adapter: ``e_QLoRA = ‖
 Because the principal directions (the large-magnitude part) leave the residual before it is
 quantized, the residual's blocks have smaller absmax and NF4 rounds them more finely.
 
-Nuclear norms are computed as ``Σ √λ_i(X Xᵀ)`` on the short side of X in float64 (eigenvalues only:
-about 3× faster than ``svdvals`` on CPU; the absolute error of each σ is ~1e-8·σ₁, far below the
-differences compared).
+Nuclear norms are computed as ``Σ √λ_i(X Xᵀ)`` on the short side of X in float32, summed in float64
+(eigenvalues only: about 5× faster than ``svdvals`` on CPU, and these norms are half of QPiSSA's
+cost). On SmolLM2's quantization errors this agrees with a float64 ``svdvals`` to < 4e-7 relative,
+while the iterates and QLoRA differ by percents.
 """
 
 from __future__ import annotations
@@ -116,10 +117,11 @@ def quantize(w: torch.Tensor, options: QuantOptions) -> Quantized:
 
 
 def nuclear_norm(x: torch.Tensor) -> float:
-    """``‖x‖_* = Σ σ_i(x)`` of a matrix, from the eigenvalues of its small Gram matrix in float64."""
-    xd = x.to(torch.float64)
-    gram = xd @ xd.T if xd.shape[0] <= xd.shape[1] else xd.T @ xd
-    return float(torch.linalg.eigvalsh(gram).clamp_min(0).sqrt().sum())
+    """``‖x‖_* = Σ σ_i(x)`` of a matrix, from the eigenvalues of its small Gram matrix (float32 maths,
+    float64 sum; relative error ~1e-7 for the well-spread spectra of quantization errors)."""
+    xf = x.to(torch.float32)
+    gram = xf @ xf.T if xf.shape[0] <= xf.shape[1] else xf.T @ xf
+    return float(torch.linalg.eigvalsh(gram).to(torch.float64).clamp_min(0).sqrt().sum())
 
 
 @dataclass(frozen=True)

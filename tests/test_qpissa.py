@@ -4,9 +4,12 @@ The test matrix has a decaying spectrum as real weights do: ``W = U diag(σ) V�
 ``σ_i ∝ i^-0.6`` and Gaussian noise (bench/_models.py's recipe), entries of std ~0.02.
 
 Tolerances:
-- nuclear norms: the float64 Gram-eigenvalue route against float64 ``svdvals`` to rtol 1e-9;
-- recomputing a recorded error from the returned tensors: rtol 1e-6 (float32 products of the same
-  tensors in another order);
+- nuclear norms: the float32 Gram-eigenvalue route against float64 ``svdvals``: rtol 1e-5 on a
+  Gaussian matrix, 1e-4 on a QPiSSA error of the test matrix (measured 2.3e-5: its singular values
+  span 0.03 to 2e-8, and each tiny one comes out near √(eps)·σ₁; on SmolLM2's flat quantization
+  errors the measured gap is < 4e-7);
+- recomputing a recorded error from the returned tensors: rtol 1e-4 (the same, on float32 products
+  of the same tensors in another order);
 - the refit adapter against an independent float64 truncated SVD of ``W − deq(Q)``: 1e-4 relative
   to ``‖s·BA‖_F`` (float32 maths);
 - error comparisons (QPiSSA vs QLoRA, T = 5 vs T = 1) are strict inequalities with margins stated
@@ -49,7 +52,15 @@ def test_nuclear_norm_matches_svdvals() -> None:
     for shape in [(40, 90), (90, 40)]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         ref = float(torch.linalg.svdvals(x).sum())
-        assert nuclear_norm(x) == pytest.approx(ref, rel=1e-9)
+        assert nuclear_norm(x) == pytest.approx(ref, rel=1e-5)
+
+
+def test_nuclear_norm_of_a_quantization_error(weight: torch.Tensor) -> None:
+    split = qpissa_split(weight, rank=8, scaling=0.5, svd=EXACT, quant=QuantOptions(iters=2))
+    err = weight - (split.quantized.dequantized + 0.5 * split.lora_B @ split.lora_A)
+    ref = float(torch.linalg.svdvals(err.double()).sum())
+    assert nuclear_norm(err) == pytest.approx(ref, rel=1e-4)
+    assert split.error == pytest.approx(ref, rel=1e-4)
 
 
 def test_reconstruction_identity(weight: torch.Tensor) -> None:
@@ -64,7 +75,7 @@ def test_reconstruction_identity(weight: torch.Tensor) -> None:
     torch.testing.assert_close(bnbf.dequantize_4bit(q.packed, q.state).float(), q.dequantized, rtol=0, atol=0)
     approx = q.dequantized + scaling * split.lora_B @ split.lora_A
     err = weight - approx
-    assert nuclear_norm(err) == pytest.approx(split.error, rel=1e-6)
+    assert nuclear_norm(err) == pytest.approx(split.error, rel=1e-4)
     plain = weight - quantize(weight, QuantOptions()).dequantized
     assert float(err.norm()) < float(plain.norm())  # Frobenius: also within QLoRA's quantization error
     assert split.error < split.qlora_error
@@ -106,7 +117,7 @@ def test_randomized_svd_and_double_quant(weight: torch.Tensor) -> None:
     )
     assert split.quantized.state.nested
     approx = split.quantized.dequantized + split.lora_B @ split.lora_A
-    assert nuclear_norm(weight - approx) == pytest.approx(split.error, rel=1e-6)
+    assert nuclear_norm(weight - approx) == pytest.approx(split.error, rel=1e-4)
     assert split.ratio < 0.5
 
 
