@@ -32,6 +32,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -56,10 +57,15 @@ def smollm2_gguf() -> Path:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _timed(fn):  # type: ignore[no-untyped-def]
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """``fn(*args, **kwargs)`` and the CPU seconds it took."""
     start = time.process_time()
-    out = fn()
+    out = fn(*args, **kwargs)
     return out, time.process_time() - start
+
+
+def _qlora_error(w: torch.Tensor, quant: QuantOptions) -> float:
+    return nuclear_norm(w.float() - quantize(w, quant).dequantized)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -86,17 +92,17 @@ def run(args: argparse.Namespace) -> dict:
         weight = read_tensor(ckpt.folder / target.file, ckpt.tensors[target.key])
         w = weight.T if target.fan_in_fan_out else weight
         seed = matrix_seed(0, target.key)
-        _, t_plain = _timed(lambda: pissa_split(weight, rank=args.rank, scaling=scaling, svd=svd, seeds=[seed],
-                                                fan_in_fan_out=target.fan_in_fan_out))
+        _, t_plain = _timed(pissa_split, weight, rank=args.rank, scaling=scaling, svd=svd, seeds=[seed],
+                            fan_in_fan_out=target.fan_in_fan_out)
         cpu["plain"] += t_plain
-        qlora, t_qlora = _timed(lambda: nuclear_norm(w.float() - quantize(w, base).dequantized))
+        qlora, t_qlora = _timed(_qlora_error, w, base)
         cpu["qlora"] += t_qlora
         qlora_sum += qlora
         kind = target.short_name
         by_kind[kind]["qlora"] += qlora
         for t in iters:
-            split, t_q = _timed(lambda t=t: qpissa_split(w, rank=args.rank, scaling=scaling, svd=svd, quant=quants[t],
-                                                         seed=seed, with_qlora_error=False))
+            split, t_q = _timed(qpissa_split, w, rank=args.rank, scaling=scaling, svd=svd, quant=quants[t], seed=seed,
+                                with_qlora_error=False)
             cpu[f"T{t}"] += t_q
             err_sum[t] += split.error
             by_kind[kind][f"T{t}"] += split.error
