@@ -34,53 +34,18 @@ from typing import Any
 import torch
 
 from converter.factorize import pissa_split
+from converter.options import QUANT_BLOCKSIZES, QUANT_TYPES, QuantOptions
 from converter.svd import SvdOptions
-from pissa.core.errors import InvalidOptionsError, MissingDependencyError
+from pissa.core.errors import MissingDependencyError
 
-QUANT_TYPES = ("nf4",)
-#: Block sizes bitsandbytes' 4-bit quantizer accepts (0.45–0.50; 32 only on CPU/XPU, so not offered).
-QUANT_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    """How the residual is quantized.
-
-    Attributes:
-        quant_type: only ``nf4``.
-        blocksize: elements per absmax block (one of :data:`QUANT_BLOCKSIZES`).
-        iters: refinements ``T`` (>= 1); the best iterate by nuclear error is kept.
-        double_quant: quantize the absmax constants too (bitsandbytes' ``compress_statistics``).
-    """
-
-    quant_type: str = "nf4"
-    blocksize: int = 64
-    iters: int = 1
-    double_quant: bool = False
-
-    def problems(self) -> list[str]:
-        """Every problem with these options (empty when valid)."""
-        p: list[str] = []
-        if self.quant_type not in QUANT_TYPES:
-            p.append(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
-        if self.blocksize not in QUANT_BLOCKSIZES:
-            p.append(
-                f"--quant-blocksize {self.blocksize} is not supported by bitsandbytes: "
-                f"use one of {', '.join(map(str, QUANT_BLOCKSIZES))} (64 is QLoRA's)"
-            )
-        if self.iters < 1:
-            p.append(f"--quant-iters must be >= 1, got {self.iters}")
-        return p
-
-    def validate(self) -> QuantOptions:
-        """Return self, or raise :class:`InvalidOptionsError` listing every problem."""
-        problems = self.problems()
-        if problems:
-            raise InvalidOptionsError("invalid quantization options", problems, fix="correct the options above")
-        return self
+__all__ = [
+    "QUANT_BLOCKSIZES", "QUANT_TYPES", "QPissaSplit", "QuantOptions", "Quantized", "nuclear_norm", "qpissa_split", "quantize",
+    "require_bitsandbytes",
+]
 
 
-def _bnb_functional() -> Any:
+def require_bitsandbytes() -> Any:
+    """``bitsandbytes.functional``, or :class:`MissingDependencyError` when it is not installed."""
     try:
         import bitsandbytes.functional as bnb_functional
     except ImportError as exc:
@@ -107,7 +72,7 @@ def quantize(w: torch.Tensor, options: QuantOptions) -> Quantized:
         MissingDependencyError: bitsandbytes is not installed.
     """
     options.validate()
-    functional = _bnb_functional()
+    functional = require_bitsandbytes()
     x = w.to(torch.float32).contiguous()
     packed, state = functional.quantize_4bit(
         x, blocksize=options.blocksize, quant_type=options.quant_type, compress_statistics=options.double_quant
@@ -172,7 +137,7 @@ def qpissa_split(
         ValueError: rank out of range; NonFiniteError: the weight holds NaN or Inf.
     """
     quant.validate()
-    _bnb_functional()  # fail before any SVD when bitsandbytes is missing
+    require_bitsandbytes()  # fail before any SVD when bitsandbytes is missing
     w = weight.to(torch.float32)
     seeds = [seed]
     split = pissa_split(w, rank=rank, scaling=scaling, svd=svd, seeds=seeds)
