@@ -2,7 +2,8 @@
 
 - every matrix's stored residual and adapter are exactly what :func:`converter.qpissa.qpissa_split`
   gives for that weight and seed, cast (reference equivalence, bit for bit);
-- pissa.json records per matrix the QPiSSA and QLoRA nuclear errors and the bundle-wide summary;
+- pissa.json records per matrix the QPiSSA and QLoRA nuclear errors and the bundle-wide summary, and
+  the model card shows them;
   ``pissa verify --source`` accepts the bundle (W ≈ deq(Q) + s·BA to the recorded error, 1% slack);
 - Conv1D (GPT-2) layers round-trip their orientation;
 - two worker processes write the same bundle as one (bit-identical files, pissa.json but timings);
@@ -85,6 +86,8 @@ def test_record_and_verify(qbundle: Path, tiny_llama: Path) -> None:
     total = sum(m["qpissa_nuclear"] for m in matrices) / sum(m["qlora_nuclear"] for m in matrices)
     assert q["below_qlora"] == pytest.approx(1 - total, rel=1e-12)
     assert record["options"]["quantize"] == "nf4"
+    card = (qbundle / B.CARD).read_text()
+    assert "## QPiSSA quantization" in card and f"| all | 14 | {q['qpissa_nuclear_total']:.1f} |" in card
     report = verify_bundle(qbundle, str(tiny_llama))
     assert report.max_rel_error == pytest.approx(max(m["rel_error"] for m in matrices), rel=1e-2)
 
