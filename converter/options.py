@@ -146,7 +146,7 @@ class ConvertOptions:
                 ]
                 if value != default
             ]
-            return [f"{', '.join(given)} need(s) --quantize nf4"] if given else []
+            return [f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --quantize nf4"] if given else []
         p = quant.problems()
         if self.dtype is None:
             p.append(

@@ -122,7 +122,7 @@ def test_workers_2_give_the_same_quantized_bundle(tiny_llama_sharded: Path, tmp_
          "--quant-blocksize 48 is not supported by bitsandbytes: use one of 64, 128"),
         (["--quantize", "int4", "--residual-dtype", "bfloat16"], "--quantize must be one of nf4"),
         (["--quantize", "nf4"], "pass --residual-dtype bfloat16"),
-        (["--quant-iters", "3"], "--quant-iters need(s) --quantize nf4"),
+        (["--quant-iters", "3"], "--quant-iters needs --quantize nf4"),
     ],
 )
 def test_bad_quant_options(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args, needle) -> None:
@@ -145,3 +145,29 @@ def test_bitsandbytes_missing(tiny_llama: Path, tmp_path: Path, monkeypatch: pyt
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 1 and len(err) == 1 and "bitsandbytes is not installed" in err[0] and ".[quant]" in err[0], err
     assert not out.exists()
+
+
+def test_zoo_manifest_quantize(tmp_path: Path) -> None:
+    """``quantize:`` and its options per zoo entry, checked like the CLI's, in the manifest's words."""
+    from converter.zoo_manifest import load_zoo_manifest
+    from pissa.core.errors import ManifestError
+
+    (tmp_path / "m").mkdir()
+    good = (
+        "entries:\n"
+        "  - name: a\n    source: m\n    quantize: nf4\n    quant_iters: 5\n    dtype: bfloat16\n"
+    )
+    (tmp_path / "zoo.yaml").write_text(good)
+    (entry,) = load_zoo_manifest(tmp_path / "zoo.yaml").entries
+    options = entry.options(16)
+    assert options.quant_options() == QuantOptions(iters=5) and options.dtype == "bfloat16"
+    (tmp_path / "zoo.yaml").write_text(
+        good + "  - name: b\n    source: m\n    quantize: nf4\n    quant_blocksize: 48\n"
+        "  - name: c\n    source: m\n    double_quant: true\n"
+    )
+    with pytest.raises(ManifestError) as err:
+        load_zoo_manifest(tmp_path / "zoo.yaml")
+    problems = err.value.problems()
+    assert any("entries[1]" in p and "quant_blocksize 48 is not supported by bitsandbytes" in p for p in problems), problems
+    assert any("entries[1]" in p and "pass dtype bfloat16" in p for p in problems), problems
+    assert any("entries[2]" in p and "double_quant needs quantize nf4" in p for p in problems), problems
