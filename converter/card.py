@@ -26,6 +26,35 @@ def _energy_table(matrices: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _quant_section(record: dict[str, Any]) -> str:
+    """QPiSSA bundles: the quantization and its error against QLoRA's per layer type (empty otherwise)."""
+    q = record.get("quantization")
+    if not q:
+        return ""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for m in record.get("matrices", []):
+        groups.setdefault(m["name"].rsplit(".", 1)[-1], []).append(m)
+    lines = [
+        "## QPiSSA quantization",
+        "",
+        f"The residual is `deq(Q)`, `Q` = {q['quant_type'].upper()} (blocksize {q['blocksize']}"
+        f"{', double quantization' if q['double_quant'] else ''}) of `W − s·BA`, stored dequantized in"
+        f" {q['residual_dtype']}; the adapter was fitted to it over {q['iters']} refinement(s), best kept."
+        " Nuclear-norm error `‖W − (deq(Q) + s·BA)‖_*` against QLoRA's `‖W − deq(NF4(W))‖_*`:",
+        "",
+        "| layer | matrices | QPiSSA error | QLoRA error | below QLoRA |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, ms in sorted(groups.items()):
+        ours, theirs = sum(m["qpissa_nuclear"] for m in ms), sum(m["qlora_nuclear"] for m in ms)
+        lines.append(f"| {name} | {len(ms)} | {ours:.1f} | {theirs:.1f} | {100 * (1 - ours / theirs):.1f}% |")
+    lines.append(
+        f"| all | {len(record.get('matrices', []))} | {q['qpissa_nuclear_total']:.1f} | {q['qlora_nuclear_total']:.1f}"
+        f" | {100 * q['below_qlora']:.1f}% |"
+    )
+    return "\n".join(lines) + "\n\n"
+
+
 def _left_out_section(entries: list[dict[str, Any]]) -> str:
     """Which matrices got no adapter and why (empty when none were left out)."""
     if not entries:
@@ -75,7 +104,7 @@ def render_model_card(record: dict[str, Any], *, repo_id: str | None = None) -> 
 This folder is a [PiSSA](https://arxiv.org/abs/2404.02948) bundle made by `pissa convert`: every target
 weight `W` was split into a trainable rank-{adapter.get("r")} adapter holding its principal components
 (`pissa_init/`) and a frozen residual `W_res = W − scaling·B A` (the model files here). The pair
-reproduces the original model up to the residual dtype's rounding.
+reproduces the original model {"up to the 4-bit quantization of the residual (see QPiSSA quantization)" if record.get("quantization") else "up to the residual dtype's rounding"}.
 
 ## Load and fine-tune
 
@@ -105,7 +134,7 @@ on this residual model.
 | adapter dtype | {adapter.get("dtype")} |
 | matrices | {len(matrices)} |
 {left_out_row}
-{_left_out_section(left_out)}## Captured spectral energy
+{_left_out_section(left_out)}{_quant_section(record)}## Captured spectral energy
 
 Share of each matrix's squared Frobenius norm held by the adapter (`Σ_{{i≤r}} σ_i² / ‖W‖²`).
 

@@ -167,6 +167,7 @@ def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, sta
             device=options.device,
             threads=threads,
             staging=str(staging),
+            quant=options.quant_options(),
         )
         for f in ckpt.weight_files
     )
@@ -466,6 +467,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
             "dtype": options.adapter_dtype,
         },
         "matrices": matrices,
+        **_quantization_record(options, plan.residual_dtype, matrices),
         B.LEFT_OUT_KEY: [lo.to_record() for lo in plan.left_out],
     }
     (staging / B.CARD).write_text(render_model_card(record))
@@ -484,6 +486,29 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
     }
     write_json(staging / B.RECORD, record)
     return record
+
+
+def _quantization_record(options: ConvertOptions, residual_dtype: str | None, matrices: list[dict]) -> dict[str, Any]:
+    """pissa.json's ``quantization`` entry of a QPiSSA bundle (nothing for a plain one)."""
+    quant = options.quant_options()
+    if quant is None:
+        return {}
+    qpissa = sum(m["qpissa_nuclear"] for m in matrices)
+    qlora = sum(m["qlora_nuclear"] for m in matrices)
+    return {
+        "quantization": {
+            "quant_type": quant.quant_type,
+            "blocksize": quant.blocksize,
+            "iters": quant.iters,
+            "double_quant": quant.double_quant,
+            # The residual holds deq(Q) in this dtype: tools without bitsandbytes load it as a float model.
+            "storage": "dequantized",
+            "residual_dtype": residual_dtype,
+            "qpissa_nuclear_total": qpissa,
+            "qlora_nuclear_total": qlora,
+            "below_qlora": 1 - qpissa / qlora if qlora > 0 else 0.0,
+        }
+    }
 
 
 def _source_license(folder: Path) -> str | None:
@@ -565,7 +590,8 @@ def convert(
 
     Raises:
         InvalidOptionsError, OutputExistsError, SourceNotFoundError, CorruptCheckpointError,
-        UnsupportedCheckpointError, TargetError, NonFiniteWeightError, OutputWriteError.
+        UnsupportedCheckpointError, TargetError, NonFiniteWeightError, OutputWriteError,
+        MissingDependencyError (``--quantize`` without bitsandbytes).
     """
     started = time.perf_counter()
     options = (options or ConvertOptions()).validate()
@@ -633,6 +659,10 @@ def _prepare(
 ) -> ConvertReport | tuple[_Plan, BackgroundDigests | None]:
     """Check OUT, open the source and plan the shards; or the report of an already complete OUT (--resume)."""
     _check_out(out, overwrite, resume)
+    if options.quantize is not None:
+        from converter.qpissa import require_bitsandbytes
+
+        require_bitsandbytes()  # before any source is read or anything written
     if resume and (out / B.RECORD).exists() and not overwrite:
         log.info("%s is already complete", out)
         return report_from_record(out, B.read_record(out), shards_reused=-1)

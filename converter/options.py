@@ -14,6 +14,49 @@ SVD_METHODS = ("randomized", "exact")
 # ``converter.export.export(tol=...)`` and of ``--tol``; here so the CLI reads it without importing torch).
 EXPORT_TOL = 0.01
 
+QUANT_TYPES = ("nf4",)
+#: Block sizes bitsandbytes' 4-bit quantizer accepts on every backend (0.45–0.50; 32 works on CPU only).
+QUANT_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How a QPiSSA residual is quantized (converter/qpissa.py).
+
+    Attributes:
+        quant_type: only ``nf4``.
+        blocksize: elements per absmax block (one of :data:`QUANT_BLOCKSIZES`).
+        iters: refinements ``T`` (>= 1); the best iterate by nuclear error is kept.
+        double_quant: quantize the absmax constants too (bitsandbytes' ``compress_statistics``).
+    """
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    iters: int = 1
+    double_quant: bool = False
+
+    def problems(self) -> list[str]:
+        """Every problem with these options (empty when valid)."""
+        p: list[str] = []
+        if self.quant_type not in QUANT_TYPES:
+            p.append(f"--quantize must be one of {', '.join(QUANT_TYPES)}, got {self.quant_type!r}")
+        if self.blocksize not in QUANT_BLOCKSIZES:
+            p.append(
+                f"--quant-blocksize {self.blocksize} is not supported by bitsandbytes: "
+                f"use one of {', '.join(map(str, QUANT_BLOCKSIZES))} (64 is QLoRA's)"
+            )
+        if self.iters < 1:
+            p.append(f"--quant-iters must be >= 1, got {self.iters}")
+        return p
+
+    def validate(self) -> QuantOptions:
+        """Return self, or raise :class:`InvalidOptionsError` listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise InvalidOptionsError("invalid quantization options", problems, fix="correct the options above")
+        return self
+
+
 # Field metadata: which options decide what a bundle holds. A field without metadata is content, so
 # a new option makes finished bundles and partial work stale until it says otherwise.
 # How the work is run, never recorded: the same bundle whatever their values.
@@ -48,6 +91,12 @@ class ConvertOptions:
         workers: shards converted in parallel processes (1: in this process).
         threads: matrices factored in parallel threads per process (0: one per core / worker).
         device: ``cpu`` or ``cuda`` for the SVDs.
+        quantize: ``nf4`` for a QPiSSA bundle (``None``: plain PiSSA): the adapter is fitted to the
+            NF4-quantized residual ``Q`` (converter/qpissa.py); for now the residual is stored as
+            ``deq(Q)`` in ``dtype``, which must then be given.
+        quant_iters: QPiSSA refinements ``T`` (the best iterate is kept).
+        quant_blocksize: NF4 block size.
+        double_quant: quantize the NF4 absmax constants too.
         revision: hub revision (branch, tag or commit) for hub sources.
         allow_pickle: read ``.bin`` (pickle) checkpoints with ``torch.load(weights_only=True)``.
     """
@@ -66,6 +115,10 @@ class ConvertOptions:
     workers: int = field(default=1, metadata=_RUN)
     threads: int = field(default=0, metadata=_RUN)
     device: str = field(default="cpu", metadata=_RUN)
+    quantize: str | None = None
+    quant_iters: int = 1
+    quant_blocksize: int = 64
+    double_quant: bool = False
     revision: str | None = None
     allow_pickle: bool = field(default=False, metadata=_RECORDED_ONLY)
     extra: dict[str, Any] = field(default_factory=dict, metadata=_RUN)
@@ -74,9 +127,37 @@ class ConvertOptions:
     def lora_alpha(self) -> float:
         return float(self.rank if self.alpha is None else self.alpha)
 
+    def quant_options(self) -> QuantOptions | None:
+        """The quantization of a QPiSSA conversion, ``None`` for a plain one."""
+        if self.quantize is None:
+            return None
+        return QuantOptions(self.quantize, self.quant_blocksize, self.quant_iters, self.double_quant)
+
+    def _quant_problems(self) -> list[str]:
+        quant = self.quant_options()
+        if quant is None:
+            plain = QuantOptions()
+            given = [
+                flag
+                for flag, value, default in [
+                    ("--quant-iters", self.quant_iters, plain.iters),
+                    ("--quant-blocksize", self.quant_blocksize, plain.blocksize),
+                    ("--double-quant", self.double_quant, plain.double_quant),
+                ]
+                if value != default
+            ]
+            return [f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --quantize nf4"] if given else []
+        p = quant.problems()
+        if self.dtype is None:
+            p.append(
+                "--quantize stores the residual dequantized for now (the packed 4-bit layout is not written yet): "
+                "pass --residual-dtype bfloat16 (or float16 / float32)"
+            )
+        return p
+
     def problems(self) -> list[str]:
         """Every problem with these options (empty when valid)."""
-        p: list[str] = []
+        p: list[str] = self._quant_problems()
         if self.rank < 1:
             p.append(f"--rank must be >= 1, got {self.rank}")
         if self.alpha is not None and self.alpha <= 0:

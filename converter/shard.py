@@ -25,7 +25,8 @@ from typing import Any, Protocol
 import torch
 
 from converter.checkpoint import TensorInfo
-from converter.factorize import NonFiniteError, pissa_split
+from converter.factorize import NonFiniteError, PissaSplit, pissa_split
+from converter.options import QuantOptions
 from converter.stio import SafetensorsWriter, read_tensor, tensor_bytes
 from converter.svd import SvdOptions
 from converter.targets import Target
@@ -67,6 +68,7 @@ class ShardJob:
     device: str
     threads: int
     staging: str
+    quant: QuantOptions | None = None  # QPiSSA: fit the adapter to the NF4-quantized residual
 
     @property
     def marker(self) -> Path:
@@ -260,6 +262,51 @@ def convert_shard(
     return _convert_shard(job, progress, pool, source_digest, stop)
 
 
+@dataclass(frozen=True)
+class _QuantizedSplit(PissaSplit):
+    quant_record: dict[str, Any] = field(default_factory=dict)
+
+
+def _quantized_split(
+    job: ShardJob, target: Target, weight: torch.Tensor, adapter_dtype: torch.dtype, residual_dtype: torch.dtype
+) -> _QuantizedSplit:
+    """QPiSSA split of one matrix; the residual stored is ``deq(Q)`` cast to the residual dtype.
+
+    Recorded like a plain split, from the tensors as stored: ``energy = ‖s·BA‖² / ‖W_res + s·BA‖²`` (what
+    ``pissa verify`` recomputes) and ``rel_error = ‖W − (W_res + s·BA)‖ / ‖W‖`` (now the quantization
+    error); plus the nuclear errors of QPiSSA and QLoRA, their ratio and the kept iterate.
+    """
+    from converter.qpissa import qpissa_split
+
+    assert job.quant is not None
+    stored = weight.to(job.device)
+    w = (stored.T if target.fan_in_fan_out else stored).to(torch.float32)
+    q = qpissa_split(
+        w, rank=job.rank, scaling=job.scaling, svd=job.svd, quant=job.quant, seed=matrix_seed(job.seed, target.key)
+    )
+    lora_a, lora_b = q.lora_A.to(adapter_dtype), q.lora_B.to(adapter_dtype)
+    residual = q.quantized.dequantized.to(residual_dtype)
+    delta = (lora_b.float() @ lora_a.float()).mul_(job.scaling)
+    recon = delta + residual.float()
+    energy = float(delta.norm()) ** 2 / max(float(recon.norm()) ** 2, 1e-300)
+    rel_error = float((w - recon).norm()) / max(float(w.norm()), 1e-300)
+    if target.fan_in_fan_out:
+        residual = residual.T
+    return _QuantizedSplit(
+        lora_A=lora_a.contiguous(),
+        lora_B=lora_b.contiguous(),
+        residual=residual.contiguous(),
+        energy=torch.tensor(energy, dtype=torch.float64),
+        rel_error=torch.tensor(rel_error, dtype=torch.float64),
+        quant_record={
+            "qpissa_nuclear": q.error,
+            "qlora_nuclear": q.qlora_error,
+            "qpissa_qlora_ratio": q.ratio,
+            "quant_best_iter": q.best,
+        },
+    )
+
+
 def _convert_shard(
     job: ShardJob,
     progress: Callable[[int], None] | None,
@@ -288,6 +335,8 @@ def _convert_shard(
 
     def factor(target: Target, weight: torch.Tensor) -> tuple[Target, Any]:
         try:
+            if job.quant is not None:
+                return target, _quantized_split(job, target, weight, adapter_dtype, res_dtype or weight.dtype)
             split = pissa_split(
                 weight.to(job.device),
                 rank=job.rank,
@@ -324,6 +373,7 @@ def _convert_shard(
                         "fan_in_fan_out": target.fan_in_fan_out,
                         "energy": float(split.energy),
                         "rel_error": float(split.rel_error),
+                        **getattr(split, "quant_record", {}),
                     }
                 )
                 if progress:

@@ -6,7 +6,8 @@
    shape, and the adapter's energy share ``‖s·BA‖² / ‖W_res + s·BA‖²`` equals the recorded one;
 4. with ``source``: ``‖W − (W_res + s·BA)‖ / ‖W‖`` is within the residual dtype's rounding for every
    matrix (float32 1e-5, float16 2e-3, bfloat16 1e-2) and every other tensor equals the source's
-   (after the recorded dtype cast);
+   (after the recorded dtype cast); for a QPiSSA bundle (``quantization`` in pissa.json, residual
+   ``deq(Q)``) that error is the quantization error and must equal the recorded ``rel_error`` (to 1%);
 5. the matrices recorded as left out (MoE experts, routers) are in the residual model as recorded
    (patterns, tensor and matrix counts) and none of them was also converted (with ``source``, step 4
    shows they are the source's, untouched).
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 # Relative Frobenius error allowed for W ≈ W_res + s·BA, by residual dtype (its unit roundoff ×~4).
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-3, "bfloat16": 1e-2}
 ENERGY_RTOL = 2e-2
+# QPiSSA bundles: relative slack on the recorded ‖W − (deq(Q) + s·BA)‖ / ‖W‖ (float32 recomputation).
+QUANT_RTOL = 1e-2
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,7 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
     scaling = float(adapter["scaling"])
     r = int(adapter["r"])
     residual_dtype = record.get("residual_dtype")
+    quantized = "quantization" in record
     src_map: dict[str, str] = {}
     if source_folder is not None:
         from converter.checkpoint import open_checkpoint
@@ -163,6 +167,9 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
                 err = float(torch.linalg.vector_norm(w - recon)) / max(float(torch.linalg.vector_norm(w)), 1e-300)
                 worst = err if worst is None else max(worst, err)
                 tol = TOLERANCE.get(residual_dtype or str(src.dtype).removeprefix("torch."), 1e-2)
+                if quantized:
+                    # W ≈ deq(Q) + s·BA up to the quantization error, which was recorded from the stored tensors.
+                    tol = float(m["rel_error"]) * (1 + QUANT_RTOL) + 1e-6
                 if err > tol:
                     problems.append(f"{m['name']}: ‖W − (W_res + s·BA)‖/‖W‖ = {err:.2e} exceeds {tol:.0e}")
     missing = sorted(set(by_key) - set(weight_map))

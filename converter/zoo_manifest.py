@@ -23,6 +23,8 @@ YAML layout (every key but ``entries[].name`` / ``entries[].source`` optional)::
         dtype: bfloat16           # residual dtype (default: the source's)
         adapter_dtype: float32
         allow_pickle: false
+        quantize: nf4             # QPiSSA (needs dtype: the residual is stored as deq(Q) for now)
+        quant_iters: 5            # refinements; quant_blocksize: 64; double_quant: false
         push: my-org/{name}-pissa-r{rank}   # target repo (template: {name}, {rank})
         private: false
 
@@ -121,6 +123,10 @@ class ZooOptions(ManifestModel):
     dtype: FloatName | None = None
     adapter_dtype: FloatName | None = None
     allow_pickle: bool | None = None
+    quantize: str | None = None  # checked with the other options of each rank (ConvertOptions.problems)
+    quant_iters: int | None = None
+    quant_blocksize: int | None = None
+    double_quant: bool | None = None
     push: Annotated[str, AfterValidator(_check_template)] | None = None
     private: bool | None = None
 
@@ -184,6 +190,10 @@ class ZooEntry:
     dtype: str | None = ConvertOptions.dtype
     adapter_dtype: str = ConvertOptions.adapter_dtype
     allow_pickle: bool = ConvertOptions.allow_pickle
+    quantize: str | None = ConvertOptions.quantize
+    quant_iters: int = ConvertOptions.quant_iters
+    quant_blocksize: int = ConvertOptions.quant_blocksize
+    double_quant: bool = ConvertOptions.double_quant
     push: str | None = None
     private: bool = False
     line: int = 0
@@ -205,6 +215,10 @@ class ZooEntry:
             adapter_dtype=self.adapter_dtype,
             revision=self.revision,
             allow_pickle=self.allow_pickle,
+            quantize=self.quantize,
+            quant_iters=self.quant_iters,
+            quant_blocksize=self.quant_blocksize,
+            double_quant=self.double_quant,
             **execution,
         )
 
@@ -265,6 +279,17 @@ def _push_problems(entry: ZooEntry) -> list[str]:
     return []
 
 
+# ConvertOptions.problems() names the CLI flags; the manifest's keys are spelled differently.
+_FLAG_KEYS = {"--residual-dtype": "dtype", "--adapter-dtype": "adapter_dtype", "--svd-tol": "svd_tol",
+              "--quant-iters": "quant_iters", "--quant-blocksize": "quant_blocksize", "--double-quant": "double_quant"}
+
+
+def _manifest_words(problem: str) -> str:
+    for flag, key in _FLAG_KEYS.items():
+        problem = problem.replace(flag, key)
+    return problem.replace("--", "")
+
+
 def _entries(checked: Checked[ZooFile], base: Path) -> list[ZooEntry]:
     """The entries with the defaults merged in, built from the parts of the file that validated.
 
@@ -292,7 +317,7 @@ def _entries(checked: Checked[ZooFile], base: Path) -> list[ZooEntry]:
                          **options.model_dump(exclude_none=True))
         for rank in entry.ranks:
             for p in entry.options(rank).problems():
-                checked.add(at, f"rank {rank}: {p.replace('--adapter-dtype', 'adapter_dtype').replace('--', '')}")
+                checked.add(at, f"rank {rank}: {_manifest_words(p)}")
         for p in _push_problems(entry) if entry.push else []:
             checked.add((*at, "push"), p)
         entries.append(entry)

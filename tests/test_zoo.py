@@ -166,7 +166,8 @@ def test_reuse_check_sees_every_content_option_and_no_other(tmp_path: Path, tiny
     bundle = Path(job.out)
     assert reuse_problems(bundle, job, str(tiny_llama)) == []
     changed = {"rank": 8, "rslora": True, "targets": ("q_proj",), "svd": "exact", "niter": 3, "oversample": 2,
-               "svd_tol": 0.5, "seed": 1, "dtype": "float16", "adapter_dtype": "bfloat16", "revision": "v2"}
+               "svd_tol": 0.5, "seed": 1, "dtype": "float16", "adapter_dtype": "bfloat16", "revision": "v2",
+               "quantize": "nf4", "quant_iters": 3, "quant_blocksize": 128, "double_quant": True}
     assert set(changed) | {"lora_alpha"} == set(ConvertOptions().content_record()), "cover every content option"
     for name, value in changed.items():
         problems = reuse_problems(bundle, replace(job, options=replace(job.options, **{name: value})), str(tiny_llama))

@@ -27,9 +27,17 @@ def _default(name: str) -> object:
 @click.option("--svd-tol", type=float, default=_default("svd_tol"), show_default=True,
               help="Stop the Krylov steps when one adds less than this share of the top-r energy (0: never).")
 @click.option("--seed", type=int, default=_default("seed"), show_default=True, help="Seed of the randomized sketches.")
-@click.option("--dtype", default=_default("dtype"), help="Residual dtype (default: the source's; GGUF: bfloat16).")
+@click.option("--dtype", "--residual-dtype", "dtype", default=_default("dtype"),
+              help="Residual dtype (default: the source's; GGUF: bfloat16).")
 @click.option("--adapter-dtype", default=_default("adapter_dtype"), show_default=True,
               help="Dtype of lora_A / lora_B.")
+@click.option("--quantize", default=_default("quantize"),
+              help="nf4: QPiSSA, the adapter fitted to the NF4-quantized residual (stored dequantized in --residual-dtype).")
+@click.option("--quant-iters", type=int, default=_default("quant_iters"), show_default=True,
+              help="QPiSSA refinements (re-quantize, re-fit the adapter); the best is kept.")
+@click.option("--quant-blocksize", type=int, default=_default("quant_blocksize"), show_default=True,
+              help="NF4 block size (64, 128, ..., 4096).")
+@click.option("--double-quant", is_flag=True, help="Quantize the NF4 absmax constants too.")
 @click.option("--workers", type=int, default=_default("workers"), show_default=True,
               help="Shards converted in parallel processes.")
 @click.option("--threads", type=int, default=_default("threads"), show_default=True,
@@ -57,6 +65,8 @@ def convert(source: str, out: str, targets: str | None, overwrite: bool, resume:
         *([("left out", describe_left_out(report.left_out))] if report.left_out else []),
         ("energy share (mean / worst)", f"{report.mean_energy:.4f} / {report.min_energy:.4f}"),
         ("max reconstruction error", f"{report.max_rel_error:.2e}"),
+        *([("nuclear error below QLoRA", f"{100 * report.record['quantization']['below_qlora']:.1f}%")]
+          if "quantization" in report.record else []),
         ("shards (reused)", f"{report.shards_total} ({max(report.shards_reused, 0)})"),
         ("time", f"{report.seconds:.1f} s"),
         ("size", human_bytes(report.output_bytes)),
