@@ -179,9 +179,10 @@ class Gateway:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):  # "²".isdigit() is true, int("²") fails
                 return error(400, "invalid Content-Length header")
-            if int(declared) > limit:
+            digits = declared.lstrip("0") or "0"  # int() refuses strings of more than 4300 digits
+            if len(digits) > len(str(limit)) or int(digits) > limit:
                 return error(413, f"request body is larger than {limit} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
