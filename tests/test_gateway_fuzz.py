@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from serving.gateway import keys
@@ -413,3 +413,76 @@ def test_raw_path_tricks_over_a_socket(tmp_path: Path, who: str) -> None:
                     assert json.loads(entry["raw"])["model"] == "b1"
         # the tricks are refused, not served: none of the encoded admin paths reached an admin route
         assert all(s is not None for s in statuses[:len(RAW_TARGETS) - 2])
+
+
+# --- a model server that answers nonsense ----------------------------------------------------------
+class HostileTransport(httpx.AsyncBaseTransport):
+    """Answers every request with the status, content type and bytes set in ``next``."""
+
+    def __init__(self) -> None:
+        self.next: tuple[int, str, bytes] = (200, "application/json", b"{}")
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        status, media, body = self.next
+        return httpx.Response(status, headers={"content-type": media}, content=body)
+
+
+UPSTREAM_BODIES = st.one_of(
+    st.binary(max_size=100), json_values.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({}, optional={"data": json_values, "usage": json_values, "model": json_values,
+                                        "choices": json_values}).map(lambda v: json.dumps(v).encode()),
+    st.lists(st.one_of(st.just(b"data: [DONE]\n\n"), json_values.map(lambda v: b"data: " + json.dumps(v).encode()
+                                                                     + b"\n\n"), st.binary(max_size=30)),
+             max_size=4).map(b"".join))
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Harness, HostileTransport]]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    cfg = GatewayConfig("127.0.0.1", 0, tmp / "tenants.keys", tmp / "usage.sqlite",
+                        (Tenant("acme", ("a1", "base"), Limits(max_tokens=CAP)),), max_body_bytes=4096)
+    key = keys.add_key(cfg.keys_file, "acme")[0]
+    transport = HostileTransport()
+    gateway = Gateway(cfg, upstream="http://upstream", upstream_key=INTERNAL, admin_key=ADMIN_KEY,
+                      transport=transport)
+    loop = asyncio.new_event_loop()
+    ctx = gateway.running()
+    loop.run_until_complete(ctx.__aenter__())
+    try:
+        fake = FakeVllm()  # unused: nothing is recorded behind a hostile server
+        yield Harness(loop, gateway, gateway.app(), fake, RecordingTransport(fake),
+                      {"acme": key, "admin": ADMIN_KEY}, ""), transport
+    finally:
+        loop.run_until_complete(ctx.__aexit__(None, None, None))
+        loop.close()
+
+
+MODELS_REQUEST = ("GET", "/v1/models", b"")
+COMPLETION_REQUEST = ("POST", "/v1/completions", b'{"model": "a1", "prompt": "x"}')
+
+
+@FUZZ
+@example(status=200, media="application/json", upstream_body=b"", owner="acme",  # regression: was a 500
+         request=MODELS_REQUEST)
+@example(status=200, media="application/json", upstream_body=b'{"data": [1]}', owner="acme",  # ditto
+         request=MODELS_REQUEST)
+@example(status=200, media="application/json", upstream_body=b"true", owner="acme",  # ditto (usage_of)
+         request=COMPLETION_REQUEST)
+@given(status=st.sampled_from([200, 200, 200, 201, 204, 400, 404, 500, 503]),
+       media=st.sampled_from(["application/json", "text/event-stream", "text/plain", ""]),
+       upstream_body=UPSTREAM_BODIES, owner=st.sampled_from(["acme", "admin"]),
+       request=st.sampled_from([MODELS_REQUEST, COMPLETION_REQUEST,
+                                ("POST", "/v1/chat/completions", b'{"model": "a1", "messages": [], "stream": true}'),
+                                ("POST", "/v1/load_lora_adapter", b'{"lora_name": "n", "lora_path": "/p"}'),
+                                ("POST", "/v1/unload_lora_adapter", b'{"lora_name": "n"}')]))
+def test_a_model_server_answering_nonsense_never_crashes_the_gateway(
+        hostile: tuple[Harness, HostileTransport], status: int, media: str, upstream_body: bytes, owner: str,
+        request: tuple[str, str, bytes]) -> None:
+    """Whatever the model server answers, the gateway answers it (passed on, or 502), never 500 of its own."""
+    h, transport = hostile
+    transport.next = (status, media, upstream_body)
+    method, path, body = request
+    answer, _, _ = h.call(method, path, [(b"authorization", f"Bearer {h.keys[owner]}".encode()),
+                                         (b"content-type", b"application/json")], body)
+    assert answer.status == status or answer.status == 502 or (owner == "acme" and path in ADMIN_PATHS), \
+        (answer.status, answer.body[:200])
