@@ -119,6 +119,9 @@ class Harness:
     def __repr__(self) -> str:
         return "Harness()"
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # hypothesis' falsifying-example printer
+        printer.text("Harness()")
+
     def call(self, method: str, path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"",
              raw_path: bytes | None = None) -> tuple[Answer, list[dict[str, Any]], list[tuple[str, int, bytes]]]:
         """Send one request; return the answer, what reached the stand-in and what the stand-in answered."""
@@ -208,7 +211,16 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
 @st.composite
 def bodies(draw: st.DrawFn) -> bytes:
     """A request body: mostly a JSON object with some of the known fields (any types), else anything."""
-    kind = draw(st.sampled_from(["object", "object", "object", "object", "json", "bytes", "huge", "deep"]))
+    kind = draw(st.sampled_from(["valid", "valid", "object", "object", "object", "json", "bytes", "huge", "deep"]))
+    if kind == "valid":  # a well-formed request, one field (maybe) of another type: reaches deeper
+        obj = {"model": draw(st.sampled_from(["a1", "a2", "b1", "base"])), "max_tokens": draw(st.integers(1, 8))}
+        obj.update({"messages": [{"role": "user", "content": "hi"}]} if draw(st.booleans()) else {"prompt": "hi"})
+        if draw(st.booleans()):
+            obj["stream"] = True
+        name = draw(st.sampled_from(sorted(FIELDS)))
+        if draw(st.booleans()):
+            obj[name] = draw(FIELDS[name])
+        return json.dumps(obj).encode()
     if kind == "object":
         names = draw(st.sets(st.sampled_from(sorted(FIELDS)), max_size=8))
         obj = {name: draw(FIELDS[name]) for name in sorted(names)}
