@@ -18,16 +18,30 @@ Each scenario runs ``--repeats`` times, interleaved with the others; the run wit
 throughput is reported (with every repeat's tokens/s). Reported per scenario: wall time, completion tokens/s (all tokens / wall time), requests/s, and
 p50/p95 per-request latency. The ratio of the 4-adapter mix to base only is printed at the end.
 Results go to ``--out`` (JSON) and stdout (a Markdown table).
+
+``--gateway``: the tenant gateway's overhead instead (``serving.gateway``, as ``pissa serve`` runs it with
+``tenants:``, one tenant allowed every served model). The same requests go one at a time to the model
+server directly and through a gateway in front of that same server, in alternating order, ``--repeats``
+rounds of ``--gateway-requests`` pairs after a warm-up: non-streaming latency, and time to the first token
+of a stream (the first ``data: {...}`` event). Reported: p50 and p99 direct and through the gateway, the
+difference of those percentiles (the overhead), and the median of the per-pair differences. ``--upstream``
+chooses the server behind: ``vllm`` (the bench's vLLM), ``fake`` (the tests' stand-in vLLM,
+``tests/fake_vllm.py``, no delay: the gateway's own cost without vLLM's noise) or ``both``. Goal: p50
+overhead under 2 ms. Results go to ``--out`` (default ``bench/serve-gateway-results.json``).
+
+    python bench/serve.py --gateway --upstream both --max-tokens 4
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,6 +77,122 @@ def run_scenario(client, models: list[str], n: int, max_tokens: int) -> dict:
             "p95_s": round(percentile(lat, 95), 3)}
 
 
+@contextlib.contextmanager
+def gateway_in_front(upstream: str, upstream_key: str | None, models: list[str], work: Path) -> Iterator[tuple[str, str]]:
+    """A gateway (uvicorn thread, as in ``pissa serve``) in front of ``upstream``; yields its URL and a tenant key."""
+    from serving.gateway import keys
+    from serving.gateway.app import Gateway
+    from serving.gateway.config import GatewayConfig, Limits, Tenant
+    from serving.gateway.server import GatewayServer, bind
+
+    config = GatewayConfig("127.0.0.1", 0, work / "tenants.keys", work / "usage.sqlite",
+                           (Tenant("bench", tuple(models), Limits()),))
+    key, _ = keys.add_key(config.keys_file, "bench")
+    server = GatewayServer(Gateway(config, upstream=upstream, upstream_key=upstream_key, admin_key=None),
+                           bind("127.0.0.1", 0))
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{server.port}", key
+    finally:
+        server.stop()
+
+
+def timed_request(client, body: dict, stream: bool) -> float:
+    """Seconds to the whole answer, or (``stream``) to the first token event; the stream is read to its end."""
+    t0 = time.perf_counter()
+    if not stream:
+        r = client.post("/v1/completions", json=body)
+        elapsed = time.perf_counter() - t0
+        if r.status_code != 200:
+            raise RuntimeError(f"{client.base_url}: {r.status_code} {r.text[:200]}")
+        return elapsed
+    first = None
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{client.base_url}: {r.status_code} {r.read()[:200]!r}")
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter() - t0
+    if first is None:
+        raise RuntimeError(f"{client.base_url}: a stream without a token")
+    return first
+
+
+def measure_overhead(direct_url: str, direct_key: str | None, gateway_url: str, gateway_key: str,
+                     models: list[str], n: int, repeats: int, max_tokens: int) -> dict:
+    """Paired sequential requests, direct and through the gateway in alternating order; see the module doc."""
+    import httpx
+
+    def client(url: str, key: str | None) -> httpx.Client:
+        return httpx.Client(base_url=url, headers={"authorization": f"Bearer {key}"} if key else {}, timeout=600)
+
+    out = {}
+    with client(direct_url, direct_key) as direct, client(gateway_url, gateway_key) as gateway:
+        for label, stream in (("latency", False), ("time to first token", True)):
+            lat: dict[str, list[float]] = {"direct": [], "gateway": []}
+            for k in range(8):  # warm-up: connections, compiled paths
+                for c in (direct, gateway):
+                    timed_request(c, {"model": models[k % len(models)], "prompt": PROMPTS[k % len(PROMPTS)],
+                                      "max_tokens": max_tokens}, stream)
+            for _ in range(repeats):
+                for i in range(n):
+                    body = {"model": models[i % len(models)], "prompt": PROMPTS[i % len(PROMPTS)],
+                            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                    order = (("direct", direct), ("gateway", gateway)) if i % 2 else \
+                        (("gateway", gateway), ("direct", direct))
+                    for name, c in order:
+                        lat[name].append(timed_request(c, body, stream))
+            d, g = lat["direct"], lat["gateway"]
+            ms = lambda x: round(x * 1000, 3)  # noqa: E731
+            out[label] = {"pairs": len(d), "direct_p50_ms": ms(statistics.median(d)),
+                          "direct_p99_ms": ms(percentile(d, 99)), "gateway_p50_ms": ms(statistics.median(g)),
+                          "gateway_p99_ms": ms(percentile(g, 99)),
+                          "overhead_p50_ms": ms(statistics.median(g) - statistics.median(d)),
+                          "overhead_p99_ms": ms(percentile(g, 99) - percentile(d, 99)),
+                          "paired_difference_median_ms": ms(statistics.median(b - a for a, b in zip(d, g)))}
+    return out
+
+
+def gateway_main(args: argparse.Namespace, work: Path, vllm_plan) -> int:
+    """``--gateway``: the overhead of the tenant gateway, against the stand-in and/or vLLM (see the module doc)."""
+    results: dict[str, dict] = {}
+    if args.upstream in ("fake", "both"):
+        sys.path.insert(0, str(ROOT))
+        from tests.fake_vllm import FakeVllm, ThreadServer
+
+        fake = FakeVllm(key=None, delay=0.0)
+        with ThreadServer(fake.app()) as upstream, \
+                gateway_in_front(upstream.url, None, fake.models, work / "gw-fake") as (url, key):
+            results["stand-in vLLM (tests/fake_vllm.py, in process, no delay)"] = measure_overhead(
+                upstream.url, None, url, key, fake.models, args.gateway_requests, args.repeats, args.max_tokens)
+    if args.upstream in ("vllm", "both"):
+        from serving.launcher import VllmServer
+
+        plan, models = vllm_plan()
+        with VllmServer(plan, work / "vllm.log", health_timeout=300) as server, \
+                gateway_in_front(server.plan.url, None, models, work / "gw-vllm") as (url, key):
+            results["vLLM (tiny model, CPU)" if args.base is None else f"vLLM ({args.base})"] = measure_overhead(
+                server.plan.url, None, url, key, models, args.gateway_requests, args.repeats, args.max_tokens)
+    out = args.out if args.out != DEFAULT_OUT else str(ROOT / "bench" / "serve-gateway-results.json")
+    Path(out).write_text(json.dumps({"max_tokens": args.max_tokens, "repeats": args.repeats,
+                                     "pairs_per_repeat": args.gateway_requests, "results": results}, indent=2) + "\n")
+    print(f"gateway overhead, sequential requests, max_tokens {args.max_tokens}, "
+          f"{args.repeats} × {args.gateway_requests} pairs (ms)")
+    print("| upstream | measure | direct p50 | gateway p50 | overhead p50 | direct p99 | gateway p99 | overhead p99 "
+          "| median paired difference |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for upstream, measures in results.items():
+        for label, r in measures.items():
+            print(f"| {upstream} | {label} | {r['direct_p50_ms']} | {r['gateway_p50_ms']} | {r['overhead_p50_ms']} "
+                  f"| {r['direct_p99_ms']} | {r['gateway_p99_ms']} | {r['overhead_p99_ms']} "
+                  f"| {r['paired_difference_median_ms']} |")
+    print(f"results: {out}")
+    return 0
+
+
+DEFAULT_OUT = str(ROOT / "bench" / "serve-results.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", help="base model folder (default: a tiny random Llama)")
@@ -74,34 +204,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--kv-cache", default="256M")
     ap.add_argument("--port", type=int, default=8321)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "serve-results.json"))
+    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--gateway", action="store_true", help="measure the tenant gateway's overhead instead")
+    ap.add_argument("--upstream", choices=["vllm", "fake", "both"], default="both",
+                    help="--gateway: the server behind the gateway (fake: the tests' stand-in vLLM)")
+    ap.add_argument("--gateway-requests", type=int, default=200, help="--gateway: request pairs per repeat")
     args = ap.parse_args(argv)
 
-    from openai import OpenAI
-
-    from serving.launcher import VllmServer, plan_serving
+    from serving.launcher import plan_serving
     from serving.manifest import VllmSettings, manifest_from_flags, parse_size
 
     work = Path(tempfile.mkdtemp(prefix="pissa-bench-serve-"))
-    base = args.base
-    if base is None:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import make_tiny_model
 
-        base = str(make_tiny_model(work / "base"))
-    adapters = list(args.adapter)
-    if not adapters:
-        from serving.testing import make_peft_adapter
+    def vllm_plan():
+        """The launch plan (base + 4 adapters, KV cache sized by --kv-cache) and the adapters' names."""
+        base = args.base
+        if base is None:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from tiny import make_tiny_model
 
-        adapters = [f"t{k}={make_peft_adapter(base, work / f't{k}', seed=500 + k)}" for k in range(4)]
-    if len(adapters) < 4:
-        ap.error("give 4 adapters (or none for random tenants)")
-    settings = VllmSettings(port=args.port, dtype=args.dtype, max_loras=len(adapters), max_model_len=512,
-                            kv_cache_memory_bytes=parse_size(args.kv_cache), runtime_lora_updating=False)
-    manifest = manifest_from_flags(base, adapters, served_name="base", settings=settings,
-                                   extra_args=("--enforce-eager",))
-    plan = plan_serving(manifest)
-    names = [a.name for a in manifest.adapters]
+            base = str(make_tiny_model(work / "base"))
+        adapters = list(args.adapter)
+        if not adapters:
+            from serving.testing import make_peft_adapter
+
+            adapters = [f"t{k}={make_peft_adapter(base, work / f't{k}', seed=500 + k)}" for k in range(4)]
+        if len(adapters) < 4:
+            ap.error("give 4 adapters (or none for random tenants)")
+        settings = VllmSettings(port=args.port, dtype=args.dtype, max_loras=len(adapters), max_model_len=512,
+                                kv_cache_memory_bytes=parse_size(args.kv_cache), runtime_lora_updating=False)
+        manifest = manifest_from_flags(base, adapters, served_name="base", settings=settings,
+                                       extra_args=("--enforce-eager",))
+        return plan_serving(manifest), base, adapters, [a.name for a in manifest.adapters]
+
+    if args.gateway:
+        def plan_and_models():
+            plan, _, _, names = vllm_plan()
+            return plan, ["base", *names]
+
+        return gateway_main(args, work, plan_and_models)
+
+    from openai import OpenAI
+
+    from serving.launcher import VllmServer
+
+    plan, base, adapters, names = vllm_plan()
     scenarios = {"base": ["base"], "1 adapter": names[:1], "2 adapters": names[:2], "4 adapters": names[:4],
                  "base + 4 adapters": ["base", *names[:4]]}
     results: dict[str, dict] = {}

@@ -27,6 +27,7 @@ class FakeVllm:
     models: list[str] = field(default_factory=lambda: ["base", "a1", "a2", "b1"])
     key: str | None = "internal"
     delay: float = 0.0
+    max_model_len: int = 4096  # larger max_tokens get 400, as from vLLM
     seen: list[dict[str, Any]] = field(default_factory=list)  # every request that reached us
     cancelled: list[str] = field(default_factory=list)  # streams whose client went away
 
@@ -70,7 +71,7 @@ class FakeVllm:
             return JSONResponse({"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError",
                                            "param": "model", "code": 404}}, 404)
         n = body.get("max_tokens") or body.get("max_completion_tokens") or 4
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or not 1 <= n <= self.max_model_len:
             return JSONResponse({"error": {"message": "bad max_tokens", "type": "BadRequestError", "param": None,
                                            "code": 400}}, 400)
         prompt = body.get("prompt") or " ".join(str(m.get("content", "")) for m in body.get("messages", []))

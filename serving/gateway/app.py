@@ -192,9 +192,10 @@ class Gateway:
         limit = self.config.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not (declared.isascii() and declared.isdigit()):  # "²".isdigit() is true, int("²") fails
                 return error(400, "invalid Content-Length header")
-            if int(declared) > limit:
+            digits = declared.lstrip("0") or "0"  # int() refuses strings of more than 4300 digits
+            if len(digits) > len(str(limit)) or int(digits) > limit:
                 return error(413, f"request body is larger than {limit} bytes")
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -266,9 +267,13 @@ class Gateway:
             return self._answer(ex, _unreachable())
         if r.status_code != 200 or ex.caller.tenant is None:
             return self._answer(ex, Response(r.content, r.status_code, media_type="application/json"))
-        data = r.json()
         allowed = self.allowed(ex.caller.tenant)
-        data["data"] = [m for m in data.get("data", []) if m.get("id") in allowed]
+        try:
+            data = r.json()
+            data["data"] = [m for m in data["data"] if isinstance(m, dict) and m.get("id") in allowed]
+        except (ValueError, LookupError, TypeError):  # not vLLM's {"data": [{"id": ...}, ...]}
+            logger.warning("the model server's /v1/models answer is not a model list")
+            return self._answer(ex, error(502, "the model server's model list could not be read"))
         return self._answer(ex, JSONResponse(data))
 
     async def inference(self, request: Request) -> Response:

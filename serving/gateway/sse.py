@@ -45,9 +45,9 @@ def event_data(event: bytes) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def usage_of(data: dict[str, Any] | None) -> tuple[int, int] | None:
-    """``(prompt_tokens, completion_tokens)`` of a response or chunk that carries usage."""
-    usage = data.get("usage") if data else None
+def usage_of(data: object) -> tuple[int, int] | None:
+    """``(prompt_tokens, completion_tokens)`` of a response or chunk that carries usage (any JSON value in)."""
+    usage = data.get("usage") if isinstance(data, dict) else None
     if not isinstance(usage, dict):
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
