@@ -69,7 +69,10 @@ def test_bundle_is_qpissa_split_bit_for_bit(qbundle: Path, tiny_llama: Path) -> 
         assert torch.equal(residuals[m["key"]], ref.quantized.dequantized.to(torch.bfloat16))
         assert torch.equal(adapter[adapter_format.adapter_key(m["name"], "lora_A")], ref.lora_A)
         assert torch.equal(adapter[adapter_format.adapter_key(m["name"], "lora_B")], ref.lora_B)
-        assert m["qpissa_nuclear"] == ref.error and m["qlora_nuclear"] == ref.qlora_error
+        # The tensors are bit for bit; the nuclear norms (float32 eigenvalues of a Gram matrix) depend on the
+        # thread count's summation order, which differs between the converter's shard and this process.
+        assert m["qpissa_nuclear"] == pytest.approx(ref.error, rel=1e-4)
+        assert m["qlora_nuclear"] == pytest.approx(ref.qlora_error, rel=1e-4)
         assert m["quant_best_iter"] == ref.best
 
 
