@@ -22,6 +22,7 @@ Rows whose index is -1 never touch any slot's weights. Exactness against a per-r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 STACKED_ROWS = (2, 256)  # decode batches with this many rows (lo <= T < hi) use the stacked GEMM
@@ -169,7 +170,7 @@ def sgmv_expand_slice(inputs: Any, lora_b_weights: Any, output_tensor: Any, b_se
     _write(output_tensor, y, valid, slice(slice_offset, slice_offset + slice_size), add_inputs)
 
 
-FAST_OPS = {
+FAST_OPS: dict[str, Callable[..., None]] = {
     "bgmv_shrink": bgmv_shrink, "bgmv_expand": bgmv_expand, "bgmv_expand_slice": bgmv_expand_slice,
     "sgmv_shrink": sgmv_shrink, "sgmv_expand": sgmv_expand, "sgmv_expand_slice": sgmv_expand_slice,
 }
