@@ -36,6 +36,8 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from serving.lora_ops import FAST_OPS
+
 # vLLM configures handlers only for its own "vllm" logger tree in its processes: log under it so the
 # patch message shows in the server log next to vLLM's own lines.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -43,6 +45,9 @@ logger = logging.getLogger(f"vllm.{__name__}")
 PLUGIN_NAME = "pissa_cpu_lora_fix"
 _FIXED_MARK = "_pissa_cpu_lora_fix"
 _OP_NAMES = ("bgmv_shrink", "bgmv_expand", "bgmv_expand_slice")
+# Which ops replace vLLM's: "fast" (serving/lora_ops.py, the default: correct and faster) or "fixed" (the
+# minimal fix below: vLLM's gather + einsum with index -1 masked), for comparison runs.
+OPS_ENV = "PISSA_CPU_LORA_OPS"
 
 
 # --- fixed ops (pure tensor functions, same signatures as vLLM's torch_ops) -----------------------
@@ -105,8 +110,50 @@ FIXED_OPS: dict[str, Callable[..., None]] = {
     "bgmv_expand": bgmv_expand,
     "bgmv_expand_slice": bgmv_expand_slice,
 }
-for _fn in FIXED_OPS.values():
+for _fn in (*FIXED_OPS.values(), *FAST_OPS.values()):
     setattr(_fn, _FIXED_MARK, True)
+
+
+def chosen_ops(environ: dict[str, str] | None = None) -> dict[str, Callable[..., None]]:
+    """The replacement ops ``PISSA_CPU_LORA_OPS`` asks for: ``fast`` (default) or ``fixed``."""
+    import os
+
+    mode = (environ if environ is not None else os.environ).get(OPS_ENV, "fast").strip().lower()
+    if mode not in ("fast", "fixed"):
+        logger.warning("%s=%r is neither fast nor fixed: using fast", OPS_ENV, mode)
+        mode = "fast"
+    return FAST_OPS if mode == "fast" else FIXED_OPS
+
+
+def fast_ops_are_faster(shrink: Callable[..., None], expand_slice: Callable[..., None],
+                        rows: int = 32, slots: int = 4, rank: int = 8, dim: int = 1024,
+                        repeats: int = 5) -> tuple[bool, float, float]:
+    """Time a decode step's shrink + expand_slice, installed ops vs :mod:`serving.lora_ops` (all rows with
+    an adapter, so both compute the same thing); ``(ours faster, theirs µs, ours µs)``, best of ``repeats``."""
+    import time
+
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, dim, generator=gen)
+    a = torch.randn(slots, 1, rank, dim, generator=gen)
+    b = torch.randn(slots, 1, dim, rank, generator=gen)
+    idx = torch.arange(rows) % slots
+    buf, y = torch.zeros(rows, rank), torch.zeros(rows, dim)
+
+    def best(s: Callable[..., None], e: Callable[..., None]) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            s(x, a, buf, idx, 1.0)
+            e(buf, b, y, idx, 0, dim, True)
+            times.append(time.perf_counter() - t0)
+        return min(times) * 1e6
+
+    best(shrink, expand_slice), best(FAST_OPS["bgmv_shrink"], FAST_OPS["bgmv_expand_slice"])  # warm up
+    theirs = best(shrink, expand_slice)
+    ours = best(FAST_OPS["bgmv_shrink"], FAST_OPS["bgmv_expand_slice"])
+    return ours < theirs, theirs, ours
 
 
 # --- detection and patching ---------------------------------------------------------------------
@@ -141,15 +188,17 @@ def _import_targets() -> list[ModuleType]:
     return modules
 
 
-def patch_modules(modules: list[ModuleType]) -> list[str]:
-    """Replace the three bgmv ops in each module that has them; returns ``module.op`` names patched."""
+def patch_modules(modules: list[ModuleType], ops: dict[str, Callable[..., None]] | None = None) -> list[str]:
+    """Replace the ops named in ``ops`` (default: :data:`FIXED_OPS`) in each module that has them; returns
+    the ``module.op`` names patched."""
+    ops = FIXED_OPS if ops is None else ops
     patched = []
     for module in modules:
-        for op in _OP_NAMES:
+        for op, fn in ops.items():
             current = getattr(module, op, None)
             if current is None or getattr(current, _FIXED_MARK, False):
                 continue
-            setattr(module, op, FIXED_OPS[op])
+            setattr(module, op, fn)
             patched.append(f"{module.__name__}.{op}")
     return patched
 
@@ -194,10 +243,21 @@ def _register_ops_fix() -> None:
             return
         if getattr(ops.bgmv_shrink, _FIXED_MARK, False):
             return
-        if not ops_have_negative_index_bug(ops.bgmv_shrink):
+        replacement = chosen_ops()
+        kind = "fast" if replacement is FAST_OPS else "fixed"
+        if ops_have_negative_index_bug(ops.bgmv_shrink):
+            reason = "index -1 = no adapter"
+        elif replacement is FAST_OPS:
+            faster, theirs, ours = fast_ops_are_faster(ops.bgmv_shrink, ops.bgmv_expand_slice)
+            if not faster:
+                logger.info("%s: vLLM's CPU LoRA ops are correct and not slower (%.0f µs vs ours %.0f µs per "
+                            "decode step probe): no patch", PLUGIN_NAME, theirs, ours)
+                return
+            reason = f"speed: {theirs:.0f} µs -> {ours:.0f} µs per decode step probe"
+        else:
             logger.debug("vLLM CPU LoRA ops handle index -1 correctly: no patch needed")
             return
-        patched = patch_modules(modules)
-        logger.info("%s: patched %d CPU LoRA ops (index -1 = no adapter)", PLUGIN_NAME, len(patched))
+        patched = patch_modules(modules, replacement)
+        logger.info("%s: patched %d CPU LoRA ops with the %s ops (%s)", PLUGIN_NAME, len(patched), kind, reason)
     except Exception:  # noqa: BLE001 - a plugin must never take the server down
         logger.exception("%s: could not patch vLLM's CPU LoRA ops", PLUGIN_NAME)
