@@ -13,6 +13,9 @@ Here no per-row copy of the weights is made:
 * **stacked** (decode batches of 2–255 rows, shrink): one GEMM of the rows against every slot's A at
   once (``x @ A.view(S·r, in)ᵀ``, A is contiguous so the view is free), then each row keeps its own
   slot's r columns. It wastes (S−1)/S of a small GEMM, and wins while the per-slot launch cost dominates.
+* **gathered** (tiny batches: rows·out·in ≤ :data:`GATHER_ELEMENTS`, e.g. an expand of ≤ 8 rows into 576
+  outputs): each row's slot weights gathered and one batched product, like vLLM's op, with -1 rows masked;
+  the copy is small there and one call beats one GEMM per slot.
 * **grouped** (everything else): rows are grouped by slot and each group is one GEMM against its slot's
   weights (prefill rows come in runs of one sequence, so a group is a contiguous slice, no gather).
 
@@ -26,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 STACKED_ROWS = (2, 256)  # decode batches with this many rows (lo <= T < hi) use the stacked GEMM
+GATHER_ELEMENTS = 8 * 576 * 8  # below this many gathered weight elements (rows·out·in), gather + bmm is fastest
 
 
 def _weights(w: Any) -> Any:
@@ -78,6 +82,12 @@ def _product(x: Any, w: Any, indices: Any, dtype: Any) -> tuple[Any, Any]:
         # stacked: every row against every slot, keep its own (only when S·out is small next to in: shrink)
         y = x @ w.reshape(slots * out_dim, in_dim).to(dtype).T
         y = y.view(rows, slots, out_dim)[torch.arange(rows), indices.clamp(min=0)]
+        if not all_valid:
+            y = torch.where(valid.unsqueeze(1), y, torch.zeros((), dtype=dtype))
+        return y, None if all_valid else valid
+    if rows * out_dim * in_dim <= GATHER_ELEMENTS:
+        # tiny batches: one batched product over each row's own slot (the copy is small here)
+        y = torch.bmm(w[indices.clamp(min=0)].to(dtype), x.unsqueeze(2)).squeeze(2)
         if not all_valid:
             y = torch.where(valid.unsqueeze(1), y, torch.zeros((), dtype=dtype))
         return y, None if all_valid else valid
