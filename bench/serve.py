@@ -205,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache", default="256M")
     ap.add_argument("--port", type=int, default=8321)
     ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--ops", default="fast",
+                    help="comma list of the plugin's CPU LoRA ops to compare, one server each, in one run: "
+                         "fast (serving/lora_ops.py), fixed (the minimal index -1 fix)")
+    ap.add_argument("--adapters", type=int, default=4, help="random tenants to make (max_loras = this)")
     ap.add_argument("--gateway", action="store_true", help="measure the tenant gateway's overhead instead")
     ap.add_argument("--upstream", choices=["vllm", "fake", "both"], default="both",
                     help="--gateway: the server behind the gateway (fake: the tests' stand-in vLLM)")
@@ -228,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         if not adapters:
             from serving.testing import make_peft_adapter
 
-            adapters = [f"t{k}={make_peft_adapter(base, work / f't{k}', seed=500 + k)}" for k in range(4)]
+            adapters = [f"t{k}={make_peft_adapter(base, work / f't{k}', seed=500 + k)}" for k in range(args.adapters)]
         if len(adapters) < 4:
-            ap.error("give 4 adapters (or none for random tenants)")
+            ap.error("give at least 4 adapters (or none for random tenants)")
         settings = VllmSettings(port=args.port, dtype=args.dtype, max_loras=len(adapters), max_model_len=512,
                                 kv_cache_memory_bytes=parse_size(args.kv_cache), runtime_lora_updating=False)
         manifest = manifest_from_flags(base, adapters, served_name="base", settings=settings,
@@ -244,39 +248,51 @@ def main(argv: list[str] | None = None) -> int:
 
         return gateway_main(args, work, plan_and_models)
 
+    import os
+
     from openai import OpenAI
 
     from serving.launcher import VllmServer
 
     plan, base, adapters, names = vllm_plan()
-    scenarios = {"base": ["base"], "1 adapter": names[:1], "2 adapters": names[:2], "4 adapters": names[:4],
-                 "base + 4 adapters": ["base", *names[:4]]}
-    results: dict[str, dict] = {}
-    t0 = time.perf_counter()
-    with VllmServer(plan, work / "vllm.log", health_timeout=300) as server:
-        startup = time.perf_counter() - t0
-        client = OpenAI(base_url=server.plan.url + "/v1", api_key="unused", max_retries=0, timeout=600)
-        for models in scenarios.values():  # warm-up: load every adapter once, compile paths
-            run_scenario(client, models, 4, 4)
-        runs: dict[str, list[dict]] = {label: [] for label in scenarios}
-        for _ in range(args.repeats):  # interleaved, so slow drift of a shared machine hits all alike
-            for label, models in scenarios.items():
-                runs[label].append(run_scenario(client, models, args.requests, args.max_tokens))
-        for label, rs in runs.items():
-            results[label] = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]  # the median run
-            results[label]["tokens_per_s_all_repeats"] = [r["tokens_per_s"] for r in rs]
-    ratio = results["4 adapters"]["tokens_per_s"] / results["base"]["tokens_per_s"]
+    scenarios = {"base": ["base"], "1 adapter": names[:1], "2 adapters": names[:2], "4 adapters": names[:4]}
+    if len(names) > 4:
+        scenarios[f"{len(names)} adapters"] = names
+    scenarios["base + 4 adapters"] = ["base", *names[:4]]
+    modes = [m.strip() for m in args.ops.split(",") if m.strip()]
+    if not modes or any(m not in ("fast", "fixed") for m in modes):
+        ap.error("--ops takes fast, fixed or both (comma-separated)")
+    by_mode: dict[str, dict] = {}
+    for mode in modes:  # one server per ops choice (the plugin reads PISSA_CPU_LORA_OPS at start-up)
+        os.environ["PISSA_CPU_LORA_OPS"] = mode
+        results: dict[str, dict] = {}
+        t0 = time.perf_counter()
+        with VllmServer(plan, work / f"vllm-{mode}.log", health_timeout=300) as server:
+            startup = time.perf_counter() - t0
+            client = OpenAI(base_url=server.plan.url + "/v1", api_key="unused", max_retries=0, timeout=600)
+            for models in scenarios.values():  # warm-up: load every adapter once, compile paths
+                run_scenario(client, models, 4, 4)
+            runs: dict[str, list[dict]] = {label: [] for label in scenarios}
+            for _ in range(args.repeats):  # interleaved, so slow drift of a shared machine hits all alike
+                for label, models in scenarios.items():
+                    runs[label].append(run_scenario(client, models, args.requests, args.max_tokens))
+            for label, rs in runs.items():
+                results[label] = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]  # the median run
+                results[label]["tokens_per_s_all_repeats"] = [r["tokens_per_s"] for r in rs]
+        ratio = results["4 adapters"]["tokens_per_s"] / results["base"]["tokens_per_s"]
+        by_mode[mode] = {"startup_s": round(startup, 1), "scenarios": results, "ratio_4_adapters_to_base": round(ratio, 3)}
+        print(f"\n[{mode} ops] | scenario | tokens/s | requests/s | p50 s | p95 s |  ({args.requests} concurrent "
+              f"requests × {args.max_tokens} tokens, {args.dtype}, max_loras {len(names)})")
+        print("|---|---|---:|---:|---:|---:|")
+        for label, r in results.items():
+            print(f"| {mode} | {label} | {r['tokens_per_s']} | {r['requests_per_s']} | {r['p50_s']} | {r['p95_s']} |")
+        print(f"throughput ratio, 4 adapters mixed / base only ({mode} ops): {ratio:.2f}  (start-up {startup:.0f} s)")
     record = {"base": base, "adapters": adapters, "requests": args.requests, "max_tokens": args.max_tokens,
-              "repeats": args.repeats,
-              "dtype": args.dtype, "startup_s": round(startup, 1), "scenarios": results,
-              "ratio_4_adapters_to_base": round(ratio, 3)}
+              "repeats": args.repeats, "dtype": args.dtype, "max_loras": len(names), "ops": by_mode,
+              "command": "python bench/serve.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    if len(modes) == 1:  # the layout earlier results used
+        record |= by_mode[modes[0]]
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"| scenario | tokens/s | requests/s | p50 s | p95 s |  ({args.requests} concurrent requests × "
-          f"{args.max_tokens} tokens, {args.dtype})")
-    print("|---|---:|---:|---:|---:|")
-    for label, r in results.items():
-        print(f"| {label} | {r['tokens_per_s']} | {r['requests_per_s']} | {r['p50_s']} | {r['p95_s']} |")
-    print(f"\nthroughput ratio, 4 adapters mixed / base only: {ratio:.2f}  (server start-up {startup:.0f} s)")
     print(f"results: {args.out}")
     return 0
 
