@@ -19,6 +19,11 @@ QUANT_TYPES = ("nf4",)
 QUANT_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
+def _raise_problems(problems: list[str], what: str) -> None:
+    if problems:
+        raise InvalidOptionsError(f"invalid {what} options", problems, fix="correct the options above")
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     """How a QPiSSA residual is quantized (converter/qpissa.py).
@@ -51,9 +56,7 @@ class QuantOptions:
 
     def validate(self) -> QuantOptions:
         """Return self, or raise :class:`InvalidOptionsError` listing every problem."""
-        problems = self.problems()
-        if problems:
-            raise InvalidOptionsError("invalid quantization options", problems, fix="correct the options above")
+        _raise_problems(self.problems(), "quantization")
         return self
 
 
@@ -186,9 +189,7 @@ class ConvertOptions:
 
     def validate(self) -> ConvertOptions:
         """Return self, or raise :class:`InvalidOptionsError` listing every problem."""
-        problems = self.problems()
-        if problems:
-            raise InvalidOptionsError("invalid conversion options", problems, fix="correct the options above")
+        _raise_problems(self.problems(), "conversion")
         return self
 
     def _json(self, name: str) -> Any:

@@ -345,15 +345,19 @@ class Gateway:
             return self._answer(ex, Response(data, upstream.status_code, media_type=media))
         return Relay(StreamRelay(upstream, ex, strip_usage, self._finish), media)
 
-    async def load_adapter(self, request: Request) -> Response:
-        ex = Exchange("/v1/load_lora_adapter", caller=self.caller(request))
+    async def _admin_json(self, request: Request, ex: Exchange) -> dict[str, Any] | Response:
+        """The JSON body of an admin request, or the refusal (no admin key, bad body)."""
         refused = _admin_only(ex.caller)
         if refused is not None:
-            return self._answer(ex, refused)
+            return refused
         parsed = await self._read_json(request)
-        if isinstance(parsed, Response):
-            return self._answer(ex, parsed)
-        _, body = parsed
+        return parsed if isinstance(parsed, Response) else parsed[1]
+
+    async def load_adapter(self, request: Request) -> Response:
+        ex = Exchange("/v1/load_lora_adapter", caller=self.caller(request))
+        body = await self._admin_json(request, ex)
+        if isinstance(body, Response):
+            return self._answer(ex, body)
         tenants = body.pop("tenants", None) or []
         known = {t.name for t in self.config.tenants}
         if not isinstance(tenants, list) or not all(isinstance(t, str) and t in known for t in tenants):
@@ -376,13 +380,9 @@ class Gateway:
 
     async def unload_adapter(self, request: Request) -> Response:
         ex = Exchange("/v1/unload_lora_adapter", caller=self.caller(request))
-        refused = _admin_only(ex.caller)
-        if refused is not None:
-            return self._answer(ex, refused)
-        parsed = await self._read_json(request)
-        if isinstance(parsed, Response):
-            return self._answer(ex, parsed)
-        _, body = parsed
+        body = await self._admin_json(request, ex)
+        if isinstance(body, Response):
+            return self._answer(ex, body)
         name = body.get("lora_name")
         if not isinstance(name, str):
             return self._answer(ex, error(400, "`lora_name` must be a string"))
