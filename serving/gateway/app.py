@@ -31,7 +31,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("serving.gateway.access")
 
 ADMIN = "admin"
+STREAM_BROKE = ("data: " + json.dumps({"error": {
+    "message": "the model server stopped in the middle of this stream; send the request again",
+    "type": "BadGatewayError", "param": None, "code": 502}}) + "\n\n").encode()
 MAX_LOGGED_NAME = 128
 
 
@@ -92,12 +95,19 @@ class Gateway:
         upstream_key: vLLM's internal API key (None: vLLM runs without one).
         admin_key: the key for admin paths (None: admin paths are closed to everyone).
         transport: an httpx transport for the upstream (tests); default: the network.
+        hash_header: with replicas behind vllm-router, the header its ``consistent_hash`` policy reads;
+            set to the requested model name, so that each adapter stays on one replica.
+        replicas: every vLLM server behind ``upstream`` (the router): adapter loads and unloads go to each
+            (default: ``upstream`` alone).
     """
 
     def __init__(self, config: GatewayConfig, *, upstream: str, upstream_key: str | None, admin_key: str | None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, hash_header: str | None = None,
+                 replicas: Sequence[str] = ()) -> None:
         self.config = config
         self.upstream = upstream.rstrip("/")
+        self.hash_header = hash_header
+        self.replicas = tuple(r.rstrip("/") for r in replicas) or (self.upstream,)
         self._upstream_key = upstream_key
         self._admin_key = admin_key.encode() if admin_key else None
         self._transport = transport
@@ -179,10 +189,12 @@ class Gateway:
         """The models ``tenant`` may call now: its manifest list minus removed adapters, plus runtime grants."""
         return (set(tenant.models) - self.removed) | self.granted.get(tenant.name, set())
 
-    def _upstream_headers(self, accept: str | None = None) -> dict[str, str]:
+    def _upstream_headers(self, accept: str | None = None, model: str | None = None) -> dict[str, str]:
         headers = {"content-type": "application/json"}
         if accept:
             headers["accept"] = accept
+        if self.hash_header and model and model.isascii() and model.isprintable():
+            headers[self.hash_header] = model
         if self._upstream_key:
             headers["authorization"] = f"Bearer {self._upstream_key}"
         return headers
@@ -307,15 +319,15 @@ class Gateway:
         content = json.dumps(body).encode() if changed else raw
         upstream_request = self.client.build_request(
             "POST", self.upstream + path, content=content,
-            headers=self._upstream_headers("text/event-stream" if ex.stream else "application/json"))
+            headers=self._upstream_headers("text/event-stream" if ex.stream else "application/json", model))
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
+            upstream, body_chunks, first = await self._open(upstream_request)
         except httpx.HTTPError:
             return self._answer(ex, _unreachable())
         media = upstream.headers.get("content-type", "application/json")
         if not (ex.stream and upstream.status_code == 200 and media.startswith("text/event-stream")):
             try:
-                data = await upstream.aread()
+                data = first + b"".join([chunk async for chunk in body_chunks])
             except httpx.HTTPError:
                 return self._answer(ex, _unreachable())
             finally:
@@ -326,31 +338,72 @@ class Gateway:
                     if usage:
                         ex.prompt_tokens, ex.completion_tokens = usage
             return self._answer(ex, Response(data, upstream.status_code, media_type=media))
-        return Relay(self._relay(upstream, ex, strip_usage), media)
+        return Relay(self._relay(upstream, ex, strip_usage, first, body_chunks), media)
 
-    async def _relay(self, upstream: httpx.Response, ex: Exchange, strip_usage: bool) -> AsyncIterator[bytes]:
-        """Forward an event stream event by event; note the usage chunk; drop it if only we asked for it."""
+    async def _open(self, request: httpx.Request) -> tuple[httpx.Response, AsyncIterator[bytes], bytes]:
+        """Send ``request`` and read the first bytes of the answer; send it once more if the upstream failed
+        before any byte came. vllm-router retries a failed request on another replica itself, except a
+        stream: it answers 200 before its replica has, so a replica dying then would cut the stream before
+        its first byte (see docs/serving.md, Replicas)."""
+        for attempt in (1, 2):
+            try:
+                upstream = await self.client.send(request, stream=True)
+            except httpx.HTTPError:
+                if attempt == 2:
+                    raise
+                continue
+            body_chunks = upstream.aiter_raw()
+            try:
+                first = await body_chunks.__anext__()
+            except StopAsyncIteration:
+                first = b""
+            except httpx.HTTPError:
+                await upstream.aclose()
+                if attempt == 2:
+                    raise
+                logger.warning("upstream failed before its first byte (%s): sending the request again", request.url.path)
+                continue
+            return upstream, body_chunks, first
+        raise AssertionError("unreachable")
+
+    async def _relay(self, upstream: httpx.Response, ex: Exchange, strip_usage: bool, first: bytes,
+                     rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Forward an event stream event by event; note the usage chunk; drop it if only we asked for it.
+        A stream that breaks off (or ends without ``data: [DONE]``) ends with an OpenAI-shape error event,
+        which the ``openai`` client raises as ``APIError``."""
         splitter = EventSplitter()
         status = 499  # the client went away before the end
+        done = False
+
+        async def chunks() -> AsyncIterator[bytes]:
+            if first:
+                yield first
+            async for chunk in rest:
+                yield chunk
+
         try:
-            async for chunk in upstream.aiter_raw():
-                out = []
-                for event in splitter.feed(chunk):
-                    data = event_data(event)
-                    usage = usage_of(data)
-                    if usage:
-                        ex.prompt_tokens, ex.completion_tokens = usage
-                    if not (strip_usage and is_usage_only(data)):
-                        out.append(event)
-                if out:
-                    yield b"".join(out)
-            rest = splitter.rest()
-            if rest:
-                yield rest
-            status = 200
-        except httpx.HTTPError:
-            status = 502
-            logger.warning("upstream stream broke off (%s)", ex.path)
+            try:
+                async for chunk in chunks():
+                    out = []
+                    for event in splitter.feed(chunk):
+                        done = done or event.strip() == b"data: [DONE]"
+                        data = event_data(event)
+                        usage = usage_of(data)
+                        if usage:
+                            ex.prompt_tokens, ex.completion_tokens = usage
+                        if not (strip_usage and is_usage_only(data)):
+                            out.append(event)
+                    if out:
+                        yield b"".join(out)
+                tail = splitter.rest()
+                if tail:
+                    yield tail
+                status = 200 if done else 502
+            except httpx.HTTPError:
+                status = 502
+            if status == 502:
+                logger.warning("upstream stream broke off (%s)", ex.path)
+                yield STREAM_BROKE
         finally:
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
