@@ -460,12 +460,29 @@ class Gateway:
         return self._answer(ex, response)
 
     async def _forward_admin(self, path: str, body: dict[str, Any]) -> Response:
-        try:
-            r = await self.client.post(self.upstream + path, content=json.dumps(body).encode(),
-                                       headers=self._upstream_headers())
-        except httpx.HTTPError:
-            return _unreachable()
-        return Response(r.content, r.status_code, media_type=r.headers.get("content-type", "text/plain"))
+        """Send an adapter load/unload to every replica. One server: its answer as is. Several: 200 when
+        every reachable replica accepted it (an unreachable local replica gets the runtime adapters when
+        it is restarted), else the first refusal's status; the body lists each replica's answer."""
+        content = json.dumps(body).encode()
+
+        async def one(url: str) -> tuple[int, bytes, str]:
+            try:
+                r = await self.client.post(url + path, content=content, headers=self._upstream_headers())
+            except httpx.HTTPError:
+                return 0, b"unreachable", "text/plain"
+            return r.status_code, r.content, r.headers.get("content-type", "text/plain")
+
+        answers = await asyncio.gather(*(one(url) for url in self.replicas))
+        if len(answers) == 1:
+            status, content_, media = answers[0]
+            return _unreachable() if status == 0 else Response(content_, status, media_type=media)
+        results = [{"url": url, "status": status or None, "message": text.decode("utf-8", "replace")[:500]}
+                   for url, (status, text, _) in zip(self.replicas, answers)]
+        refused = [st for st, _, _ in answers if st not in (0, 200)]
+        ok = [st for st, _, _ in answers if st == 200]
+        status = refused[0] if refused else (200 if ok else 502)
+        return JSONResponse({"message": f"{len(ok)} of {len(answers)} replicas accepted", "replicas": results},
+                            status)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         ex = Exchange("/metrics", caller=self.caller(request))
