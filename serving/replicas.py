@@ -261,10 +261,16 @@ class Supervisor:
         replicas: the started replicas.
         replan: replica index -> its command now (same port, runtime adapters in ``--lora-modules``).
         log_for: replica index -> its log file.
+        new_server: makes the server object for a plan (tests pass a stand-in).
+        probe: one ``/health`` poll of a URL (default: :func:`serving.watch.probe_health`).
     """
 
     def __init__(self, replicas: list[Replica], replan: Callable[[int], LaunchPlan], log_for: Callable[[int], Path | None],
-                 *, policy: WatchPolicy = WatchPolicy(), health_timeout: float = 300.0, stable: float = 60.0) -> None:
+                 *, policy: WatchPolicy = WatchPolicy(), health_timeout: float = 300.0, stable: float = 60.0,
+                 new_server: Callable[[LaunchPlan, Path | None, float], VllmServer] = VllmServer,
+                 probe: Callable[[str, float], tuple[Health, str]] = probe_health) -> None:
+        self.new_server = new_server
+        self.probe = probe
         self.replicas = replicas
         self.replan = replan
         self.log_for = log_for
@@ -278,12 +284,12 @@ class Supervisor:
         for r in self.replicas:
             if r.restart_at is not None:
                 if now >= r.restart_at:
-                    self._restart(r)
+                    self._restart(r, now)
                 continue
             proc = r.server.process
             code = proc.poll() if proc is not None else -1
             health, detail = (Health.SILENT, "process exited") if code is not None else \
-                probe_health(r.server.plan.url + "/health", self.policy.probe_timeout)
+                self.probe(r.server.plan.url + "/health", self.policy.probe_timeout)
             if r.starting:
                 if code is None and health is Health.OK:
                     r.starting, r.up_since = False, now
@@ -310,19 +316,19 @@ class Supervisor:
         r.restart_at, r.starting, r.up_since = now + delay, True, None
         r.history.clear()
 
-    def _restart(self, r: Replica) -> None:
+    def _restart(self, r: Replica, now: float) -> None:
         r.restart_at = None
         try:
             plan = self.replan(r.index)
-            r.server = VllmServer(plan, self.log_for(r.index), self.health_timeout)
+            r.server = self.new_server(plan, self.log_for(r.index), self.health_timeout)
             r.server.start()
         except ServingError as exc:  # e.g. the port is taken for now: try again later
             logger.warning("replica %d could not be restarted: %s", r.index + 1, exc)
             r.failures += 1
-            r.restart_at = time.monotonic() + restart_delay(r.failures)
+            r.restart_at = now + restart_delay(r.failures)
             return
         self.restarts += 1
-        r.starting, r.up_since = True, time.monotonic()
+        r.starting, r.up_since = True, now
         logger.info("replica %d restarted: %s", r.index + 1, plan.shell())
 
 
