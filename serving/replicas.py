@@ -169,6 +169,10 @@ def _keys(manifest: ServeManifest, environ: Mapping[str, str]) -> tuple[str | No
     return own_env, own_key
 
 
+def _on_devices(plan: LaunchPlan, devices: str | None) -> LaunchPlan:
+    return dataclasses.replace(plan, env={**plan.env, "CUDA_VISIBLE_DEVICES": devices}) if devices else plan
+
+
 def _replica_manifest(manifest: ServeManifest, port: int, key_env: str | None) -> ServeManifest:
     if manifest.gateway is not None:
         from serving.gateway.run import upstream_manifest
@@ -207,12 +211,11 @@ def plan_replicas(
         inner = _replica_manifest(manifest, ports[i], key_env)
         plan = plan_replica_commands(inner, [ports[i]], environ=environ, memory=snapshot,
                                      on_gpu=on_gpu)[0]
-        return dataclasses.replace(plan, env={**plan.env, "CUDA_VISIBLE_DEVICES": devices[i]}) if devices[i] else plan
+        return _on_devices(plan, devices[i])
 
     first = plan_replica_commands(_replica_manifest(manifest, ports[0], key_env), ports, environ=environ,
                                   memory=snapshot, on_gpu=on_gpu)
-    replicas = tuple(dataclasses.replace(p, env={**p.env, "CUDA_VISIBLE_DEVICES": d}) if d else p
-                     for p, d in zip(first, devices))
+    replicas = tuple(_on_devices(p, d) for p, d in zip(first, devices))
     upstreams = tuple(u.url for u in manifest.upstreams)
     gw = manifest.gateway
     r_host, r_port = (LOOPBACK, port()) if gw is not None else (s.host, s.port)
@@ -224,7 +227,8 @@ def plan_replicas(
     router = LaunchPlan(argv, {}, r_url, first[0].served_names, first[0].max_lora_rank, r_host, r_port)
     notes = [*first[0].notes]
     for i, p in enumerate(replicas, 1):
-        notes.append(f"replica {i}: {p.url} (loopback){'; CUDA_VISIBLE_DEVICES=' + devices[i - 1] if devices[i - 1] else ''}")
+        devs = p.env.get("CUDA_VISIBLE_DEVICES")
+        notes.append(f"replica {i}: {p.url} (loopback)" + (f"; CUDA_VISIBLE_DEVICES={devs}" if devs else ""))
         notes.append(f"  {p.shell()}")
     notes += [f"upstream: {u}" for u in upstreams]
     notes.append(f"vllm-router: {r_url} (consistent_hash on {HASH_HEADER}"

@@ -251,6 +251,7 @@ def test_supervisor_restarts_on_vllms_engine_dead_verdict() -> None:
 # --- gateway features, against two stand-in vLLMs -------------------------------------------------
 def test_gateway_sets_the_hash_header_and_fans_adapter_loads_out(tmp_path: Path) -> None:
     from gateway_env import ADMIN_KEY, config
+
     from serving.gateway import keys
     from serving.gateway.app import Gateway
     from serving.gateway.server import GatewayServer, bind
@@ -320,6 +321,7 @@ def test_stream_resent_before_its_first_byte_error_event_after(tmp_path: Path, m
     import asyncio
 
     from gateway_env import ADMIN_KEY, config
+
     from serving.gateway import keys
     from serving.gateway.app import Gateway
     from tests.fake_vllm import FakeVllm
