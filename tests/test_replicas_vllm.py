@@ -165,6 +165,7 @@ def test_sigkill_one_replica_under_load(served):
     wrong: list[tuple] = []
     lock = threading.Lock()
     started = threading.Barrier(33)
+    finished: list[float] = []
 
     def one_client(n: int) -> None:
         gw = client(served["url"], served["key"])
@@ -180,6 +181,7 @@ def test_sigkill_one_replica_under_load(served):
             except openai.APIError as exc:  # only a stream already under way may end this way
                 outcome = "stream error" if stream else f"LOST {type(exc).__name__}: {exc}"
             with lock:
+                finished.append(time.monotonic())
                 results[outcome if outcome.startswith(("ok", "wrong", "stream")) else "lost"] += 1
                 if outcome.startswith("LOST"):
                     results[outcome[:200]] += 1
@@ -193,7 +195,10 @@ def test_sigkill_one_replica_under_load(served):
     t_kill = time.monotonic()
     for t in threads:
         t.join(timeout=300)
-    print(f"32 clients x 6 requests, replica {victim + 1} SIGKILLed 1 s in: {dict(results)}")
+    after = sum(t > t_kill for t in finished)
+    print(f"32 clients x 6 requests, replica {victim + 1} SIGKILLed 1 s in: {dict(results)}; {after} finished "
+          f"after the kill, the last {max(finished) - t_kill:.1f} s after it")
+    assert after >= 32  # the kill hit a loaded system, not an idle one
     assert results["lost"] == 0 and not wrong, (results, wrong)
     assert results["ok"] + results["stream error"] == 192
     # restarted, healthy again, with the runtime adapter, and routed to again
