@@ -83,7 +83,8 @@ def start(work: Path, base: str, adapters: dict[str, str], replicas: int) -> tup
     text = out.read_text()
     urls = re.findall(r"replica \d: (http://127\.0\.0\.1:\d+) \(loopback\)", text) or \
         re.findall(r"vLLM listens on loopback only: (\S+)", text)
-    return proc, f"http://127.0.0.1:{port}", key, urls
+    router = re.findall(r"vllm-router: (http://127\.0\.0\.1:\d+)", text)
+    return proc, f"http://127.0.0.1:{port}", key, urls + router[:1]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -108,24 +109,39 @@ def throughput(client, models: list[str], n: int, max_tokens: int) -> dict:
             "p50_s": round(percentile(lat, 50), 3), "p95_s": round(percentile(lat, 95), 3)}
 
 
-def added_latency(gateway, direct, pairs: int) -> dict:
+def added_latency(paths: dict, pairs: int) -> dict:
+    """Latency of one 1-token base request along each path (``direct`` first), interleaved."""
     def once(c) -> float:
         t0 = time.perf_counter()
-        c.completions.create(model="base", prompt=PROMPTS[1], max_tokens=1, temperature=0)
+        c.completions.create(model="base", prompt=PROMPTS[1], max_tokens=1, temperature=0,
+                             extra_headers={"X-Session-ID": "base"})
         return time.perf_counter() - t0
 
     for _ in range(5):
-        once(gateway), once(direct)
-    through, straight = [], []
-    for _ in range(pairs):  # interleaved: drift of a shared machine hits both alike
-        through.append(once(gateway))
-        straight.append(once(direct))
+        for c in paths.values():
+            once(c)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for _ in range(pairs):  # interleaved: drift of a shared machine hits every path alike
+        for name, c in paths.items():
+            times[name].append(once(c))
     row = {}
     for q in (50, 99):
-        row[f"direct_p{q}_ms"] = round(percentile(straight, q) * 1000, 2)
-        row[f"gateway_router_p{q}_ms"] = round(percentile(through, q) * 1000, 2)
-        row[f"added_p{q}_ms"] = round((percentile(through, q) - percentile(straight, q)) * 1000, 2)
+        for name, ts in times.items():
+            row[f"{name}_p{q}_ms"] = round(percentile(ts, q) * 1000, 2)
+            if name != "direct":
+                row[f"{name}_added_p{q}_ms"] = round((percentile(ts, q) - percentile(times["direct"], q)) * 1000, 2)
     return row
+
+
+def served_counts(urls: list[str]) -> list[int]:
+    """Requests each replica has finished (its ``vllm:request_success_total``)."""
+    import httpx
+
+    out = []
+    for u in urls:
+        text = httpx.get(u + "/metrics", timeout=30).text
+        out.append(round(sum(float(v) for v in re.findall(r"^vllm:request_success_total\{[^}]*\} (\S+)", text, re.M))))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,29 +170,37 @@ def main(argv: list[str] | None = None) -> int:
         proc, url, key, urls = start(work, base, adapters, replicas)
         try:
             client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=600)
+            vllms = urls[:replicas]
             throughput(client, models, 8, 4)  # warm-up
+            before = served_counts(vllms)
             runs = [throughput(client, models, args.requests, args.max_tokens) for _ in range(args.repeats)]
             best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
             best["tokens_per_s_all_repeats"] = [r["tokens_per_s"] for r in runs]
+            best["requests_per_replica"] = [a - b for a, b in zip(served_counts(vllms), before)]
             record["throughput"][f"{replicas} replica{'s' if replicas > 1 else ''}"] = best
             if replicas == 2:
-                direct = OpenAI(base_url=urls[0] + "/v1", api_key=INTERNAL, max_retries=0, timeout=600)
-                record["added_latency"] = {"pairs": args.pairs, **added_latency(client, direct, args.pairs)}
+                def oa(u: str, k: str):
+                    return OpenAI(base_url=u + "/v1", api_key=k, max_retries=0, timeout=600)
+
+                paths = {"direct": oa(vllms[0], INTERNAL), "router": oa(urls[2], INTERNAL), "gateway_router": client}
+                record["added_latency"] = {"pairs": args.pairs, **added_latency(paths, args.pairs)}
         finally:
             stop(proc)
     t = record["throughput"]
     record["ratio_2_to_1"] = round(t["2 replicas"]["tokens_per_s"] / t["1 replica"]["tokens_per_s"], 3)
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"| deployment | tokens/s | requests/s | p50 s | p95 s |  ({args.requests} concurrent × {args.max_tokens} "
-          f"tokens, {os.cpu_count()} CPUs)")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| deployment | tokens/s | requests/s | p50 s | p95 s | requests per replica |  ({args.requests} concurrent × "
+          f"{args.max_tokens} tokens, {os.cpu_count()} CPUs)")
+    print("|---|---:|---:|---:|---:|---|")
     for label, r in t.items():
-        print(f"| {label} | {r['tokens_per_s']} | {r['requests_per_s']} | {r['p50_s']} | {r['p95_s']} |")
+        print(f"| {label} | {r['tokens_per_s']} | {r['requests_per_s']} | {r['p50_s']} | {r['p95_s']} | "
+              f"{r['requests_per_replica']} |")
     print(f"2 replicas / 1: {record['ratio_2_to_1']}")
     a = record["added_latency"]
-    print(f"gateway + router over direct vLLM ({a['pairs']} interleaved pairs, 1 token): p50 {a['added_p50_ms']} ms "
-          f"({a['direct_p50_ms']} → {a['gateway_router_p50_ms']}), p99 {a['added_p99_ms']} ms "
-          f"({a['direct_p99_ms']} → {a['gateway_router_p99_ms']})")
+    for name in ("router", "gateway_router"):
+        print(f"{name} over direct vLLM ({a['pairs']} interleaved rounds, 1 token): p50 +{a[name + '_added_p50_ms']} ms "
+              f"({a['direct_p50_ms']} → {a[name + '_p50_ms']}), p99 +{a[name + '_added_p99_ms']} ms "
+              f"({a['direct_p99_ms']} → {a[name + '_p99_ms']})")
     return 0
 
 
