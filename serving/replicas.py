@@ -48,6 +48,7 @@ from serving.launcher import (
     _forward_signals,
     _signal_group,
     plan_replica_commands,
+    tail,
 )
 from serving.manifest import ServeManifest
 from serving.vllm_env import free_port, require_vllm
@@ -411,7 +412,8 @@ def serve_replicas(
             while not stop.wait(1.0):
                 if not router.alive():
                     raise ServingError(f"vllm-router exited (code {router.process.poll()}); last lines of "  # type: ignore[union-attr]
-                                       f"{router.log_path}", fix="read the router's log, then start `pissa serve` again")
+                                       f"{router.log_path}:\n" + tail(router.log_path),  # type: ignore[arg-type]
+                                       fix="read the router's log, then start `pissa serve` again")
                 supervisor.step(time.monotonic())
                 servers = [r.server for r in supervisor.replicas]
         except ServingError:
