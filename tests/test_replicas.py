@@ -347,3 +347,71 @@ def test_stream_resent_before_its_first_byte_error_event_after(tmp_path: Path, m
     else:  # not replayed: what came, then the OpenAI-shape error
         assert transport.calls == 1 and len(events) == 2
         assert json.loads(events[-1][len("data: "):])["error"]["code"] == 502
+
+
+# --- the real vllm-router between the gateway and two stand-in vLLMs -------------------------------
+@pytest.mark.slow
+def test_vllm_router_keeps_each_model_on_one_server_and_fails_over(tmp_path: Path) -> None:
+    """vllm-router (the installed binary, with :func:`router_command`'s flags) behind the gateway: every
+    model's requests reach one stand-in; with that stand-in gone, they all still succeed on the other."""
+    import subprocess
+    import time
+    from collections import Counter
+
+    from gateway_env import ADMIN_KEY, config
+
+    from serving.gateway import keys
+    from serving.gateway.app import Gateway
+    from serving.gateway.server import GatewayServer, bind
+    from serving.vllm_env import free_port
+    from tests.fake_vllm import FakeVllm, ThreadServer
+
+    cfg = config(tmp_path)
+    key = keys.add_key(cfg.keys_file, "acme")[0]
+    fakes = [FakeVllm(), FakeVllm()]
+    servers = [ThreadServer(f.app()) for f in fakes]
+    for s in servers:
+        s.__enter__()
+    port = free_port()
+    argv = router_command([s.url for s in servers], host="127.0.0.1", port=port, metrics_port=free_port(),
+                          startup_timeout=30)
+    router = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "router.log", "w"))
+    gateway = GatewayServer(Gateway(cfg, upstream=f"http://127.0.0.1:{port}", upstream_key="internal",
+                                    admin_key=ADMIN_KEY, hash_header=HASH_HEADER,
+                                    replicas=[s.url for s in servers]), bind("127.0.0.1", 0))
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert router.poll() is None and time.monotonic() < deadline, (tmp_path / "router.log").read_text()
+            time.sleep(0.2)
+        gateway.start()
+        url = f"http://127.0.0.1:{gateway.port}/v1/completions"
+        auth = {"authorization": f"Bearer {key}"}
+        for model in ("a1", "base"):  # acme's models
+            for i in range(10):
+                r = httpx.post(url, json={"model": model, "prompt": f"p{i}"}, headers=auth, timeout=30)
+                assert r.status_code == 200, r.text
+        where = {m: Counter(n for n, f in enumerate(fakes) for e in f.seen
+                            if e["path"] == "/v1/completions" and json.loads(e["raw"])["model"] == m)
+                 for m in ("a1", "base")}
+        assert all(len(c) == 1 and sum(c.values()) == 10 for c in where.values()), where
+        victim = next(iter(where["a1"]))
+        servers[victim].__exit__(None, None, None)  # a1's server is gone (port closed)
+        for i in range(10):
+            r = httpx.post(url, json={"model": "a1", "prompt": f"q{i}"}, headers=auth, timeout=30)
+            assert r.status_code == 200, r.text
+        other = fakes[1 - victim]
+        assert sum(1 for e in other.seen if e["path"] == "/v1/completions"
+                   and json.loads(e["raw"])["model"] == "a1") == 10
+    finally:
+        gateway.stop()
+        router.terminate()
+        router.wait(timeout=10)
+        for s in servers:
+            if s.thread.is_alive():
+                s.__exit__(None, None, None)
