@@ -375,7 +375,8 @@ def test_vllm_router_keeps_each_model_on_one_server_and_fails_over(tmp_path: Pat
     port = free_port()
     argv = router_command([s.url for s in servers], host="127.0.0.1", port=port, metrics_port=free_port(),
                           startup_timeout=30)
-    router = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "router.log", "w"))
+    with open(tmp_path / "router.log", "w") as log:
+        router = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
     gateway = GatewayServer(Gateway(cfg, upstream=f"http://127.0.0.1:{port}", upstream_key="internal",
                                     admin_key=ADMIN_KEY, hash_header=HASH_HEADER,
                                     replicas=[s.url for s in servers]), bind("127.0.0.1", 0))
