@@ -14,7 +14,7 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,31 @@ def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, 
                            fix="check --url and that `pissa serve` is running") from None
 
 
+@dataclass(frozen=True)
+class ReplicaAnswer:
+    """One replica's answer to an adapter load/unload that ``pissa serve`` sent to every replica."""
+
+    url: str
+    status: int | None  # None: unreachable (a local replica gets the runtime adapters when restarted)
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.url}: {self.status or 'unreachable'} {self.message.strip()}"
+
+
+def replica_answers(text: str) -> list[ReplicaAnswer]:
+    """The per-replica answers in a gateway's fan-out body (``{"message", "replicas": [...]}``); [] otherwise."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return []
+    items = data.get("replicas") if isinstance(data, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [ReplicaAnswer(str(r.get("url")), r.get("status"), str(r.get("message", ""))) for r in items
+            if isinstance(r, dict)]
+
+
 def _server_message(text: str) -> str:
     """vLLM's error text from a JSON body (``{"error": {"message"}}`` or ``{"message"}``), else the body."""
     try:
@@ -64,6 +89,9 @@ def _server_message(text: str) -> str:
     except ValueError:
         return text.strip()[:500]
     if isinstance(data, dict):
+        per_replica = replica_answers(text)
+        if per_replica:
+            return f"{data.get('message')}: " + "; ".join(map(str, per_replica))
         err = data.get("error", data)
         if isinstance(err, dict) and "message" in err:
             return str(err["message"])[:500]
@@ -117,11 +145,13 @@ def check_runtime_adapter(url: str, name: str, path: str | Path, *, api_key: str
 
 def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = None,
                 validate: bool = True, aliases: Sequence[str] = (),
-                tenants: Sequence[str] = ()) -> ValidationReport | None:
+                tenants: Sequence[str] = (),
+                on_replica: Callable[[ReplicaAnswer], None] | None = None) -> ValidationReport | None:
     """Validate, then load ``path`` as ``name`` on the running server.
 
     With ``tenants`` (a ``pissa serve`` gateway, admin key), the adapter is granted to those tenants at
-    once; the gateway keeps the grant in its ``usage_db`` for the next start.
+    once; the gateway keeps the grant in its ``usage_db`` for the next start. With replicas, the gateway
+    loads it on each; ``on_replica`` gets each replica's answer.
 
     Returns:
         the validation report (None when ``validate`` is false).
@@ -144,11 +174,15 @@ def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = 
     if tenants and headers.get("x-pissa-granted") is None:
         raise ServingError(f"loaded {name!r}, but {url} is not a pissa gateway, so no tenant was granted it",
                            fix="give --url of `pissa serve` with tenants:, or drop --tenant")
+    for answer in replica_answers(text):
+        if on_replica is not None:
+            on_replica(answer)
     logger.info("loaded adapter %s from %s (granted to: %s)", name, lora_path, ", ".join(tenants) or "-")
     return report
 
 
-def remove_adapter(url: str, name: str, *, api_key: str | None = None) -> None:
+def remove_adapter(url: str, name: str, *, api_key: str | None = None,
+                   on_replica: Callable[[ReplicaAnswer], None] | None = None) -> None:
     """Unload adapter ``name`` from the running server.
 
     Raises:
@@ -159,4 +193,7 @@ def remove_adapter(url: str, name: str, *, api_key: str | None = None) -> None:
     if status != 200:
         raise ServingError(f"server could not remove adapter {name!r} (HTTP {status}): {_server_message(text)}",
                            fix="`pissa adapters list` shows what is served")
+    for answer in replica_answers(text):
+        if on_replica is not None:
+            on_replica(answer)
     logger.info("unloaded adapter %s", name)

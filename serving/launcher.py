@@ -9,6 +9,7 @@ Linux the server gets SIGTERM if ``pissa serve`` itself is killed (``PR_SET_PDEA
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -67,6 +68,41 @@ def plan_serving(
         weights=lambda: weights_bytes(base.local_path, s.dtype) // max(1, s.tensor_parallel_size),
     )
     return build_command(manifest, report.max_lora_rank, environ=environ, kv_cache=kv)
+
+
+def plan_replica_commands(
+    manifest: ServeManifest,
+    ports: Sequence[int],
+    *,
+    environ: Mapping[str, str] | None = None,
+    memory: Callable[[], NodeMemory] = read_node_memory,
+    on_gpu: Callable[[], bool] = cuda_available,
+) -> list[LaunchPlan]:
+    """One vLLM command per port (loopback) for ``manifest``: adapters validated once, and on CPU the KV
+    cache chosen once for each replica's share (1/N) of the free memory.
+
+    Raises:
+        as :func:`plan_serving`.
+    """
+    environ = os.environ if environ is None else environ
+    base, report = _validate(manifest)
+    s = manifest.vllm
+    n = max(1, len(ports))
+
+    def share() -> NodeMemory:
+        m = memory()
+        return dataclasses.replace(m, available=m.available // n)
+
+    kv = decide_kv_cache(
+        s.kv_cache_memory_bytes, max_model_len=s.max_model_len, extra_args=manifest.extra_args, environ=environ,
+        on_gpu=on_gpu, memory=share,
+        weights=lambda: weights_bytes(base.local_path, s.dtype) // max(1, s.tensor_parallel_size),
+    )
+    plans = []
+    for port in ports:
+        one = dataclasses.replace(manifest, vllm=s.model_copy(update={"host": "127.0.0.1", "port": port}))
+        plans.append(build_command(one, report.max_lora_rank, environ=environ, kv_cache=kv))
+    return plans
 
 
 def validate_manifest(manifest: ServeManifest) -> ValidationReport:
@@ -311,6 +347,10 @@ def serve(
         MissingDependencyError: vLLM (or the openai client) is not installed.
         ServingError: the server failed to start, or died while serving (tail of its log).
     """
+    if manifest.routed:  # replicas and/or upstreams behind vllm-router
+        from serving.replicas import serve_replicas
+
+        return serve_replicas(manifest, dry_run=dry_run, log_path=log_path, on_ready=on_ready)
     if manifest.gateway is not None:  # tenants: vLLM on loopback behind the gateway
         from serving.gateway.run import serve_with_gateway
 

@@ -22,7 +22,10 @@ Layout (every key but ``base.path`` optional)::
       api_key_env: PISSA_API_KEY      # name of the environment variable holding the API key
       runtime_lora_updating: true     # allow /v1/load_lora_adapter (pissa adapters add/remove)
       health_timeout: 300             # seconds to wait for /health at start-up
+      replicas: 1                     # vLLM servers on this machine, behind vllm-router (serving/replicas.py)
     extra_args: [--enforce-eager]     # passed to vLLM verbatim (not the flags set above)
+    upstreams:                        # vLLM servers already running elsewhere, routed with the replicas
+      - {url: "http://10.0.0.2:8000", api_key_env: PISSA_UPSTREAM_KEY}
     gateway: {host: 0.0.0.0, port: 8000}   # with tenants: the public listener (serving/gateway/config.py)
     tenants:                          # optional: per-tenant keys, allow-lists, limits, usage
       - name: acme
@@ -41,6 +44,8 @@ a hub id; anything else is a missing local path and is reported.
 from __future__ import annotations
 
 import difflib
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -106,6 +111,36 @@ def _not_managed(arg: str) -> str:
 
 
 Count = Annotated[int, Field(ge=1)]
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_name(value: str) -> str:
+    if not ENV_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not an environment variable name (letters, digits, _; not first a digit)")
+    return value
+
+
+def url_problem(value: str) -> str | None:
+    """None if ``value`` is an ``http(s)://host:port`` server address (no path, query or credentials)."""
+    try:
+        u = urllib.parse.urlsplit(value)
+        port = u.port
+    except ValueError as exc:
+        return f"{value!r} is not a URL ({exc})"
+    if u.scheme not in ("http", "https") or not u.hostname:
+        return f"{value!r} is not an http(s)://host:port address"
+    if port is None:
+        return f"{value!r} has no port (write e.g. http://10.0.0.2:8000)"
+    if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
+        return f"{value!r} must be just scheme://host:port (no path, query or credentials)"
+    return None
+
+
+def _url(value: str) -> str:
+    problem = url_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value.rstrip("/")
 
 
 class VllmSettings(ManifestModel):
@@ -123,6 +158,7 @@ class VllmSettings(ManifestModel):
     api_key_env: str | None = None
     runtime_lora_updating: bool = True
     health_timeout: Annotated[float, Field(gt=0)] = 300.0
+    replicas: Count = 1
 
     @field_validator("max_cpu_loras")
     @classmethod
@@ -144,6 +180,13 @@ class AdapterSection(ManifestModel):
     path: str
 
 
+class UpstreamSection(ManifestModel):
+    """A vLLM server already running elsewhere, routed together with the local replicas."""
+
+    url: Annotated[str, AfterValidator(_url)]
+    api_key_env: Annotated[str, AfterValidator(_env_name)] | None = None
+
+
 class ServeFile(ManifestModel):
     """A serving manifest as written (paths not yet resolved)."""
 
@@ -153,6 +196,13 @@ class ServeFile(ManifestModel):
     extra_args: Seq[Annotated[str, AfterValidator(_not_managed)]] = ()
     gateway: GatewaySection | None = None
     tenants: Seq[TenantSection] = ()
+    upstreams: Seq[UpstreamSection] = ()
+
+
+@dataclass(frozen=True)
+class Upstream:
+    url: str
+    api_key_env: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +213,12 @@ class ServeManifest:
     extra_args: tuple[str, ...] = ()
     path: str | None = None
     gateway: GatewayConfig | None = None  # set when the manifest has tenants
+    upstreams: tuple[Upstream, ...] = ()
+
+    @property
+    def routed(self) -> bool:
+        """More than one vLLM server: local replicas and/or upstreams behind vllm-router."""
+        return self.vllm.replicas > 1 or bool(self.upstreams)
 
     @property
     def served_names(self) -> tuple[str, ...]:
@@ -272,6 +328,30 @@ def _check_tenants(checked: Checked[ServeFile], served: set[str]) -> None:
             listed.add(model)
 
 
+def _check_upstreams(checked: Checked[ServeFile]) -> None:
+    """Upstream URLs are distinct, and all upstreams use one key: vllm-router forwards the caller's
+    ``Authorization`` unchanged to whichever server it picks, so every server must accept the same key."""
+    items = checked.doc.value(("upstreams",))
+    seen: dict[str, int] = {}
+    envs: dict[str | None, int] = {}
+    for i in range(len(items) if isinstance(items, list) else 0):
+        at = ("upstreams", i)
+        url = checked.clean_value((*at, "url"))
+        if url is not None:
+            url = url.rstrip("/")
+            if url in seen:
+                checked.add((*at, "url"), f"{url} is listed twice (first on line {seen[url]})")
+            seen.setdefault(url, checked.doc.line(at) or 0)
+        env = checked.clean_value((*at, "api_key_env"))
+        if env is not None:  # a server without a key accepts any
+            envs.setdefault(env, i)
+    if len(envs) > 1:
+        last = max(envs.values())
+        checked.add(("upstreams", last, "api_key_env"),
+                    "every upstream must use the same api_key_env (vllm-router sends one key to all servers); "
+                    "found " + ", ".join(sorted(str(e) for e in envs)))
+
+
 def load_serve_manifest(path: str | Path) -> ServeManifest:
     """Read and validate a serving manifest.
 
@@ -283,10 +363,12 @@ def load_serve_manifest(path: str | Path) -> ServeManifest:
     base, adapters = _resolve(checked, root)
     served_name = checked.clean_value(("base", "served_name")) or checked.clean_value(("base", "path"))
     _check_tenants(checked, {served_name, *(a.name for a in adapters)} - {None})
+    _check_upstreams(checked)
     file = checked.result()
     assert base is not None  # the file validated, so its base path resolved
     gateway = resolve_gateway(file.gateway or GatewaySection(), file.tenants, root) if file.tenants else None
-    return ServeManifest(base, adapters, file.vllm, file.extra_args, str(path), gateway)
+    upstreams = tuple(Upstream(u.url, u.api_key_env) for u in file.upstreams)
+    return ServeManifest(base, adapters, file.vllm, file.extra_args, str(path), gateway, upstreams)
 
 
 def vllm_settings(**values: Any) -> VllmSettings:

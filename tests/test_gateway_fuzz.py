@@ -58,7 +58,7 @@ class RecordingTransport(httpx.AsyncBaseTransport):
         response = await self.inner.handle_async_request(request)
         body = await response.aread()
         self.answers.append((request.url.path, response.status_code, body))
-        return httpx.Response(response.status_code, headers=response.headers, content=body)
+        return httpx.Response(response.status_code, headers=response.headers, stream=httpx.ByteStream(body))
 
 
 @dataclass

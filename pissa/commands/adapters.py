@@ -38,7 +38,8 @@ def add(name: str, path: Path, url: str, api_key_env: str | None, aliases: tuple
     """Validate the adapter at PATH against the served base, then load it as NAME."""
     from serving.client import add_adapter
 
-    report = add_adapter(url, name, path, api_key=_api_key(api_key_env), aliases=aliases, tenants=tenants)
+    report = add_adapter(url, name, path, api_key=_api_key(api_key_env), aliases=aliases, tenants=tenants,
+                         on_replica=lambda a: click.echo(f"  replica {a}"))
     rank = report.ranks.get(name) if report else None
     granted = f"; granted to {', '.join(tenants)}" if tenants else ""
     click.echo(f"added {name} (rank {rank}) from {path.resolve()}{granted}")
@@ -52,7 +53,7 @@ def remove(name: str, url: str, api_key_env: str | None) -> None:
     """Unload adapter NAME."""
     from serving.client import remove_adapter
 
-    remove_adapter(url, name, api_key=_api_key(api_key_env))
+    remove_adapter(url, name, api_key=_api_key(api_key_env), on_replica=lambda a: click.echo(f"  replica {a}"))
     click.echo(f"removed {name}")
 
 

@@ -31,7 +31,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("serving.gateway.access")
 
 ADMIN = "admin"
+STREAM_BROKE = ("data: " + json.dumps({"error": {
+    "message": "the model server stopped in the middle of this stream; send the request again",
+    "type": "BadGatewayError", "param": None, "code": 502}}) + "\n\n").encode()
 MAX_LOGGED_NAME = 128
 
 
@@ -93,12 +96,19 @@ class Gateway:
         upstream_key: vLLM's internal API key (None: vLLM runs without one).
         admin_key: the key for admin paths (None: admin paths are closed to everyone).
         transport: an httpx transport for the upstream (tests); default: the network.
+        hash_header: with replicas behind vllm-router, the header its ``consistent_hash`` policy reads;
+            set to the requested model name, so that each adapter stays on one replica.
+        replicas: every vLLM server behind ``upstream`` (the router): adapter loads and unloads go to each
+            (default: ``upstream`` alone).
     """
 
     def __init__(self, config: GatewayConfig, *, upstream: str, upstream_key: str | None, admin_key: str | None,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 transport: httpx.AsyncBaseTransport | None = None, hash_header: str | None = None,
+                 replicas: Sequence[str] = ()) -> None:
         self.config = config
         self.upstream = upstream.rstrip("/")
+        self.hash_header = hash_header
+        self.replicas = tuple(r.rstrip("/") for r in replicas) or (self.upstream,)
         self._upstream_key = upstream_key
         self._admin_key = admin_key.encode() if admin_key else None
         self._transport = transport
@@ -180,10 +190,12 @@ class Gateway:
         """The models ``tenant`` may call now: its manifest list minus removed adapters, plus runtime grants."""
         return (set(tenant.models) - self.removed) | self.granted.get(tenant.name, set())
 
-    def _upstream_headers(self, accept: str | None = None) -> dict[str, str]:
+    def _upstream_headers(self, accept: str | None = None, model: str | None = None) -> dict[str, str]:
         headers = {"content-type": "application/json"}
         if accept:
             headers["accept"] = accept
+        if self.hash_header and model and model.isascii() and model.isprintable():
+            headers[self.hash_header] = model
         if self._upstream_key:
             headers["authorization"] = f"Bearer {self._upstream_key}"
         return headers
@@ -324,15 +336,15 @@ class Gateway:
         content = json.dumps(body).encode() if body is not None else raw
         upstream_request = self.client.build_request(
             "POST", self.upstream + path, content=content,
-            headers=self._upstream_headers("text/event-stream" if ex.stream else "application/json"))
+            headers=self._upstream_headers("text/event-stream" if ex.stream else "application/json", ex.model))
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
+            upstream, body_chunks, first = await self._open(upstream_request)
         except httpx.HTTPError:
             return self._answer(ex, _unreachable())
         media = upstream.headers.get("content-type", "application/json")
         if not (ex.stream and upstream.status_code == 200 and media.startswith("text/event-stream")):
             try:
-                data = await upstream.aread()
+                data = first + b"".join([chunk async for chunk in body_chunks])
             except httpx.HTTPError:
                 return self._answer(ex, _unreachable())
             finally:
@@ -343,7 +355,7 @@ class Gateway:
                     if usage:
                         ex.prompt_tokens, ex.completion_tokens = usage
             return self._answer(ex, Response(data, upstream.status_code, media_type=media))
-        return Relay(StreamRelay(upstream, ex, strip_usage, self._finish), media)
+        return Relay(StreamRelay(upstream, ex, strip_usage, self._finish, first, body_chunks), media)
 
     async def _admin_json(self, request: Request, ex: Exchange) -> dict[str, Any] | Response:
         """The JSON body of an admin request, or the refusal (no admin key, bad body)."""
@@ -352,6 +364,34 @@ class Gateway:
             return refused
         parsed = await self._read_json(request)
         return parsed if isinstance(parsed, Response) else parsed[1]
+
+    async def _open(self, request: httpx.Request) -> tuple[httpx.Response, AsyncIterator[bytes], bytes]:
+        """Send ``request`` and read the first bytes of the answer; send it once more if the upstream failed
+        before any byte came. vllm-router retries a failed request on another replica itself, except a
+        stream: it answers 200 before its replica has, so a replica dying then would cut the stream before
+        its first byte (see docs/serving.md, Replicas)."""
+        for attempt in (1, 2):
+            try:
+                upstream = await self.client.send(request, stream=True)
+            except httpx.HTTPError:
+                if attempt == 2:
+                    raise
+                continue
+            if upstream.is_stream_consumed:  # a transport that handed over the whole body at once
+                return upstream, _no_more(), upstream.content
+            body_chunks = upstream.aiter_raw()
+            try:
+                first = await body_chunks.__anext__()
+            except StopAsyncIteration:
+                first = b""
+            except httpx.HTTPError:
+                await upstream.aclose()
+                if attempt == 2:
+                    raise
+                logger.warning("upstream failed before its first byte (%s): sending the request again", request.url.path)
+                continue
+            return upstream, body_chunks, first
+        raise AssertionError("unreachable")
 
     async def load_adapter(self, request: Request) -> Response:
         ex = Exchange("/v1/load_lora_adapter", caller=self.caller(request))
@@ -396,12 +436,29 @@ class Gateway:
         return self._answer(ex, response)
 
     async def _forward_admin(self, path: str, body: dict[str, Any]) -> Response:
-        try:
-            r = await self.client.post(self.upstream + path, content=json.dumps(body).encode(),
-                                       headers=self._upstream_headers())
-        except httpx.HTTPError:
-            return _unreachable()
-        return Response(r.content, r.status_code, media_type=r.headers.get("content-type", "text/plain"))
+        """Send an adapter load/unload to every replica. One server: its answer as is. Several: 200 when
+        every reachable replica accepted it (an unreachable local replica gets the runtime adapters when
+        it is restarted), else the first refusal's status; the body lists each replica's answer."""
+        content = json.dumps(body).encode()
+
+        async def one(url: str) -> tuple[int, bytes, str]:
+            try:
+                r = await self.client.post(url + path, content=content, headers=self._upstream_headers())
+            except httpx.HTTPError:
+                return 0, b"unreachable", "text/plain"
+            return r.status_code, r.content, r.headers.get("content-type", "text/plain")
+
+        answers = await asyncio.gather(*(one(url) for url in self.replicas))
+        if len(answers) == 1:
+            status, content_, media = answers[0]
+            return _unreachable() if status == 0 else Response(content_, status, media_type=media)
+        results = [{"url": url, "status": status or None, "message": text.decode("utf-8", "replace")[:500]}
+                   for url, (status, text, _) in zip(self.replicas, answers)]
+        refused = [st for st, _, _ in answers if st not in (0, 200)]
+        ok = [st for st, _, _ in answers if st == 200]
+        status = refused[0] if refused else (200 if ok else 502)
+        return JSONResponse({"message": f"{len(ok)} of {len(answers)} replicas accepted", "replicas": results},
+                            status)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         ex = Exchange("/metrics", caller=self.caller(request))
@@ -419,18 +476,30 @@ class StreamRelay:
     """
 
     def __init__(self, upstream: httpx.Response, ex: Exchange, strip_usage: bool,
-                 finish: Callable[[Exchange, int], None]) -> None:
+                 finish: Callable[[Exchange, int], None], first: bytes = b"",
+                 rest: AsyncIterator[bytes] | None = None) -> None:
         self.upstream, self.ex, self.strip_usage, self._finish = upstream, ex, strip_usage, finish
+        self.first, self.rest = first, rest if rest is not None else upstream.aiter_raw()
         self.status = 499  # the client went away before the end
         self.chunks = 0  # chunks with choices: one token each at vLLM's default stream interval
         self._closed = False
 
+    async def _raw(self) -> AsyncIterator[bytes]:
+        if self.first:
+            yield self.first
+        async for chunk in self.rest:
+            yield chunk
+
     async def events(self) -> AsyncIterator[bytes]:
+        """The events; a stream that breaks off (or ends without ``data: [DONE]``) ends with an OpenAI-shape
+        error event, which the ``openai`` client raises as ``APIError``."""
         splitter = EventSplitter()
+        done = False
         try:
-            async for chunk in self.upstream.aiter_raw():
+            async for chunk in self._raw():
                 out = []
                 for event in splitter.feed(chunk):
+                    done = done or event.strip() == b"data: [DONE]"
                     data = event_data(event)
                     usage = usage_of(data)
                     if usage:
@@ -441,13 +510,15 @@ class StreamRelay:
                         out.append(event)
                 if out:
                     yield b"".join(out)
-            rest = splitter.rest()
-            if rest:
-                yield rest
-            self.status = 200
+            tail = splitter.rest()
+            if tail:
+                yield tail
+            self.status = 200 if done else 502
         except httpx.HTTPError:
             self.status = 502
+        if self.status == 502:
             logger.warning("upstream stream broke off (%s)", self.ex.path)
+            yield STREAM_BROKE
 
     async def close(self) -> None:
         if self._closed:
@@ -496,6 +567,11 @@ class Relay(StreamingResponse):
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
                 await self.relay.close()
+
+
+async def _no_more() -> AsyncIterator[bytes]:
+    return
+    yield  # an async generator with nothing to give
 
 
 def _unauthorized() -> Response:

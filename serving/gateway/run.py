@@ -31,9 +31,9 @@ INTERNAL_KEY_ENV = "PISSA_GATEWAY_INTERNAL_KEY"
 LOOPBACK = "127.0.0.1"
 
 
-def upstream_manifest(manifest: ServeManifest) -> ServeManifest:
-    """The manifest vLLM runs behind the gateway: loopback, a free port, the internal key, and the
-    adapters loaded at run time before (still on disk)."""
+def upstream_manifest(manifest: ServeManifest, port: int | None = None) -> ServeManifest:
+    """The manifest vLLM runs behind the gateway: loopback, ``port`` (default: a free one), the internal
+    key, and the adapters loaded at run time before (still on disk)."""
     gw = manifest.gateway
     assert gw is not None
     served = set(manifest.served_names)
@@ -45,7 +45,7 @@ def upstream_manifest(manifest: ServeManifest) -> ServeManifest:
             logger.warning("adapter %s (loaded at run time) is gone from %s: not serving it", name, path)
             continue
         extra.append(AdapterSpec(name, ModelRef(path, True)))
-    settings = manifest.vllm.model_copy(update={"host": LOOPBACK, "port": free_port(),
+    settings = manifest.vllm.model_copy(update={"host": LOOPBACK, "port": port or free_port(),
                                                 "api_key_env": INTERNAL_KEY_ENV})
     return replace(manifest, adapters=manifest.adapters + tuple(extra), vllm=settings)
 
