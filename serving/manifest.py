@@ -366,7 +366,8 @@ def load_serve_manifest(path: str | Path) -> ServeManifest:
     _check_upstreams(checked)
     file = checked.result()
     assert base is not None  # the file validated, so its base path resolved
-    gateway = resolve_gateway(file.gateway or GatewaySection(), file.tenants, root) if file.tenants else None
+    served_names = (base.served_name, *(a.name for a in adapters))
+    gateway = resolve_gateway(file.gateway or GatewaySection(), file.tenants, root, served_names) if file.tenants else None
     upstreams = tuple(Upstream(u.url, u.api_key_env) for u in file.upstreams)
     return ServeManifest(base, adapters, file.vllm, file.extra_args, str(path), gateway, upstreams)
 
@@ -484,4 +485,5 @@ def resolve_manifest(
     dup = name_problems(m.base.served_name, names)
     if dup:
         raise InvalidOptionsError("invalid serve options", dup, fix="rename the --adapter")
-    return replace(m, adapters=all_adapters, vllm=settings)
+    gateway = replace(m.gateway, served=(m.base.served_name, *names)) if m.gateway is not None else None
+    return replace(m, adapters=all_adapters, vllm=settings, gateway=gateway)

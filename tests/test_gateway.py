@@ -277,3 +277,77 @@ def test_usage_writer_totals_in_sqlite(tmp_path: Path) -> None:
         assert conn.execute("SELECT requests, prompt_tokens, completion_tokens FROM usage").fetchall() == \
             [(50, sum(range(50)), 50)]
     assert store.UsageWriter(db).tokens_today("acme") == sum(range(50)) + 50
+
+
+def test_review_findings_accounting_cannot_be_dodged(tmp_path: Path) -> None:
+    """Non-boolean stream flags (vLLM coerces them) are refused; n multiplies max_tokens against the cap;
+    completions keep vLLM's default of 16 when the cap is larger; chat gets the cap."""
+    cfg = config(tmp_path, acme=Limits(max_tokens=32))
+    with running(tmp_path, cfg=cfg) as g:
+        auth = {"authorization": f"Bearer {g.keys['acme']}"}
+
+        def post(path: str, body: dict) -> httpx.Response:
+            return httpx.post(g.url + path, headers=auth, json={"model": "a1", "prompt": "p", **body})
+
+        for bad in ({"stream": "true"}, {"stream": 1}, {"stream": True, "stream_options": {"include_usage": "false"}},
+                    {"stream": True, "stream_options": []}, {"n": 0}, {"n": "2"}, {"best_of": 1.5}):
+            assert post("/v1/completions", bad).status_code == 400, bad
+        r = post("/v1/completions", {"n": 4, "max_tokens": 9})
+        assert r.status_code == 400 and "n=4" in r.json()["error"]["message"]
+        assert post("/v1/completions", {"n": 4, "max_tokens": 8}).status_code == 200
+        assert post("/v1/completions", {"n": 33}).status_code == 400
+        assert post("/v1/completions", {}).status_code == 200
+        assert "max_tokens" not in json.loads(g.fake.seen[-1]["raw"])  # vLLM's default (16) is within the cap
+        assert post("/v1/completions", {"n": 4}).status_code == 200
+        assert json.loads(g.fake.seen[-1]["raw"])["max_tokens"] == 8  # 32 // 4 < 16: set
+        r = httpx.post(g.url + "/v1/chat/completions", headers=auth,
+                       json={"model": "a1", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 200 and json.loads(g.fake.seen[-1]["raw"])["max_tokens"] == 32
+
+
+def test_review_findings_names_grants_and_models(tmp_path: Path) -> None:
+    """A manifest adapter's name cannot be reused at run time (a grant would reach it after a restart);
+    persisted grants on such names are ignored; tenants do not see adapters' server paths."""
+    from dataclasses import replace
+
+    cfg = replace(config(tmp_path), served=("base", "a1", "a2", "b1"))
+    store.record_runtime_adapter(cfg.usage_db, "a1", "/elsewhere/a1", ["beta"])  # as an older version allowed
+    with running(tmp_path, cfg=cfg) as g:
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        r = httpx.post(g.url + "/v1/load_lora_adapter", headers=admin,
+                       json={"lora_name": "a1", "lora_path": "/x", "tenants": ["beta"]})
+        assert r.status_code == 400 and "served from the manifest" in r.json()["error"]["message"]
+        for tenants in (0, {}, "beta"):
+            r = httpx.post(g.url + "/v1/load_lora_adapter", headers=admin,
+                           json={"lora_name": "n1", "lora_path": "/x", "tenants": tenants})
+            assert r.status_code == 400, tenants
+        beta = client(g.url, g.keys["beta"])
+        assert [m.id for m in beta.models.list()] == ["b1"]  # the stale grant on a1 is not honoured
+        with pytest.raises(openai.NotFoundError):
+            beta.completions.create(model="a1", prompt="p", max_tokens=1)
+        listed = httpx.get(g.url + "/v1/models", headers={"authorization": f"Bearer {g.keys['acme']}"}).json()
+        assert all("root" not in m for m in listed["data"])
+        assert all("root" in m for m in httpx.get(g.url + "/v1/models", headers=admin).json()["data"])
+
+
+def test_in_flight_gauge_and_a_client_gone_mid_body(tmp_path: Path) -> None:
+    import socket
+
+    with running(tmp_path, fake=FakeVllm(delay=0.3)) as g:
+        admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+        with httpx.stream("POST", g.url + "/v1/completions", headers={"authorization": f"Bearer {g.keys['acme']}"},
+                          json={"model": "a1", "prompt": "p", "max_tokens": 5, "stream": True}) as r:
+            chunks = r.iter_raw()  # kept: a dropped iterator closes the response
+            next(chunks)
+            text = httpx.get(g.url + "/metrics", headers=admin).text
+            assert 'pissa_gateway_in_flight{tenant="acme"} 1.0' in text
+            for _ in chunks:
+                pass
+        assert 'pissa_gateway_in_flight{tenant="acme"} 0.0' in httpx.get(g.url + "/metrics", headers=admin).text
+        host, port = g.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as s:  # promise 1000 bytes, send 10, hang up
+            s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {g.keys['acme']}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":".encode())
+        time.sleep(0.3)
+        assert g.gateway.admission.active["acme"] == 0
+        assert client(g.url, g.keys["acme"]).models.list()  # still serving

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import hmac
 import json
 import logging
@@ -39,7 +40,7 @@ import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -47,7 +48,7 @@ from starlette.types import Receive, Scope, Send
 from serving.gateway import store
 from serving.gateway.config import GatewayConfig, Tenant
 from serving.gateway.keys import KeyStore
-from serving.gateway.limiter import Admission, max_tokens_problem
+from serving.gateway.limiter import Admission, default_max_tokens, max_tokens_problem, shape_problem
 from serving.gateway.metrics import GatewayMetrics
 from serving.gateway.responses import error, model_not_found
 from serving.gateway.sse import EventSplitter, event_data, is_usage_only, usage_of
@@ -110,12 +111,13 @@ class Gateway:
         self.hash_header = hash_header
         self.replicas = tuple(r.rstrip("/") for r in replicas) or (self.upstream,)
         self._upstream_key = upstream_key
-        self._admin_key = admin_key.encode() if admin_key else None
+        self._admin_key = hashlib.sha256(admin_key.encode()).digest() if admin_key else None  # compared as digests
         self._transport = transport
         self.keys = KeyStore(config.keys_file)
         self.metrics = GatewayMetrics()
         self.removed: set[str] = set()
-        self.granted: dict[str, set[str]] = store.grants(config.usage_db)
+        # Runtime grants, minus names the manifest serves itself (a grant must never reach a manifest adapter).
+        self.granted: dict[str, set[str]] = {t: m - set(config.served) for t, m in store.grants(config.usage_db).items()}
         self.usage: store.UsageWriter | None = None
         self.admission = Admission(config.tenants, lambda t: self.usage.tokens_today(t) if self.usage else 0)
         self._client: httpx.AsyncClient | None = None
@@ -180,7 +182,7 @@ class Gateway:
         if scheme.lower() != "bearer" or not token:
             return None
         raw = token.encode("utf-8", "surrogateescape")
-        if self._admin_key is not None and hmac.compare_digest(raw, self._admin_key):
+        if self._admin_key is not None and hmac.compare_digest(hashlib.sha256(raw).digest(), self._admin_key):
             return Caller(None, ADMIN)
         record = self.keys.authenticate(token)
         tenant = self.config.tenant(record.tenant) if record else None
@@ -210,11 +212,14 @@ class Gateway:
             if len(digits) > len(str(limit)) or int(digits) > limit:
                 return error(413, f"request body is larger than {limit} bytes")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return error(413, f"request body is larger than {limit} bytes")
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return error(413, f"request body is larger than {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            return error(499, "the client went away before sending its whole body")
         raw = b"".join(chunks)
         try:
             body = json.loads(raw)
@@ -232,6 +237,7 @@ class Gateway:
         tenant = ex.caller.name if ex.caller else None
         if ex.admitted and ex.caller and ex.caller.tenant:
             self.admission.release(ex.caller.tenant.name)
+            self.metrics.in_flight.labels(ex.caller.tenant.name).dec()
         if tenant and ex.caller and ex.caller.tenant and ex.model and ex.prompt_tokens is not None:
             assert self.usage is not None
             self.usage.add(tenant, ex.model, ex.prompt_tokens, ex.completion_tokens or 0)
@@ -282,7 +288,8 @@ class Gateway:
         allowed = self.allowed(ex.caller.tenant)
         try:
             data = r.json()
-            data["data"] = [m for m in data["data"] if isinstance(m, dict) and m.get("id") in allowed]
+            data["data"] = [{k: v for k, v in m.items() if k != "root"}  # an adapter's root: a path on the server
+                            for m in data["data"] if isinstance(m, dict) and m.get("id") in allowed]
         except (ValueError, LookupError, TypeError):  # not vLLM's {"data": [{"id": ...}, ...]}
             logger.warning("the model server's /v1/models answer is not a model list")
             return self._answer(ex, error(502, "the model server's model list could not be read"))
@@ -309,10 +316,14 @@ class Gateway:
             problem = max_tokens_problem(body, tenant.limits)
             if problem:
                 return self._answer(ex, error(400, problem, param="max_tokens"))
-            cap = tenant.limits.max_tokens
-            if cap is not None and body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
-                body["max_tokens"] = cap
+            default = default_max_tokens(path, body, tenant.limits)
+            if default is not None:
+                body["max_tokens"] = default
                 changed = True
+        else:
+            problem = shape_problem(body)
+            if problem:
+                return self._answer(ex, error(400, problem))
         ex.stream = body.get("stream") is True
         strip_usage = False
         if ex.stream:
@@ -325,6 +336,7 @@ class Gateway:
             if refusal is not None:
                 return self._answer(ex, error(refusal.status, refusal.message, retry_after=refusal.retry_after))
             ex.admitted = True
+            self.metrics.in_flight.labels(tenant.name).inc()
         try:
             return await self._forward(request.url.path, ex, body if changed else None, raw, strip_usage)
         except BaseException:
@@ -398,7 +410,8 @@ class Gateway:
         body = await self._admin_json(request, ex)
         if isinstance(body, Response):
             return self._answer(ex, body)
-        tenants = body.pop("tenants", None) or []
+        tenants = body.pop("tenants", None)
+        tenants = [] if tenants is None else tenants
         known = {t.name for t in self.config.tenants}
         if not isinstance(tenants, list) or not all(isinstance(t, str) and t in known for t in tenants):
             return self._answer(ex, error(400, "`tenants` must list tenants of the manifest: " + ", ".join(sorted(known)),
@@ -407,6 +420,9 @@ class Gateway:
         if not isinstance(name, str) or not isinstance(path, str):
             return self._answer(ex, error(400, "`lora_name` and `lora_path` must be strings"))
         ex.model = name
+        if name in self.config.served:
+            return self._answer(ex, error(400, f"`{name}` is served from the manifest; load the new adapter under "
+                                               "another name", param="lora_name"))
         response = await self._forward_admin(request.url.path, body)
         if response.status_code == 200:
             await asyncio.to_thread(store.record_runtime_adapter, self.config.usage_db, name, path, tenants)

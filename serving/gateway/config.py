@@ -74,12 +74,14 @@ class GatewayConfig:
     tenants: tuple[Tenant, ...]
     access_log: Path | None = None
     max_body_bytes: int = 2**20
+    served: tuple[str, ...] = ()  # the names the manifest serves (base and adapters): not reusable at run time
 
     def tenant(self, name: str) -> Tenant | None:
         return next((t for t in self.tenants if t.name == name), None)
 
 
-def resolve_gateway(section: GatewaySection, tenants: tuple[TenantSection, ...], root: Path) -> GatewayConfig:
+def resolve_gateway(section: GatewaySection, tenants: tuple[TenantSection, ...], root: Path,
+                    served: tuple[str, ...] = ()) -> GatewayConfig:
     """Resolve ``section``'s paths against the manifest's folder ``root``."""
 
     def at(p: str) -> Path:
@@ -90,4 +92,5 @@ def resolve_gateway(section: GatewaySection, tenants: tuple[TenantSection, ...],
         host=section.host, port=section.port, keys_file=at(section.keys_file), usage_db=at(section.usage_db),
         tenants=tuple(Tenant(t.name, tuple(t.models), t.limits) for t in tenants),
         access_log=at(section.access_log) if section.access_log else None, max_body_bytes=section.max_body_bytes,
+        served=served,
     )

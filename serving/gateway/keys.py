@@ -160,6 +160,7 @@ class KeyStore:
             try:
                 records = read_keys(self.path)
             except CorruptCheckpointError as exc:
+                self._stamp = stamp  # warn once per change of the file, not at every check
                 logger.warning("keys file unreadable, keeping the previous keys: %s", exc)
                 return
             self._by_id = {r.id: r for r in records}
