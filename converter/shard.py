@@ -298,7 +298,8 @@ def _quantized_split(
     delta = (lora_b.float() @ lora_a.float()).mul_(job.scaling)
     recon = delta + residual.float()
     energy = float(delta.norm()) ** 2 / max(float(recon.norm()) ** 2, 1e-300)
-    rel_error = float((w - recon).norm()) / max(float(w.norm()), 1e-300)
+    error_norm = float((w - recon).norm())
+    rel_error = error_norm / max(float(w.norm()), 1e-300)
     if target.fan_in_fan_out:
         residual = residual.T
     return _QuantizedSplit(
@@ -312,6 +313,8 @@ def _quantized_split(
             "qlora_nuclear": q.qlora_error,
             "qpissa_qlora_ratio": q.ratio,
             "quant_best_iter": q.best,
+            # ‖W − (W_res + s·B₀A₀)‖_F as stored: what a LoRA on the original W cannot carry (pissa export).
+            "quant_error_norm": error_norm,
         },
         packed=packed,
     )
