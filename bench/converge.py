@@ -1,4 +1,11 @@
-"""PiSSA vs LoRA convergence on SmolLM2-135M-Instruct (real weights) and the shipped arithmetic data.
+"""PiSSA vs LoRA (and, with ``--quant``, QPiSSA vs QLoRA) convergence on SmolLM2-135M-Instruct (real
+weights) and the shipped arithmetic data.
+
+With ``--quant`` two more runs use the same recipe: ``qpissa`` (``--init pissa`` on a packed QPiSSA bundle
+of the same source: frozen NF4 residual + the adapter fitted to it) and ``qlora`` (``--init qlora`` on the
+plain bundle: NF4 of the original target weights + a fresh LoRA). Their held-out accuracy is measured
+on the 4-bit models with bitsandbytes' dequantize-then-matmul path (its CPU bfloat16 shortcut off), as
+in training.
 
 Both runs use the same recipe (training.train): equal rank and targets (the bundle's), equal steps,
 learning rate, schedule, batch size and seed; only the init differs (``--init pissa`` / ``lora``).
@@ -20,6 +27,7 @@ Usage::
     python bench/converge.py --out /tmp/converge                 # converts the embedded GGUF first
     python bench/converge.py --bundle BUNDLE --out DIR --steps 60 --lr 2e-5 --batch-size 8
     python bench/converge.py --bundle BUNDLE --out DIR --reuse --export-ranks 16,8,1   # re-score only
+    python bench/converge.py --out DIR --quant --quant-iters 5   # + QPiSSA and QLoRA (converts both bundles)
 """
 
 from __future__ import annotations
@@ -69,6 +77,10 @@ def main() -> None:
                         help="Also export the PiSSA run at these ranks (e.g. 16,8,1) and score each on the original model.")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (1 is much faster on a machine shared with other jobs).")
+    parser.add_argument("--quant", action="store_true", help="Also run QPiSSA and QLoRA (needs bitsandbytes).")
+    parser.add_argument("--qbundle", type=Path, default=None,
+                        help="Packed QPiSSA bundle of the same source (default: convert the GGUF's float32 folder).")
+    parser.add_argument("--quant-iters", type=int, default=5, help="QPiSSA refinements when converting.")
     parser.add_argument("--reuse", action="store_true",
                         help="Reuse finished runs in OUT trained with the same recipe (re-score only).")
     args = parser.parse_args()
@@ -97,21 +109,37 @@ def main() -> None:
         convert(embedded_gguf(), bundle, ConvertOptions(rank=args.rank, dtype="float32"), resume=True, progress=True)
         timings["convert_s"] = time.perf_counter() - t
 
+    qbundle = args.qbundle
+    if args.quant and qbundle is None:
+        from converter.convert import convert
+        from converter.options import ConvertOptions
+        from converter.sources import materialize_gguf
+
+        # The dequantized GGUF folder as a local source: non-target tensors stay float32, as in the plain bundle.
+        qbundle = args.out / "qbundle"
+        t = time.perf_counter()
+        convert(materialize_gguf(embedded_gguf()).folder, qbundle,
+                ConvertOptions(rank=args.rank, quantize="nf4", quant_iters=args.quant_iters), resume=True, progress=True)
+        timings["convert_qpissa_s"] = time.perf_counter() - t
+    runs = {"pissa": (bundle, "pissa"), "lora": (bundle, "lora")}
+    if args.quant:
+        runs.update(qpissa=(qbundle, "pissa"), qlora=(bundle, "qlora"))
+
     common = dict(max_steps=args.steps, lr=args.lr, batch_size=args.batch_size, schedule=args.schedule,
                   seed=args.seed, log_every=1, max_length=128)
     results = {}
-    for init in ("pissa", "lora"):
-        previous = finished_run(args.out / init, init, common) if args.reuse else None
+    for init, (run_bundle, run_init) in runs.items():
+        previous = finished_run(args.out / init, run_init, common) if args.reuse else None
         if previous is not None:
             results[init], timings[f"train_{init}_s"] = previous
             continue
         t = time.perf_counter()
-        res = train(bundle, ARITH_TRAIN, args.out / init, init=init, overwrite=True, **common)
+        res = train(run_bundle, ARITH_TRAIN, args.out / init, init=run_init, overwrite=True, **common)
         timings[f"train_{init}_s"] = time.perf_counter() - t
         results[init] = {"tokens_per_second": res.tokens_per_second}
         (args.out / init / "bench.json").write_text(json.dumps({**results[init], "seconds": timings[f"train_{init}_s"]}))
-    plot = plot_runs([args.out / "pissa", args.out / "lora"], args.out / "loss-compare.png",
-                     title=f"SmolLM2-135M, arithmetic: PiSSA vs LoRA (r={args.rank}, lr={args.lr:g})")
+    plot = plot_runs([args.out / init for init in runs], args.out / "loss-compare.png",
+                     title=f"SmolLM2-135M, arithmetic: {' vs '.join(runs)} (r={args.rank}, lr={args.lr:g})")
 
     t = time.perf_counter()
     export(args.out / "pissa", args.out / "pissa-exported", overwrite=True)
@@ -130,7 +158,7 @@ def main() -> None:
 
     heldout = read_records(ARITH_HELDOUT)[: args.heldout]
     t = time.perf_counter()
-    acc = held_out_accuracy(bundle, args.out, heldout, sorted(compressed, reverse=True))
+    acc = held_out_accuracy(bundle, args.out, heldout, sorted(compressed, reverse=True), qbundle if args.quant else None)
     for k, entry in compressed.items():
         entry["heldout_correct"] = acc.pop(f"pissa_rank_{k}").correct
     timings["accuracy_s"] = time.perf_counter() - t
@@ -141,6 +169,8 @@ def main() -> None:
         "recipe": {**common, "rank": args.rank},
         "lora_final_loss_last5": lora_final,
         "pissa_final_loss_last5": sum(c["pissa"].loss[-5:]) / len(c["pissa"].loss[-5:]),
+        "final_loss_last5": {init: sum(c[init].loss[-5:]) / len(c[init].loss[-5:]) for init in c},
+        "qbundle": str(qbundle) if args.quant else None,
         "mean_loss_last20": last20,
         "pissa_steps_to_lora_final_loss": reach,
         "heldout_accuracy": {k: {"correct": v.correct, "total": v.total, "accuracy": v.accuracy,
@@ -170,8 +200,10 @@ def finished_run(run: Path, init: str, common: dict) -> tuple[dict, float] | Non
     return ({"tokens_per_second": bench["tokens_per_second"]}, bench["seconds"]) if same else None
 
 
-def held_out_accuracy(bundle: Path, out: Path, heldout: list[dict[str, str]], ranks: list[int]) -> dict:
-    """Accuracy of the original model, PiSSA, LoRA and original + exported PiSSA adapter(s)."""
+def held_out_accuracy(bundle: Path, out: Path, heldout: list[dict[str, str]], ranks: list[int],
+                      qbundle: Path | None = None) -> dict:
+    """Accuracy of the original model, PiSSA, LoRA and original + exported PiSSA adapter(s); with
+    ``qbundle`` also QPiSSA (4-bit residual + adapter) and QLoRA (NF4(W) + adapter)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -200,6 +232,23 @@ def held_out_accuracy(bundle: Path, out: Path, heldout: list[dict[str, str]], ra
                                               heldout)
     residual = AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
     results["pissa"] = accuracy(PeftModel.from_pretrained(residual, out / "pissa" / "adapter").eval(), tok, heldout)
+    if qbundle is not None:
+        from training.quant import quantize_targets, set_compute_dtype
+
+        def exact_4bit(model):
+            set_compute_dtype(model, torch.float32)
+            for m in model.modules():  # bitsandbytes' CPU shortcut multiplies in bfloat16: off, as in training
+                if hasattr(m, "support_avx512bf16_for_cpu"):
+                    m.support_avx512bf16_for_cpu = False
+            return model
+
+        q = AutoModelForCausalLM.from_pretrained(qbundle, dtype=torch.float32, device_map={"": "cpu"})
+        results["qpissa"] = accuracy(exact_4bit(PeftModel.from_pretrained(q, out / "qpissa" / "adapter")).eval(),
+                                     tok, heldout)
+        base = original()
+        quantize_targets(base, b.manifest["adapter"]["target_modules"], torch.float32)
+        results["qlora"] = accuracy(exact_4bit(PeftModel.from_pretrained(base, out / "qlora" / "adapter")).eval(),
+                                    tok, heldout)
     return results
 
 
@@ -216,9 +265,10 @@ def print_summary(s: dict) -> None:
         *[(f"exported at rank {k}: worst / median layer error, held-out",
            f"{v['worst_error']:.3f} / {v['median_error']:.3f}, {v['heldout_correct']}/{acc['pissa']['total']}")
           for k, v in s["compressed_exports"].items()],
-        ("tokens/s: PiSSA / LoRA",
-         f"{s['tokens_per_second']['pissa']:.0f} / {s['tokens_per_second']['lora']:.0f}"),
-        ("s/step: PiSSA / LoRA", f"{s['seconds_per_step']['pissa']:.2f} / {s['seconds_per_step']['lora']:.2f}"),
+        *[(f"{init}: final loss (last 5) / last 20 / tokens/s / s/step",
+           f"{s['final_loss_last5'][init]:.3f} / {s['mean_loss_last20'][init]:.3f} / "
+           f"{s['tokens_per_second'][init]:.0f} / {s['seconds_per_step'][init]:.2f}")
+          for init in s["final_loss_last5"]],
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

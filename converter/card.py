@@ -38,8 +38,8 @@ def _quant_section(record: dict[str, Any]) -> str:
         "## QPiSSA quantization",
         "",
         f"The residual is `deq(Q)`, `Q` = {q['quant_type'].upper()} (blocksize {q['blocksize']}"
-        f"{', double quantization' if q['double_quant'] else ''}) of `W − s·BA`, stored dequantized in"
-        f" {q['residual_dtype']}; the adapter was fitted to it over {q['iters']} refinement(s), best kept."
+        f"{', double quantization' if q['double_quant'] else ''}) of `W − s·BA`, {_storage(q)};"
+        f" the adapter was fitted to it over {q['iters']} refinement(s), best kept."
         " Nuclear-norm error `‖W − (deq(Q) + s·BA)‖_*` against QLoRA's `‖W − deq(NF4(W))‖_*`:",
         "",
         "| layer | matrices | QPiSSA error | QLoRA error | below QLoRA |",
@@ -53,6 +53,15 @@ def _quant_section(record: dict[str, Any]) -> str:
         f" | {100 * q['below_qlora']:.1f}% |"
     )
     return "\n".join(lines) + "\n\n"
+
+
+def _storage(q: dict[str, Any]) -> str:
+    if q.get("storage") == "dequantized":
+        return f"stored dequantized in {q['residual_dtype']}"
+    return (
+        "stored packed in bitsandbytes' 4-bit layout (`from_pretrained` needs bitsandbytes and quantizes nothing"
+        " itself: `quantization_config` is in config.json)"
+    )
 
 
 def _left_out_section(entries: list[dict[str, Any]]) -> str:

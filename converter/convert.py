@@ -51,7 +51,8 @@ from pissa.core.errors import (
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as B
 from pissa.core.formats import model as model_format
-from pissa.core.formats.bundle import PARTS
+from pissa.core.formats import nf4
+from pissa.core.formats.bundle import PARTS, STORAGE_DEQUANTIZED, STORAGE_PACKED
 from pissa.core.formats.dtypes import torch_dtype
 from pissa.core.hashing import BackgroundDigests, sha256_file
 from pissa.core.jsonio import read_json, write_json
@@ -114,6 +115,8 @@ class _Plan:
     residual_dtype: str | None
     fingerprint: dict[str, Any]
     left_out: tuple[LeftOut, ...] = ()
+    packed: bool = False  # QPiSSA residual in bitsandbytes' 4-bit layout
+    skip_modules: list[str] | None = None  # its llm_int8_skip_modules
 
 
 def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, staging: Path, distributed: bool) -> _Plan:
@@ -142,6 +145,9 @@ def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, sta
             "mixed layer orientations", ["targets mix Conv1D and Linear layers"], fix="convert them separately"
         )
     residual_dtype = options.dtype or source.default_dtype
+    packed = options.quantize is not None and options.dtype is None
+    if packed:
+        _check_packable(targets, left_out)
     # Cores per process: shared by this process's workers and, under torchrun, by the ranks on this node.
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if distributed else 1
     threads = options.threads or max(1, (os.cpu_count() or 1) // (options.workers * local_world))
@@ -168,6 +174,7 @@ def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, sta
             threads=threads,
             staging=str(staging),
             quant=options.quant_options(),
+            packed=packed,
         )
         for f in ckpt.weight_files
     )
@@ -175,10 +182,41 @@ def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, sta
         "options": options.content_record(),
         "source": {f: [ckpt.file_bytes(f), int((ckpt.folder / f).stat().st_mtime)] for f in ckpt.weight_files},
     }
+    skip = _unquantized_modules(ckpt, targets, all_linear) if packed else None
     return _Plan(
         ckpt, source, jobs, tuple(targets), peft_target_modules(targets, all_linear),
-        fans.pop(), residual_dtype, fingerprint, tuple(left_out),
+        fans.pop(), residual_dtype, fingerprint, tuple(left_out), packed, skip,
     )
+
+
+def _check_packable(targets: list[Any], left_out: list[Any]) -> None:
+    """The packed 4-bit residual needs plain ``nn.Linear`` targets (what transformers quantizes on loading)."""
+    problems = []
+    if any(t.fan_in_fan_out for t in targets):
+        problems.append("the targets are Conv1D layers (GPT-2 style), which the packed 4-bit layout does not cover")
+    if left_out:
+        problems.append("the model has MoE experts or routers, which the packed 4-bit layout does not cover")
+    if problems:
+        raise InvalidOptionsError(
+            "cannot store this residual packed in 4 bits", problems,
+            fix="pass --residual-dtype bfloat16 to store deq(Q) in a float dtype instead",
+        )
+
+
+def _unquantized_modules(ckpt: Checkpoint, targets: list[Any], all_linear: list[Any]) -> list[str] | None:
+    """``llm_int8_skip_modules``: the Linear layers left unquantized (None: only the output embeddings).
+
+    transformers quantizes every ``nn.Linear`` but these on loading; with a list it no longer adds the
+    output embeddings itself, so ``lm_head`` and every other non-target 2-D weight are named too.
+    """
+    chosen = {t.key for t in targets}
+    if all(t.key in chosen for t in all_linear):
+        return None
+    prefixes = {t.key[: -len(".weight")]: t.module for t in all_linear}
+    skip = {prefixes.get(k[: -len(".weight")], k[: -len(".weight")])
+            for k, info in ckpt.tensors.items()
+            if k.endswith(".weight") and len(info.shape) == 2 and k not in chosen}
+    return sorted(skip | {"lm_head"})
 
 
 def _env_rank(distributed: bool) -> tuple[int, int]:
@@ -434,10 +472,18 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
         write_json(staging / SAFETENSORS_INDEX, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
 
     for name in ckpt.extra_files:
-        if name == model_format.CONFIG and plan.residual_dtype:
+        if name == model_format.CONFIG and (plan.residual_dtype or plan.packed):
             config = dict(ckpt.config)
-            config["torch_dtype" if "torch_dtype" in config else "dtype"] = plan.residual_dtype
+            dtype_key = "torch_dtype" if "torch_dtype" in config else "dtype"
+            if plan.residual_dtype:
+                config[dtype_key] = plan.residual_dtype
             config.pop("quantization_config", None)
+            quant = options.quant_options()
+            if plan.packed and quant is not None:
+                compute = str(config.get(dtype_key) or "float32")
+                config["quantization_config"] = nf4.quantization_config(
+                    quant.quant_type, quant.double_quant, compute, plan.skip_modules
+                )
             write_json(staging / name, config)
         else:
             shutil.copyfile(ckpt.folder / name, staging / name)
@@ -467,7 +513,7 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
             "dtype": options.adapter_dtype,
         },
         "matrices": matrices,
-        **_quantization_record(options, plan.residual_dtype, matrices),
+        **_quantization_record(options, plan.residual_dtype, matrices, plan.packed),
         B.LEFT_OUT_KEY: [lo.to_record() for lo in plan.left_out],
     }
     (staging / B.CARD).write_text(render_model_card(record))
@@ -488,7 +534,9 @@ def _finalize(plan: _Plan, options: ConvertOptions, staging: Path, out: Path, st
     return record
 
 
-def _quantization_record(options: ConvertOptions, residual_dtype: str | None, matrices: list[dict]) -> dict[str, Any]:
+def _quantization_record(
+    options: ConvertOptions, residual_dtype: str | None, matrices: list[dict], packed: bool
+) -> dict[str, Any]:
     """pissa.json's ``quantization`` entry of a QPiSSA bundle (nothing for a plain one)."""
     quant = options.quant_options()
     if quant is None:
@@ -501,9 +549,10 @@ def _quantization_record(options: ConvertOptions, residual_dtype: str | None, ma
             "blocksize": quant.blocksize,
             "iters": quant.iters,
             "double_quant": quant.double_quant,
-            # The residual holds deq(Q) in this dtype: tools without bitsandbytes load it as a float model.
-            "storage": "dequantized",
-            "residual_dtype": residual_dtype,
+            # packed: Q in bitsandbytes' 4-bit layout (pissa/core/formats/nf4.py), loaded by transformers with
+            # the quantization_config of config.json; dequantized: deq(Q) in residual_dtype, a float model.
+            "storage": STORAGE_PACKED if packed else STORAGE_DEQUANTIZED,
+            "residual_dtype": None if packed else residual_dtype,
             "qpissa_nuclear_total": qpissa,
             "qlora_nuclear_total": qlora,
             "below_qlora": 1 - qpissa / qlora if qlora > 0 else 0.0,

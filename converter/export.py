@@ -64,6 +64,8 @@ class LayerError:
     shape: tuple[int, int]
     rel_error: float
     delta_norm: float | None
+    # QPiSSA runs: ‖deq(Q) + s·B₀A₀ − W‖ / ‖ΔW‖, what this LoRA on the original W does not carry.
+    quant_gap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,10 +135,10 @@ def resolve_trained_adapter(source: str | os.PathLike[str], bundle: str | os.Pat
             fix="pass a finished run folder, one of its checkpoint-N folders, or an adapter folder",
         )
     record = _find_record(adapter)
-    if record is not None and record.get("init") == "lora":
+    if record is not None and record.get("init") in ("lora", "qlora"):
         raise ExportError(
-            f"{adapter} is a plain-LoRA baseline (trained with --init lora): it already is an adapter for "
-            "the original base",
+            f"{adapter} is a plain-LoRA baseline (trained with --init {record.get('init')}): it already is an "
+            "adapter for the original base",
             fix=f"use {adapter} as it is",
         )
     bundle_path: Path | None = Path(bundle) if bundle is not None else None
@@ -341,6 +343,13 @@ def export(
         raise InvalidOptionsError("invalid export options", ["--merge and --rank cannot be combined"],
                                   fix="drop one of them")
     trained = resolve_trained_adapter(source, bundle)
+    if merge and trained.bundle.packed:
+        raise ExportError(
+            f"--merge of a run on a packed QPiSSA bundle ({trained.bundle.path}) is not supported yet: "
+            "the residual is 4-bit",
+            fix="export the LoRA adapter (no --merge) and merge it into the original base, or convert with "
+                "--residual-dtype bfloat16",
+        )
     config, pairs, init_pairs = check_compatible(trained)
     out_path = Path(out)
     tmp = prepare_output(out_path, overwrite=overwrite)
@@ -387,7 +396,8 @@ def _write_adapter(
     candidates: dict[int, float] = {}
 
     svds = {}
-    if rank is not None:
+    quantized = trained.bundle.quantization is not None
+    if rank is not None or quantized:  # QPiSSA: ‖ΔW‖ of every layer, for the quantization gap
         for m in modules:
             p, q = pairs[m], init_pairs[m]
             svds[m] = delta_svd(p["lora_A"], p["lora_B"], q["lora_A"], q["lora_B"], scaling)
@@ -433,6 +443,17 @@ def _write_adapter(
 
     worst = max((e.rel_error for e in layers), default=0.0)
     max_lora_rank = _smallest_vllm_rank(out_rank)
+    quant_record = None
+    if quantized:
+        layers = _with_quant_gaps(layers, trained.bundle)
+        gaps = [e.quant_gap for e in layers if e.quant_gap is not None]
+        quant_record = {
+            "storage": (trained.bundle.quantization or {}).get("storage"),
+            "quant_gap": "‖deq(Q) + s·B₀A₀ − W‖_F / ‖ΔW‖_F per layer: the trained model is W + ΔW + that "
+                         "difference; this adapter on the original W carries ΔW only",
+            "max_quant_gap": max(gaps) if gaps else None,
+            "mean_quant_gap": sum(gaps) / len(gaps) if gaps else None,
+        }
     record = {
         "format": "pissa-export",
         "mode": mode,
@@ -451,8 +472,10 @@ def _write_adapter(
         "candidates": {str(k): v for k, v in candidates.items()},
         "max_rel_error": worst,
         "max_lora_rank": max_lora_rank,
-        "layers": [{"name": e.name, "shape": list(e.shape), "rel_error": e.rel_error, "delta_norm": e.delta_norm}
+        "layers": [{"name": e.name, "shape": list(e.shape), "rel_error": e.rel_error, "delta_norm": e.delta_norm,
+                    **({"quant_gap": e.quant_gap} if quantized else {})}
                    for e in layers],
+        **({"quantization": quant_record} if quant_record else {}),
         "files": {ADAPTER_WEIGHTS: sha256_file(tmp / ADAPTER_WEIGHTS)},
     }
     write_json(tmp / EXPORT_RECORD, record)
@@ -463,6 +486,20 @@ def _write_adapter(
     return ExportReport(out=out, mode=mode, rank=out_rank, lora_alpha=out_alpha, base_model=base,
                         max_rel_error=worst, layers=tuple(layers), candidates=candidates,
                         max_lora_rank=max_lora_rank)
+
+
+def _with_quant_gaps(layers: list[LayerError], bundle: Bundle) -> list[LayerError]:
+    """Each layer's ``‖deq(Q) + s·B₀A₀ − W‖ / ‖ΔW‖`` from the norm pissa.json recorded at conversion
+    (``quant_error_norm``; None for bundles converted before it was recorded, or a zero ΔW)."""
+    from dataclasses import replace
+
+    matrices = bundle.matrices()
+    out = []
+    for e in layers:
+        norm = (matrices.get(e.name) or {}).get("quant_error_norm")
+        gap = float(norm) / e.delta_norm if norm is not None and e.delta_norm else None
+        out.append(replace(e, quant_gap=gap))
+    return out
 
 
 def _write_merged(

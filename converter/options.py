@@ -95,8 +95,9 @@ class ConvertOptions:
         threads: matrices factored in parallel threads per process (0: one per core / worker).
         device: ``cpu`` or ``cuda`` for the SVDs.
         quantize: ``nf4`` for a QPiSSA bundle (``None``: plain PiSSA): the adapter is fitted to the
-            NF4-quantized residual ``Q`` (converter/qpissa.py); for now the residual is stored as
-            ``deq(Q)`` in ``dtype``, which must then be given.
+            NF4-quantized residual ``Q`` (converter/qpissa.py). Without ``dtype`` the targets' residual is
+            stored packed in bitsandbytes' 4-bit layout (transformers loads it with bitsandbytes); with
+            ``dtype`` it is stored as ``deq(Q)`` in that dtype, an ordinary float model.
         quant_iters: QPiSSA refinements ``T`` (the best iterate is kept).
         quant_blocksize: NF4 block size.
         double_quant: quantize the NF4 absmax constants too.
@@ -151,11 +152,6 @@ class ConvertOptions:
             ]
             return [f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --quantize nf4"] if given else []
         p = quant.problems()
-        if self.dtype is None:
-            p.append(
-                "--quantize stores the residual dequantized for now (the packed 4-bit layout is not written yet): "
-                "pass --residual-dtype bfloat16 (or float16 / float32)"
-            )
         return p
 
     def problems(self) -> list[str]:

@@ -69,6 +69,7 @@ class ShardJob:
     threads: int
     staging: str
     quant: QuantOptions | None = None  # QPiSSA: fit the adapter to the NF4-quantized residual
+    packed: bool = False  # QPiSSA: store Q in bitsandbytes' 4-bit layout (else deq(Q) in residual_dtype)
 
     @property
     def marker(self) -> Path:
@@ -265,12 +266,14 @@ def convert_shard(
 @dataclass(frozen=True)
 class _QuantizedSplit(PissaSplit):
     quant_record: dict[str, Any] = field(default_factory=dict)
+    packed: dict[str, torch.Tensor] | None = None  # the packed layout's tensors (residual unused then)
 
 
 def _quantized_split(
     job: ShardJob, target: Target, weight: torch.Tensor, adapter_dtype: torch.dtype, residual_dtype: torch.dtype
 ) -> _QuantizedSplit:
-    """QPiSSA split of one matrix; the residual stored is ``deq(Q)`` cast to the residual dtype.
+    """QPiSSA split of one matrix; the residual stored is ``deq(Q)`` cast to the residual dtype, or
+    (``job.packed``) Q itself in bitsandbytes' 4-bit layout, which dequantizes to the float32 ``deq(Q)``.
 
     Recorded like a plain split, from the tensors as stored: ``energy = ‖s·BA‖² / ‖W_res + s·BA‖²`` (what
     ``pissa verify`` recomputes) and ``rel_error = ‖W − (W_res + s·BA)‖ / ‖W‖`` (now the quantization
@@ -285,11 +288,18 @@ def _quantized_split(
         w, rank=job.rank, scaling=job.scaling, svd=job.svd, quant=job.quant, seed=matrix_seed(job.seed, target.key)
     )
     lora_a, lora_b = q.lora_A.to(adapter_dtype), q.lora_B.to(adapter_dtype)
+    packed = None
+    if job.packed:
+        from converter.qpack import packed_tensors
+
+        packed = packed_tensors(target.key, q.quantized.packed, q.quantized.state, target.out_in, job.quant)
+        residual_dtype = torch.float32
     residual = q.quantized.dequantized.to(residual_dtype)
     delta = (lora_b.float() @ lora_a.float()).mul_(job.scaling)
     recon = delta + residual.float()
     energy = float(delta.norm()) ** 2 / max(float(recon.norm()) ** 2, 1e-300)
-    rel_error = float((w - recon).norm()) / max(float(w.norm()), 1e-300)
+    error_norm = float((w - recon).norm())
+    rel_error = error_norm / max(float(w.norm()), 1e-300)
     if target.fan_in_fan_out:
         residual = residual.T
     return _QuantizedSplit(
@@ -303,7 +313,10 @@ def _quantized_split(
             "qlora_nuclear": q.qlora_error,
             "qpissa_qlora_ratio": q.ratio,
             "quant_best_iter": q.best,
+            # ‖W − (W_res + s·B₀A₀)‖_F as stored: what a LoRA on the original W cannot carry (pissa export).
+            "quant_error_norm": error_norm,
         },
+        packed=packed,
     )
 
 
@@ -326,6 +339,13 @@ def _convert_shard(
         return res_dtype if res_dtype is not None and dtype.is_floating_point else dtype
 
     layout = {info.key: (out_dtype(info), info.shape) for info in job.tensors}
+    if job.packed:
+        from converter.qpack import packed_layout
+
+        assert job.quant is not None
+        for t in job.targets:
+            del layout[t.key]
+            layout.update(packed_layout(t.key, t.out_in, job.quant))
     adapter_layout: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     for t in job.targets:
         out_f, in_f = t.out_in
@@ -360,7 +380,9 @@ def _convert_shard(
         with _writer(out_path, layout, metadata) as res_w, _writer(job.adapter_part, adapter_layout, {"format": "pt"}) as ada_w:
 
             def collect(target: Target, split: Any) -> None:
-                res_w.write(target.key, split.residual.cpu())
+                packed = getattr(split, "packed", None)
+                for key, tensor in sorted(packed.items()) if packed else [(target.key, split.residual.cpu())]:
+                    res_w.write(key, tensor)
                 ada_w.write(adapter_key(target.module, "lora_A"), split.lora_A.cpu())
                 ada_w.write(adapter_key(target.module, "lora_B"), split.lora_B.cpu())
                 out_f, in_f = target.out_in

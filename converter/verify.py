@@ -8,6 +8,8 @@
    matrix (float32 1e-5, float16 2e-3, bfloat16 1e-2) and every other tensor equals the source's
    (after the recorded dtype cast); for a QPiSSA bundle (``quantization`` in pissa.json, residual
    ``deq(Q)``) that error is the quantization error and must equal the recorded ``rel_error`` (to 1%);
+   a packed QPiSSA residual (bitsandbytes' 4-bit layout) is dequantized by bitsandbytes first, and its
+   quant-state tensors must be exactly the ones the layout declares;
 5. the matrices recorded as left out (MoE experts, routers) are in the residual model as recorded
    (patterns, tensor and matrix counts) and none of them was also converted (with ``source``, step 4
    shows they are the source's, untouched).
@@ -111,7 +113,15 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
     scaling = float(adapter["scaling"])
     r = int(adapter["r"])
     residual_dtype = record.get("residual_dtype")
-    quantized = "quantization" in record
+    quantized = B.QUANT_KEY in record
+    quant = record.get(B.QUANT_KEY) or {}
+    packed = quant.get("storage") == B.STORAGE_PACKED
+    aux: set[str] = set()
+    if packed:
+        from converter.qpack import aux_keys
+
+        for m in record["matrices"]:
+            aux.update(aux_keys(m["key"], quant["quant_type"], bool(quant["double_quant"])))
     src_map: dict[str, str] = {}
     if source_folder is not None:
         from converter.checkpoint import open_checkpoint
@@ -126,7 +136,7 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
     for shard in sorted(set(weight_map.values())):
         res = safe_open(str(bundle / shard), framework="pt")
         src_handles: dict[str, Any] = {}
-        for key in [k for k, f in weight_map.items() if f == shard]:
+        for key in [k for k, f in weight_map.items() if f == shard and k not in aux]:
             m = by_key.get(key)
             src = None
             if source_folder is not None:
@@ -137,7 +147,14 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
                 if file not in src_handles:
                     src_handles[file] = _open_source(source_folder / file)
                 src = src_handles[file](key)
-            w_res = res.get_tensor(key)
+            if m is not None and packed:
+                try:
+                    w_res = _dequantize(bundle, weight_map, key, quant)
+                except (KeyError, ValueError, RuntimeError) as exc:
+                    problems.append(f"{key}: packed 4-bit weight unreadable ({exc})")
+                    continue
+            else:
+                w_res = res.get_tensor(key)
             if m is None:
                 if src is not None:
                     expected = src.to(torch_dtype(residual_dtype)) if residual_dtype and src.is_floating_point() else src
@@ -173,8 +190,23 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
                 if err > tol:
                     problems.append(f"{m['name']}: ‖W − (W_res + s·BA)‖/‖W‖ = {err:.2e} exceeds {tol:.0e}")
     missing = sorted(set(by_key) - set(weight_map))
+    missing_aux = sorted(aux - set(weight_map))
+    problems += [f"{k}: quant-state tensor of a packed weight is missing" for k in missing_aux[:5]]
     problems += [f"{k}: recorded matrix has no residual tensor" for k in missing]
     return problems, worst
+
+
+def _dequantize(bundle: Path, weight_map: dict[str, str], key: str, quant: dict[str, Any]) -> Any:
+    """``deq(Q)`` (float32) of the packed weight ``key``, its quant state read from whichever shard holds it."""
+    from safetensors import safe_open
+
+    from converter.qpack import dequantize_packed
+
+    def get(k: str) -> Any:
+        with safe_open(str(bundle / weight_map[k]), framework="pt") as f:
+            return f.get_tensor(k)
+
+    return dequantize_packed(get, key, quant["quant_type"], bool(quant["double_quant"]))
 
 
 def check_left_out(bundle: Path, record: dict[str, Any]) -> list[str]:

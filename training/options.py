@@ -7,7 +7,7 @@ from typing import Any
 
 from pissa.core.errors import InvalidOptionsError
 
-INITS = ("pissa", "lora")
+INITS = ("pissa", "lora", "qlora")
 OVERLONG = ("drop", "truncate")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -20,7 +20,10 @@ class TrainOptions:
     Attributes:
         init: ``pissa`` (residual + the bundle's principal adapter, trainable) or ``lora`` (the same
             recipe as plain LoRA on the original base, same rank/alpha/targets, with PEFT's default
-            init ``init_lora_weights=True``: A Kaiming-uniform (``a=√5``, as ``nn.Linear``), B zero).
+            init ``init_lora_weights=True``: A Kaiming-uniform (``a=√5``, as ``nn.Linear``), B zero), or
+            ``qlora`` (the same fresh LoRA on ``NF4(W)`` of the original target weights, training/quant.py).
+            A QPiSSA bundle packed in 4 bits trains ``pissa`` QLoRA-style (frozen 4-bit residual); ``lora``
+            and ``qlora`` need an unquantized bundle (the original weights are rebuilt from it).
         epochs: passes over the data (ignored when ``max_steps`` is set).
         max_steps: optimizer steps (overrides ``epochs``).
         lr: peak learning rate.

@@ -7,6 +7,11 @@ The recipe (one for both inits, so the comparison is fair):
 - ``init="lora"``: the original base, rebuilt from the bundle as ``W_res + s·B₀A₀`` (= the source
   weights up to the residual dtype's rounding; no access to the source needed), + a fresh PEFT LoRA
   adapter with the bundle's rank, alpha, rsLoRA flag and targets (Kaiming-uniform A, zero B).
+- ``init="qlora"``: as ``lora``, with the target layers replaced by frozen NF4 ``Linear4bit`` layers
+  quantized from the rebuilt float32 weights (training/quant.py): QLoRA's starting point.
+- QPiSSA (``init="pissa"`` on a bundle converted with ``--quantize nf4`` and no ``--residual-dtype``):
+  the bundle loads as a 4-bit model (frozen NF4 residual, bitsandbytes), the adapter trains in float32
+  (the run's ``--dtype``). ``lora`` and ``qlora`` need an unquantized bundle of the same source.
 
 Both then run the same Trainer: AdamW, the chosen schedule with warm-up, gradient clipping at 1.0,
 loss on response tokens only. Distribution (DDP/FSDP/DeepSpeed), bf16 and gradient checkpointing are
@@ -136,18 +141,59 @@ def load_original_model(bundle: Bundle, dtype: str = "float32") -> Any:
     return PeftModel.from_pretrained(model, bundle.path, subfolder=INIT_DIR).merge_and_unload()
 
 
+def _device_map() -> dict[str, Any]:
+    """Where bitsandbytes puts a 4-bit model: this process's accelerator, else the CPU."""
+    if not has_accelerator():
+        return {"": "cpu"}
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
+def check_init(bundle: Bundle, init: str) -> None:
+    """``lora`` / ``qlora`` rebuild the original weights from the bundle: a QPiSSA bundle cannot give them back.
+
+    Raises:
+        InvalidOptionsError: a quantized bundle with ``--init lora`` or ``--init qlora``.
+    """
+    if init in ("lora", "qlora") and bundle.quantization is not None:
+        raise InvalidOptionsError(
+            f"--init {init} needs the original weights, and {bundle.path} is a QPiSSA bundle",
+            [f"its residual is deq(Q), so deq(Q) + s·B₀A₀ is not the original W; --init {init} rebuilds W from a "
+             "bundle converted without --quantize"],
+            fix=f"convert the same source without --quantize and train --init {init} on that bundle",
+        )
+
+
 def load_model(bundle: Bundle, options: TrainOptions) -> Any:
     """The trainable PEFT model of the recipe for ``options.init`` (see the module docstring)."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
 
+    check_init(bundle, options.init)
+    dtype = getattr(torch, options.dtype)
     if options.init == "pissa":
-        model = AutoModelForCausalLM.from_pretrained(bundle.path, dtype=getattr(torch, options.dtype))
+        if bundle.packed:
+            from training.quant import require_bitsandbytes, set_compute_dtype
+
+            require_bitsandbytes()
+            # quantization_config in config.json: a 4-bit model, its targets frozen Linear4bit layers.
+            model = AutoModelForCausalLM.from_pretrained(bundle.path, dtype=dtype, device_map=_device_map())
+            set_compute_dtype(model, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(bundle.path, dtype=dtype)
         return PeftModel.from_pretrained(model, bundle.path, subfolder=INIT_DIR, is_trainable=True)
     # Plain LoRA on the original base: W = W_res + s·B₀A₀, then a fresh adapter with the same shape.
+    # QLoRA: the same, on NF4(W) of the target layers.
     init_config = read_json(bundle.init_dir / adapter_format.CONFIG)
-    merged = load_original_model(bundle, options.dtype)
+    merged = load_original_model(bundle, "float32" if options.init == "qlora" else options.dtype)
+    if options.init == "qlora":
+        from training.quant import quantize_targets
+
+        quantize_targets(merged, init_config["target_modules"], dtype)
+        if options.dtype != "float32":
+            for p in merged.parameters():
+                if p.dtype == torch.float32:
+                    p.data = p.data.to(dtype)
     set_seed(options.seed)
     config = LoraConfig(
         r=int(init_config["r"]),
@@ -380,6 +426,7 @@ def train(
     out_path = Path(out).absolute()
     data_path = Path(data)
     b = open_bundle(bundle)
+    check_init(b, options.init)  # before the run folder is touched
     # Under torchrun / accelerate launch this sets up the process group (every rank gets here).
     args = _training_arguments(out_path, options, options.eval_data is not None)
     world = int(args.world_size)
@@ -497,8 +544,8 @@ def _save_adapter(model: Any, adapter: Path, bundle: Bundle, options: TrainOptio
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
-    if options.init == "lora":
-        # The baseline is an adapter for the original base: say so in its config.
+    if options.init in ("lora", "qlora"):
+        # The baseline is an adapter for the original base (QLoRA: its NF4 quantization): say so in its config.
         config = read_json(tmp / adapter_format.CONFIG)
         config["base_model_name_or_path"] = bundle.base_model
         write_json(tmp / adapter_format.CONFIG, config)

@@ -32,7 +32,8 @@ def _default(name: str) -> object:
 @click.option("--adapter-dtype", default=_default("adapter_dtype"), show_default=True,
               help="Dtype of lora_A / lora_B.")
 @click.option("--quantize", default=_default("quantize"),
-              help="nf4: QPiSSA, the adapter fitted to the NF4-quantized residual (stored dequantized in --residual-dtype).")
+              help="nf4: QPiSSA, the adapter fitted to the NF4-quantized residual, stored packed in 4 bits "
+              "(bitsandbytes' layout), or dequantized when --residual-dtype is given.")
 @click.option("--quant-iters", type=int, default=_default("quant_iters"), show_default=True,
               help="QPiSSA refinements (re-quantize, re-fit the adapter); the best is kept.")
 @click.option("--quant-blocksize", type=int, default=_default("quant_blocksize"), show_default=True,

@@ -34,4 +34,10 @@ def export(source: str, out: str, rank: str | None, tol: float, merge: bool, bun
     worst = max(report.layers, key=lambda e: e.rel_error, default=None)
     if worst is not None and report.mode == "compressed":
         click.echo(f"  worst-layer relative error of ΔW: {worst.rel_error:.3g} ({worst.name})")
+    gaps = [e for e in report.layers if e.quant_gap is not None]
+    if gaps:
+        top = max(gaps, key=lambda e: e.quant_gap or 0.0)
+        mean = sum(e.quant_gap or 0.0 for e in gaps) / len(gaps)
+        click.echo(f"  QPiSSA: not carried by a LoRA on the original W, ‖deq(Q) + s·B₀A₀ − W‖/‖ΔW‖: "
+                   f"mean {mean:.3g}, worst {top.quant_gap:.3g} ({top.name})")
     click.echo(f"  serve with vLLM: --enable-lora --max-lora-rank {report.max_lora_rank}")

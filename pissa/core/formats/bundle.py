@@ -3,7 +3,9 @@
 ```
 BUNDLE/
   config.json, tokenizer files, ...        copied from the source
-  model*.safetensors (+ index)              residual model: same keys, dtypes, shard split
+  model*.safetensors (+ index)              residual model: same keys, dtypes, shard split (QPiSSA
+                                            packed: each target weight in bitsandbytes' 4-bit layout,
+                                            formats/nf4.py, and quantization_config in config.json)
   pissa_init/adapter_config.json            PEFT LoRA config, init_lora_weights=true
   pissa_init/adapter_model.safetensors      lora_A [r, in], lora_B [out, r]
   pissa.json                                provenance, options, per-matrix statistics, checksums
@@ -34,6 +36,9 @@ INIT_WEIGHTS_KEY = f"{INIT_DIR}/{adapter.WEIGHTS}"
 #: reason}`` (MoE experts and routers); absent or empty when every linear layer but the output one
 #: was a candidate.
 LEFT_OUT_KEY = "left_out"
+QUANT_KEY = "quantization"  # QPiSSA bundles: how the residual is quantized and stored
+STORAGE_PACKED = "nf4-packed"  # residual targets in bitsandbytes' 4-bit layout (formats/nf4.py)
+STORAGE_DEQUANTIZED = "dequantized"  # residual targets as deq(Q) in a float dtype
 
 
 def is_bundle(path: Path) -> bool:
@@ -64,6 +69,17 @@ class Bundle:
     @property
     def recorded_init_sha256(self) -> str | None:
         return (self.manifest.get("files") or {}).get(INIT_WEIGHTS_KEY)
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """pissa.json's ``quantization`` entry (QPiSSA bundles), else None."""
+        q = self.manifest.get(QUANT_KEY)
+        return q if isinstance(q, dict) else None
+
+    @property
+    def packed(self) -> bool:
+        """Whether the residual's targets are stored packed in 4 bits (transformers needs bitsandbytes)."""
+        return (self.quantization or {}).get("storage") == STORAGE_PACKED
 
     def matrices(self) -> dict[str, dict[str, Any]]:
         """Per-module records of pissa.json keyed by module name."""
