@@ -29,22 +29,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-PROMPTS = ["What is 7 times 8?", "The capital of France is", "def add(a, b):", "The quick brown fox",
-           "Question: what is 12 * 34?", "Hello world", "numbers 0 1 2 3", "Answer: 56. The"]
+from serve import PROMPTS, percentile, run_scenario  # noqa: E402 - bench/serve.py, the same measure
+
 INTERNAL = "bench-internal-key"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100])."""
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, round(q / 100 * len(s) + 0.5) - 1))
-    return s[k]
 
 
 def free_port() -> int:
@@ -91,22 +84,6 @@ def stop(proc: subprocess.Popen) -> None:
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
 
-
-def throughput(client, models: list[str], n: int, max_tokens: int) -> dict:
-    def one(i: int) -> tuple[float, int]:
-        t0 = time.perf_counter()
-        r = client.completions.create(model=models[i % len(models)], prompt=PROMPTS[i % len(PROMPTS)],
-                                      max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
-        return time.perf_counter() - t0, r.usage.completion_tokens
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=n) as pool:
-        results = list(pool.map(one, range(n)))
-    wall = time.perf_counter() - t0
-    lat = [r[0] for r in results]
-    tokens = sum(r[1] for r in results)
-    return {"wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 1), "requests_per_s": round(n / wall, 2),
-            "p50_s": round(percentile(lat, 50), 3), "p95_s": round(percentile(lat, 95), 3)}
 
 
 def added_latency(paths: dict, pairs: int) -> dict:
@@ -171,9 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             client = OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=600)
             vllms = urls[:replicas]
-            throughput(client, models, 8, 4)  # warm-up
+            run_scenario(client, models, 8, 4)  # warm-up
             before = served_counts(vllms)
-            runs = [throughput(client, models, args.requests, args.max_tokens) for _ in range(args.repeats)]
+            runs = [run_scenario(client, models, args.requests, args.max_tokens) for _ in range(args.repeats)]
             best = sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
             best["tokens_per_s_all_repeats"] = [r["tokens_per_s"] for r in runs]
             best["requests_per_replica"] = [a - b for a, b in zip(served_counts(vllms), before)]
