@@ -74,6 +74,11 @@ def _product(x: Any, w: Any, indices: Any, dtype: Any) -> tuple[Any, Any]:
 
     w = _weights(w)
     x = x.to(dtype)
+    if indices.numel() != x.shape[0]:  # vLLM's einsum broadcasts a single index (or a single row) over the other
+        if indices.numel() == 1:
+            indices = indices.reshape(1).expand(x.shape[0])
+        elif x.shape[0] == 1:
+            x = x.expand(indices.numel(), -1)
     rows = x.shape[0]
     slots, out_dim, in_dim = w.shape
     valid = indices >= 0

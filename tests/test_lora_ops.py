@@ -133,3 +133,24 @@ def test_single_row_broadcast_rule_of_vllms_expand():
     lora_ops.bgmv_expand(h, b, mine, torch.tensor([1]), True)
     ops.bgmv_expand(h, b, theirs, torch.tensor([1]), True)
     assert torch.allclose(mine, theirs) and torch.allclose(mine[2], h[0] @ b[1, 0].T)
+
+
+def test_a_single_index_or_row_broadcasts_like_vllms_ops():
+    """vLLM's einsum broadcasts one index over many rows (logits of one request's prompt) and one row over
+    many indices; the prompt-logprobs path relies on it."""
+    ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+    gen = torch.Generator().manual_seed(5)
+    for rows, n_idx in ((7, 1), (1, 5), (40, 1)):
+        x, a = torch.randn(rows, 32, generator=gen), torch.randn(3, 1, 8, 32, generator=gen)
+        idx = torch.randint(0, 3, (n_idx,), generator=gen)
+        out_rows = max(rows, n_idx)
+        mine, theirs = torch.zeros(out_rows, 8), torch.zeros(out_rows, 8)
+        lora_ops.bgmv_shrink(x, a, mine, idx, 0.5)
+        ops.bgmv_shrink(x, a, theirs, idx, 0.5)
+        assert torch.allclose(mine, theirs, atol=1e-5), (rows, n_idx)
+        h, b = torch.randn(rows, 8, generator=gen), torch.randn(3, 1, 24, 8, generator=gen)
+        y0 = torch.randn(out_rows, 24, generator=gen)
+        mine, theirs = y0.clone(), y0.clone()
+        lora_ops.bgmv_expand(h, b, mine, idx, True)
+        ops.bgmv_expand(h, b, theirs, idx, True)
+        assert torch.allclose(mine, theirs, atol=1e-5), (rows, n_idx)
