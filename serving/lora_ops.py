@@ -79,6 +79,8 @@ def _product(x: Any, w: Any, indices: Any, dtype: Any) -> tuple[Any, Any]:
             indices = indices.reshape(1).expand(x.shape[0])
         elif x.shape[0] == 1:
             x = x.expand(indices.numel(), -1)
+        else:  # what vLLM's einsum raises too (serving/vllm_prompt_logprobs.py's probe relies on it)
+            raise RuntimeError(f"{x.shape[0]} rows but {indices.numel()} LoRA indices")
     rows = x.shape[0]
     slots, out_dim, in_dim = w.shape
     valid = indices >= 0

@@ -154,3 +154,12 @@ def test_a_single_index_or_row_broadcasts_like_vllms_ops():
         lora_ops.bgmv_expand(h, b, mine, idx, True)
         ops.bgmv_expand(h, b, theirs, idx, True)
         assert torch.allclose(mine, theirs, atol=1e-5), (rows, n_idx)
+
+
+def test_rows_and_indices_that_do_not_broadcast_raise_like_vllms_ops():
+    ops = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
+    x, a, idx = torch.ones(6, 2), torch.ones(2, 1, 1, 2), torch.tensor([0, 1])
+    with pytest.raises(RuntimeError):
+        ops.bgmv_shrink(x, a, torch.zeros(6, 1), idx, 1.0)
+    with pytest.raises(RuntimeError):
+        lora_ops.bgmv_shrink(x, a, torch.zeros(6, 1), idx, 1.0)
