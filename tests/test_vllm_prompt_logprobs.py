@@ -272,7 +272,9 @@ def test_engine_prompt_logprobs_mixed_adapters(tmp_path, tiny_llama, lm_head_ten
     broken = _run_engine(tmp_path, tiny_llama, lm_head_tenants, fix=False)
     print(f"\nwith the fix: worst |Δ logprob| {worst:.2e}; without: {broken.get('six_text')}")
     assert broken["fix"] is False
-    assert "einsum" in broken["six_text"]["error"], broken  # the engine is dead after this
+    # vLLM's own ops (einsum) and the plugin's fast ops (serving/lora_ops.py) refuse the mismatch alike
+    error = broken["six_text"]["error"]
+    assert "einsum" in error or "LoRA indices" in error, broken  # the engine is dead after this
 
 
 @pytest.mark.vllm
