@@ -44,6 +44,12 @@ def client_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
+def client_url(host: str, port: int) -> str:
+    """``http://HOST:PORT`` where a local client reaches a server bound to ``host`` (IPv6 in brackets)."""
+    h = client_host(host)
+    return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
+
+
 def build_command(
     manifest: ServeManifest,
     max_lora_rank: int,
@@ -103,7 +109,6 @@ def build_command(
                 fix=f"export {s.api_key_env}=<key> before starting, or drop api_key_env",
             )
         env["VLLM_API_KEY"] = key
-    host = client_host(s.host)
-    url = f"http://[{host}]:{s.port}" if ":" in host else f"http://{host}:{s.port}"
+    url = client_url(s.host, s.port)
     notes = kv_cache.notes if kv_cache is not None else ()
     return LaunchPlan(tuple(argv), env, url, manifest.served_names, max_lora_rank, s.host, s.port, notes)

@@ -222,9 +222,9 @@ def plan_replicas(
     r_host, r_port = (LOOPBACK, port()) if gw is not None else (s.host, s.port)
     argv = router_command([p.url for p in replicas] + list(upstreams), host=r_host, port=r_port,
                           metrics_port=port(), startup_timeout=s.health_timeout)
-    from serving.gateway.run import public_url
+    from serving.command import client_url
 
-    r_url = public_url(r_host, r_port)
+    r_url = client_url(r_host, r_port)
     router = LaunchPlan(argv, {}, r_url, first[0].served_names, first[0].max_lora_rank, r_host, r_port)
     notes = [*first[0].notes]
     for i, p in enumerate(replicas, 1):
@@ -236,7 +236,7 @@ def plan_replicas(
                  + (", set by the gateway to the model name)" if gw else "; send it yourself for adapter affinity)"))
     if gw is not None:
         notes.append(f"tenants: {', '.join(t.name for t in gw.tenants)}; keys {gw.keys_file}; usage {gw.usage_db}")
-        public = dataclasses.replace(router, url=public_url(gw.host, gw.port), host=gw.host, port=gw.port)
+        public = dataclasses.replace(router, url=client_url(gw.host, gw.port), host=gw.host, port=gw.port)
     else:
         notes.append("no tenants: the router is the public listener; runtime adapter updates are off")
         public = router

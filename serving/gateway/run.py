@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pissa.core.errors import InvalidOptionsError
-from serving.command import LaunchPlan, client_host
+from serving.command import LaunchPlan, client_url
 from serving.gateway import store
 from serving.launcher import ServeResult, plan_serving, run_plan
 from serving.manifest import AdapterSpec, ModelRef, ServeManifest
@@ -48,11 +48,6 @@ def upstream_manifest(manifest: ServeManifest, port: int | None = None) -> Serve
     settings = manifest.vllm.model_copy(update={"host": LOOPBACK, "port": port or free_port(),
                                                 "api_key_env": INTERNAL_KEY_ENV})
     return replace(manifest, adapters=manifest.adapters + tuple(extra), vllm=settings)
-
-
-def public_url(host: str, port: int) -> str:
-    h = client_host(host)
-    return f"http://[{h}]:{port}" if ":" in h else f"http://{h}:{port}"
 
 
 def serve_with_gateway(
@@ -86,7 +81,7 @@ def serve_with_gateway(
     notes = (*plan.notes, f"vLLM listens on loopback only: {plan.url} (internal key)",
              f"tenants: {', '.join(t.name for t in gw.tenants)}; keys {gw.keys_file}; usage {gw.usage_db}"
              + ("" if admin_key else "; no admin key (vllm.api_key_env): admin paths are closed"))
-    public = replace(plan, url=public_url(gw.host, gw.port), host=gw.host, port=gw.port, notes=notes)
+    public = replace(plan, url=client_url(gw.host, gw.port), host=gw.host, port=gw.port, notes=notes)
     if dry_run:
         return ServeResult(public, None, None, None)
     require_vllm("to run `pissa serve` (--dry-run works without it)")
