@@ -27,6 +27,7 @@ class FakeVllm:
     models: list[str] = field(default_factory=lambda: ["base", "a1", "a2", "b1"])
     key: str | None = "internal"
     delay: float = 0.0
+    linger: float = 0.0  # seconds a stream stays open after ``data: [DONE]`` (vLLM's body can end later)
     max_model_len: int = 4096  # larger max_tokens get 400, as from vLLM
     seen: list[dict[str, Any]] = field(default_factory=list)  # every request that reached us
     cancelled: list[str] = field(default_factory=list)  # streams whose client went away
@@ -97,6 +98,8 @@ class FakeVllm:
                 if include:
                     yield f"data: {json.dumps({'id': 'x', 'model': model, 'choices': [], 'usage': usage})}\n\n"
                 yield "data: [DONE]\n\n"
+                if self.linger:
+                    await asyncio.sleep(self.linger)
             except (asyncio.CancelledError, GeneratorExit):
                 self.cancelled.append(model)
                 raise

@@ -219,6 +219,29 @@ def test_limits(tmp_path: Path) -> None:
         assert int(exc.value.response.headers["retry-after"]) >= 1
 
 
+def test_a_finished_stream_frees_its_slot_before_the_client_sees_the_end(tmp_path: Path) -> None:
+    """max_concurrent 1: a client that reads a stream to ``[DONE]`` and sends its next request at once is
+    served, even while vLLM's response body is still open (CI saw a 429 there with a real server)."""
+    cfg = config(tmp_path, gamma=Limits(max_concurrent=1))
+    with running(tmp_path, fake=FakeVllm(linger=2.0), cfg=cfg) as g:
+        gamma = client(g.url, g.keys["gamma"])
+        headers = {"authorization": f"Bearer {g.keys['gamma']}"}
+        body = {"model": "a2", "prompt": "p", "max_tokens": 3, "stream": True}
+        with httpx.Client(timeout=30) as c:
+            for _ in range(2):  # read up to [DONE], leave the body open, ask again
+                with c.stream("POST", g.url + "/v1/completions", json=body, headers=headers) as r:
+                    lines = []
+                    for line in r.iter_lines():
+                        lines.append(line)
+                        if line == "data: [DONE]":
+                            break
+                    assert len([x for x in lines if x.startswith("data: {")]) == 3
+                    assert gamma.completions.create(model="a2", prompt="p", max_tokens=1).choices[0].text == "tok0"
+        assert g.gateway.admission.active["gamma"] == 0
+    rows = store.usage_rows(g.config.usage_db, tenant="gamma")
+    assert sum(r.completion_tokens for r in rows) == 8
+
+
 def cfg_concurrency(tmp: Path):
     return config(tmp, gamma=Limits(max_concurrent=2), delta=Limits(tokens_per_day=20))
 

@@ -508,7 +508,9 @@ class StreamRelay:
 
     async def events(self) -> AsyncIterator[bytes]:
         """The events; a stream that breaks off (or ends without ``data: [DONE]``) ends with an OpenAI-shape
-        error event, which the ``openai`` client raises as ``APIError``."""
+        error event, which the ``openai`` client raises as ``APIError``. At ``data: [DONE]`` the upstream is
+        closed and the request accounted for before the last event goes out, so a client that sends its
+        next request at once finds its concurrency slot free."""
         splitter = EventSplitter()
         done = False
         try:
@@ -524,6 +526,11 @@ class StreamRelay:
                         self.chunks += 1
                     if not (self.strip_usage and is_usage_only(data)):
                         out.append(event)
+                if done:  # the end for the client: free the tenant's slot and account before it sees it
+                    self.status = 200
+                    await self.close()
+                    yield b"".join(out)
+                    return
                 if out:
                     yield b"".join(out)
             tail = splitter.rest()
