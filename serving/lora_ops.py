@@ -92,6 +92,15 @@ def _product(x: Any, w: Any, indices: Any, dtype: Any) -> tuple[Any, Any]:
         if not all_valid:
             y = torch.where(valid.unsqueeze(1), y, torch.zeros((), dtype=dtype))
         return y, None if all_valid else valid
+    if STACKED_ROWS[0] <= rows < STACKED_ROWS[1] and in_dim * slots <= 4 * out_dim:
+        # scattered (expand): row b's input placed in its slot's block of a [rows, S·in] matrix (zeros
+        # elsewhere; -1 rows all zero), then one GEMM against every slot's weights stacked along `in`
+        scattered = x.new_zeros(rows, slots, in_dim)
+        scattered[torch.arange(rows), indices.clamp(min=0)] = x
+        if not all_valid:
+            scattered[~valid] = 0
+        stacked = w.to(dtype).transpose(1, 2).reshape(slots * in_dim, out_dim)  # [S·in, out] (a small copy)
+        return scattered.view(rows, slots * in_dim) @ stacked, None if all_valid else valid
     if rows * out_dim * in_dim <= GATHER_ELEMENTS:
         # tiny batches: one batched product over each row's own slot (the copy is small here)
         y = torch.bmm(w[indices.clamp(min=0)].to(dtype), x.unsqueeze(2)).squeeze(2)
@@ -146,13 +155,27 @@ def bgmv_expand_slice(inputs: Any, lora_b_weights: Any, output_tensor: Any, lora
 
 # --- prefill (one index per sequence; rows of a sequence are contiguous) ------------------------
 def _prefill_product(x: Any, w: Any, lengths: Any, indices: Any, dtype: Any, out_rows: int) -> tuple[Any, Any]:
+    """``(P, mask)`` as :func:`_product`, with one index per sequence of ``lengths`` rows.
+
+    vLLM's V1 engine calls the ``sgmv`` ops for every step, decode included, so a decode batch arrives as
+    one-row sequences: when the sequences do not come in one run per slot (adapters interleaved), the rows
+    get their own indices and :func:`_product` picks the decode strategy; otherwise each run is one GEMM on
+    a contiguous slice."""
     import torch
 
     w = _weights(w)
+    runs = _runs(indices, lengths)
+    if len(runs) > len({slot for slot, _, _ in runs}):
+        per_row = torch.full((out_rows,), -1, dtype=indices.dtype)
+        covered = int(lengths.sum())
+        per_row[:covered] = torch.repeat_interleave(indices, lengths)
+        return _product(x, w, per_row, dtype)
     x = x.to(dtype)
+    if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == out_rows:
+        return x @ w[runs[0][0]].to(dtype).T, None
     y = x.new_zeros(out_rows, w.shape[1])
     valid = torch.zeros(out_rows, dtype=torch.bool)
-    for slot, first, end in _runs(indices, lengths):
+    for slot, first, end in runs:
         y[first:end] = x[first:end] @ w[slot].to(dtype).T
         valid[first:end] = True
     return y, valid
@@ -175,7 +198,8 @@ def sgmv_expand(inputs: Any, lora_b_weights: Any, output_tensor: Any, b_seq_star
                                 output_tensor.dtype, inputs.shape[0])
     limit = 1 if y.shape[0] == 1 and output_tensor.shape[0] != 1 else output_tensor.shape[0]
     common = min(y.shape[1], output_tensor.shape[1])
-    _write(output_tensor, y[:limit, :common], valid[:limit], slice(0, common), add_inputs)
+    _write(output_tensor, y[:limit, :common], valid[:limit] if valid is not None else None, slice(0, common),
+           add_inputs)
 
 
 def sgmv_expand_slice(inputs: Any, lora_b_weights: Any, output_tensor: Any, b_seq_start_loc: Any,

@@ -203,6 +203,24 @@ def patch_modules(modules: list[ModuleType], ops: dict[str, Callable[..., None]]
     return patched
 
 
+def patch_fused_linear(modules: list[ModuleType]) -> list[str]:
+    """Replace ``PunicaWrapperCPU.add_lora_linear`` with :mod:`serving.lora_fused`'s (every slice of a
+    layer at once for decode-sized batches; the patched per-slice ops otherwise). Idempotent."""
+    from serving.lora_fused import make_add_lora_linear
+
+    patched = []
+    for module in modules:
+        cls = getattr(module, "PunicaWrapperCPU", None)
+        original = getattr(cls, "add_lora_linear", None)
+        if cls is None or original is None or getattr(original, _FIXED_MARK, False):
+            continue
+        fused = make_add_lora_linear(original)
+        setattr(fused, _FIXED_MARK, True)
+        cls.add_lora_linear = fused
+        patched.append(f"{module.__name__}.PunicaWrapperCPU.add_lora_linear")
+    return patched
+
+
 def is_active() -> bool:
     """True when the installed vLLM's CPU ops are the fixed ones (in this process)."""
     try:
@@ -258,6 +276,8 @@ def _register_ops_fix() -> None:
             logger.debug("vLLM CPU LoRA ops handle index -1 correctly: no patch needed")
             return
         patched = patch_modules(modules, replacement)
+        if replacement is FAST_OPS:
+            patched += patch_fused_linear(modules)
         logger.info("%s: patched %d CPU LoRA ops with the %s ops (%s)", PLUGIN_NAME, len(patched), kind, reason)
     except Exception:  # noqa: BLE001 - a plugin must never take the server down
         logger.exception("%s: could not patch vLLM's CPU LoRA ops", PLUGIN_NAME)

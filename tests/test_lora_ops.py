@@ -80,7 +80,8 @@ def test_bgmv_ops_equal_per_row_reference(rows, slots, rank, d_in, d_out, wdtype
 
 
 @pytest.mark.parametrize("lengths,seq_slots", [([5, 0, 3, 7], [1, 2, -1, 1]), ([16], [0]), ([4, 4, 4], [2, 2, 0]),
-                                               ([9, 2], [-1, -1]), ([1] * 12, [0, 1, 2, 3, -1, 0, 1, 2, 3, -1, 3, 3])])
+                                               ([9, 2], [-1, -1]), ([1] * 12, [0, 1, 2, 3, -1, 0, 1, 2, 3, -1, 3, 3]),
+                                               ([5, 1, 1, 1, 3, 1], [0, 1, 0, 1, -1, 3])])
 def test_sgmv_ops_equal_the_exploded_bgmv_reference(lengths, seq_slots):
     gen = torch.Generator().manual_seed(sum(lengths))
     slots, rank, d_in, d_out = 4, 8, 32, 48
