@@ -1,5 +1,6 @@
-"""Per-op time of the CPU multi-LoRA ops: vLLM's own, the minimal fix (serving/vllm_plugin.py's FIXED_OPS)
-and the fast ones (serving/lora_ops.py), at SmolLM2-135M's shapes, interleaved, medians.
+"""Time per decoder layer of the CPU multi-LoRA ops: vLLM's own, the minimal fix (serving/vllm_plugin.py's
+FIXED_OPS), the fast ops (serving/lora_ops.py) and the fused layer call (serving/lora_fused.py), at
+SmolLM2-135M's shapes, interleaved, medians.
 
     OMP_NUM_THREADS=1 python bench/lora_ops.py                 # decode T = 1, 8, 32, 64; prefill T = 512, 2048
     python bench/lora_ops.py --slots 16 --rank 8 --threads 2
@@ -7,8 +8,12 @@ and the fast ones (serving/lora_ops.py), at SmolLM2-135M's shapes, interleaved, 
 One "layer step" is what vLLM's CPU punica wrapper runs for one decoder layer: shrink + expand_slice for
 q/k/v (fused qkv: 3 slices), o_proj, gate/up (2 slices) and down_proj, each with its own A and B.
 SmolLM2-135M: hidden 576, q 576, k/v 192, intermediate 1536. Rows get slots round-robin over ``--slots``
-(every row has an adapter: vLLM's own ops are then correct, so all three compute the same numbers, checked
-once). Decode uses the bgmv ops (one index per row); prefill the sgmv ops with 4 sequences.
+(every row has an adapter: vLLM's own ops are then correct, so all variants compute the same numbers, checked
+once). vLLM's V1 engine runs every step through the sgmv ops, with runs of equal consecutive slot indices
+(``compute_meta``); at decode, requests of different adapters interleave, so every row is its own run. Prefill:
+4 prompts of T/4 tokens. Variants: ``vllm`` (its torch ops), ``fixed``, ``fast`` (serving/lora_ops.py, per
+slice, as vLLM's wrapper calls them) and ``fused`` (serving/lora_fused.py: all slices of a layer in one
+call for fewer than 256 rows; the fast ops above that), the last as the plugin installs it.
 Prints a Markdown table (µs per layer step and the speed-ups) and writes ``--out`` (JSON).
 """
 
@@ -33,30 +38,48 @@ def make_layer(torch, slots: int, rank: int, dtype):
     gen = torch.Generator().manual_seed(0)
     layer = []
     for d_in, outs in LINEARS:
-        a = [torch.randn(slots, 1, rank, d_in, generator=gen).to(dtype) for _ in outs]
-        b = [torch.randn(slots, 1, o, rank, generator=gen).to(dtype) for o in outs]
+        a = tuple(torch.randn(slots, 1, rank, d_in, generator=gen).to(dtype) for _ in outs)  # one tuple per
+        b = tuple(torch.randn(slots, 1, o, rank, generator=gen).to(dtype) for o in outs)  # layer, as in vLLM
         layer.append((d_in, outs, a, b))
     return layer
 
 
-def step(ops, torch, layer, rows: int, idx, prefill, dtype) -> list:
-    """One layer's LoRA work (returns the outputs, for the equality check)."""
+def vllm_meta(torch, idx):
+    """vLLM's sgmv metadata for per-token slot indices (``punica_wrapper.utils.compute_meta``): runs of equal
+    consecutive indices. Its V1 engine runs every step, decode included, through the sgmv ops with it."""
+    seq_idx, lens = torch.unique_consecutive(idx, return_counts=True)
+    starts = torch.cumsum(lens, 0) - lens
+    return starts, lens, seq_idx, len(lens), int(lens.max()), int(lens.sum())
+
+
+def per_op_linear(ops, meta):
+    """vLLM's ``PunicaWrapperCPU.add_lora_linear`` over ``ops``: one shrink and one expand per output slice."""
+    def add_lora_linear(wrapper, y, x, a_list, b_list, scale, outs, *, buffer=None, **kwargs):
+        import torch
+
+        offset = 0
+        for a, b, o in zip(a_list, b_list, outs):
+            buf = torch.zeros(x.shape[0], a.shape[2], dtype=torch.float32)
+            ops["sgmv_shrink"](x, a, buf, *meta, scale)
+            ops["sgmv_expand_slice"](buf, b, y, *meta, offset, o, True)
+            offset += o
+    return add_lora_linear
+
+
+class Wrapper:
+    """The part of vLLM's punica wrapper the fused path reads (and caches on)."""
+
+    def __init__(self, idx):
+        self.token_lora_indices = idx
+
+
+def step(linear, torch, layer, rows: int, wrapper, dtype) -> list:
+    """One layer's LoRA work through ``linear`` (an ``add_lora_linear``); returns the outputs for the check."""
     results = []
     for d_in, outs, a_list, b_list in layer:
         x = torch.ones(rows, d_in, dtype=dtype) * 0.01
         y = torch.zeros(rows, sum(outs), dtype=dtype)
-        offset = 0
-        for a, b, o in zip(a_list, b_list, outs):
-            buf = torch.zeros(rows, a.shape[2], dtype=torch.float32)
-            if prefill is None:
-                ops["bgmv_shrink"](x, a, buf, idx, 0.5)
-                ops["bgmv_expand_slice"](buf, b, y, idx, offset, o, True)
-            else:
-                starts, lens, seq_idx = prefill
-                meta = (starts, lens, seq_idx, len(lens), int(lens.max()), rows)
-                ops["sgmv_shrink"](x, a, buf, *meta, 0.5)
-                ops["sgmv_expand_slice"](buf, b, y, *meta, offset, o, True)
-            offset += o
+        linear(wrapper, y, x, a_list, b_list, 0.5, outs)
         results.append(y)
     return results
 
@@ -74,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from vllm.lora.ops.torch_ops import lora_ops as vllm_ops
 
-    from serving import lora_ops, vllm_plugin
+    from serving import lora_fused, lora_ops, vllm_plugin
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -85,46 +108,48 @@ def main(argv: list[str] | None = None) -> int:
         "sgmv_expand_slice": lambda x, w, y, s, ln, i, b, m, t, off, size, add: fixed["bgmv_expand_slice"](
             x, w, y, torch.repeat_interleave(i, ln), off, size, add),
     }
-    variants = {"vllm": {n: getattr(vllm_ops, n) for n in lora_ops.FAST_OPS},
-                "fixed": {**fixed, **fixed_sgmv}, "fast": lora_ops.FAST_OPS}
+    ops = {"vllm": {n: getattr(vllm_ops, n) for n in lora_ops.FAST_OPS}, "fixed": {**fixed, **fixed_sgmv},
+           "fast": lora_ops.FAST_OPS}
     layer = make_layer(torch, args.slots, args.rank, dtype)
     shapes = [("decode", t) for t in (1, 8, 32, 64)] + [("prefill", t) for t in (512, 2048)]
     rows_out = []
     for kind, rows in shapes:
-        idx = torch.arange(rows) % args.slots
-        prefill = None
-        if kind == "prefill":
-            lens = torch.full((4,), rows // 4)
-            prefill = (torch.cumsum(lens, 0) - lens, lens, torch.arange(4) % args.slots)
-        ref = step(variants["vllm"], torch, layer, rows, idx, prefill, dtype)
-        for name in ("fixed", "fast"):
-            got = step(variants[name], torch, layer, rows, idx, prefill, dtype)
+        # decode: one token per request, requests' adapters interleaved round-robin; prefill: 4 prompts
+        idx = torch.arange(rows) % args.slots if kind == "decode" else \
+            torch.repeat_interleave(torch.arange(4) % args.slots, rows // 4)
+        meta = vllm_meta(torch, idx)
+        variants = {name: per_op_linear(o, meta) for name, o in ops.items()}
+        variants["fused"] = lora_fused.make_add_lora_linear(variants["fast"])
+        ref = step(variants["vllm"], torch, layer, rows, Wrapper(idx), dtype)
+        for name in ("fixed", "fast", "fused"):
+            got = step(variants[name], torch, layer, rows, Wrapper(idx), dtype)
             tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
             assert all(torch.allclose(g.float(), r.float(), atol=tol * (1 + r.abs().max().item())) for g, r in
                        zip(got, ref)), f"{name} differs from vLLM's ops at {kind} T={rows}"
         n = max(1, 2048 // rows)
         times: dict[str, list[float]] = {k: [] for k in variants}
+        wrappers = {k: Wrapper(idx) for k in variants}  # the fused path's caches live on the wrapper, as in vLLM
         for _ in range(args.repeats):  # interleaved
-            for name, ops in variants.items():
+            for name, linear in variants.items():
                 t0 = time.perf_counter()
                 for _ in range(n):
-                    step(ops, torch, layer, rows, idx, prefill, dtype)
+                    step(linear, torch, layer, rows, wrappers[name], dtype)
                 times[name].append((time.perf_counter() - t0) / n * 1e6)
         med = {k: statistics.median(v) for k, v in times.items()}
         rows_out.append({"kind": kind, "rows": rows, "us_per_layer_step": {k: round(v, 1) for k, v in med.items()},
-                         "fast_vs_vllm": round(med["vllm"] / med["fast"], 2),
-                         "fast_vs_fixed": round(med["fixed"] / med["fast"], 2)})
+                         "fused_vs_vllm": round(med["vllm"] / med["fused"], 2),
+                         "fused_vs_fixed": round(med["fixed"] / med["fused"], 2)})
     record = {"slots": args.slots, "rank": args.rank, "threads": args.threads, "dtype": args.dtype,
               "repeats": args.repeats, "command": "python bench/lora_ops.py " + " ".join(argv or sys.argv[1:]),
               "results": rows_out}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"| shape | T | vLLM µs | fixed µs | fast µs | fast vs vLLM | fast vs fixed |  "
+    print(f"| shape | T | vLLM µs | fixed µs | fast µs | fused µs | fused vs vLLM | fused vs fixed |  "
           f"(slots {args.slots}, rank {args.rank}, {args.dtype}, {args.threads} thread(s))")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows_out:
         u = r["us_per_layer_step"]
-        print(f"| {r['kind']} | {r['rows']} | {u['vllm']} | {u['fixed']} | {u['fast']} | "
-              f"{r['fast_vs_vllm']}× | {r['fast_vs_fixed']}× |")
+        print(f"| {r['kind']} | {r['rows']} | {u['vllm']} | {u['fixed']} | {u['fast']} | {u['fused']} | "
+              f"{r['fused_vs_vllm']}× | {r['fused_vs_fixed']}× |")
     return 0
 
 

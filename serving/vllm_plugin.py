@@ -204,20 +204,22 @@ def patch_modules(modules: list[ModuleType], ops: dict[str, Callable[..., None]]
 
 
 def patch_fused_linear(modules: list[ModuleType]) -> list[str]:
-    """Replace ``PunicaWrapperCPU.add_lora_linear`` with :mod:`serving.lora_fused`'s (every slice of a
-    layer at once for decode-sized batches; the patched per-slice ops otherwise). Idempotent."""
-    from serving.lora_fused import make_add_lora_linear
+    """Replace ``PunicaWrapperCPU.add_lora_linear`` and ``add_lora_logits`` with :mod:`serving.lora_fused`'s
+    (every slice of a layer at once for decode-sized batches; no logits LoRA work while no loaded adapter
+    has an ``lm_head``; the patched ops otherwise). Idempotent."""
+    from serving.lora_fused import make_add_lora_linear, make_add_lora_logits
 
     patched = []
     for module in modules:
         cls = getattr(module, "PunicaWrapperCPU", None)
-        original = getattr(cls, "add_lora_linear", None)
-        if cls is None or original is None or getattr(original, _FIXED_MARK, False):
-            continue
-        fused = make_add_lora_linear(original)
-        setattr(fused, _FIXED_MARK, True)
-        cls.add_lora_linear = fused
-        patched.append(f"{module.__name__}.PunicaWrapperCPU.add_lora_linear")
+        for name, make in (("add_lora_linear", make_add_lora_linear), ("add_lora_logits", make_add_lora_logits)):
+            original = getattr(cls, name, None)
+            if cls is None or original is None or getattr(original, _FIXED_MARK, False):
+                continue
+            replacement = make(original)
+            setattr(replacement, _FIXED_MARK, True)
+            setattr(cls, name, replacement)
+            patched.append(f"{module.__name__}.PunicaWrapperCPU.{name}")
     return patched
 
 

@@ -1,0 +1,187 @@
+"""The fused ``add_lora_linear`` (serving/lora_fused.py) against a per-row reference.
+
+Reference, for each row b with slot i_b and each output slice k (row by row, float64):
+    y_b[slice k] += scale · (x_b @ A_k[i_b]ᵀ) @ B_k[i_b]ᵀ   if i_b >= 0, else y_b unchanged (bit for bit).
+Tolerances: fp32 1e-4 relative to the largest reference value of the case (GEMMs of different shapes sum in
+different orders); bf16 inputs, weights and output: 2e-2 (bf16's 8-bit mantissa; vLLM also casts the float32
+shrink result to bf16 before the expand).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serving import lora_fused
+
+CASES = [  # rows, slots, rank, d_in, slice sizes
+    (1, 1, 1, 16, (24,)), (3, 4, 8, 64, (64, 16, 16)), (32, 4, 8, 64, (96, 32)), (17, 16, 8, 48, (48, 16, 16)),
+    (64, 16, 64, 96, (40,)), (255, 2, 4, 32, (32, 32)), (8, 7, 32, 40, (72, 8, 8)), (5, 3, 16, 24, (24,)),
+]
+
+
+class Wrapper:
+    """What the fused path reads from vLLM's ``PunicaWrapperCPU``: the per-token slot indices."""
+
+    def __init__(self, indices: torch.Tensor):
+        self.token_lora_indices = indices
+        self.original_calls = 0
+
+
+def original(wrapper, y, x, lora_a, lora_b, scale, output_slices, *, buffer=None, **kwargs):
+    wrapper.original_calls += 1
+    if wrapper.token_lora_indices.numel() != x.shape[0]:
+        return  # a shape the fused path does not know: only the hand-over is checked
+    y.copy_(reference(y, x, lora_a, lora_b, scale, output_slices, wrapper.token_lora_indices).to(y.dtype))
+
+
+def reference(y, x, lora_a, lora_b, scale, output_slices, indices):
+    out = y.double().clone()
+    offset = 0
+    for k, size in enumerate(output_slices):
+        for b, i in enumerate(indices.tolist()):
+            if i >= 0:
+                a = lora_a[k][i, 0].double()  # [r, in]
+                bw = lora_b[k][i, 0].double()  # [out_k, r]
+                out[b, offset:offset + size] += scale * (x[b].double() @ a.T) @ bw.T
+        offset += size
+    return out
+
+
+def make_case(rows, slots, rank, d_in, slices, dtype, seed, none_share=0.25):
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, slots, (rows,), generator=gen)
+    idx[torch.rand(rows, generator=gen) < none_share] = -1
+    x = torch.randn(rows, d_in, generator=gen).to(dtype)
+    lora_a = tuple(torch.randn(slots, 1, rank, d_in, generator=gen).to(dtype) for _ in slices)  # vLLM's layout
+    lora_b = tuple(torch.randn(slots, 1, size, rank, generator=gen).to(dtype) for size in slices)
+    y = torch.randn(rows, sum(slices), generator=gen).to(dtype)
+    return idx, x, lora_a, lora_b, y
+
+
+def fused():
+    return lora_fused.make_add_lora_linear(original)
+
+
+@pytest.mark.parametrize("rows,slots,rank,d_in,slices", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_fused_equals_per_row_reference_and_rows_without_adapter_are_untouched(rows, slots, rank, d_in, slices,
+                                                                                dtype, scale):
+    idx, x, lora_a, lora_b, y = make_case(rows, slots, rank, d_in, slices, dtype, seed=rows * 100 + slots + rank)
+    y0 = y.clone()
+    wrapper = Wrapper(idx)
+    fused()(wrapper, y, x, lora_a, lora_b, scale, slices)
+    assert wrapper.original_calls == 0  # the fused path ran
+    ref = reference(y0, x, lora_a, lora_b, scale, slices, idx)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+    assert err < tol, f"relative error {err:.2e} > {tol}"
+    none = idx < 0
+    assert torch.equal(y[none], y0[none])  # index -1: exactly nothing added
+
+
+def test_a_batch_without_adapters_is_left_exactly_as_it_was():
+    idx, x, lora_a, lora_b, y = make_case(6, 4, 8, 32, (32, 8), torch.float32, seed=1, none_share=1.0)
+    y0 = y.clone()
+    wrapper = Wrapper(idx)
+    fused()(wrapper, y, x, lora_a, lora_b, 1.0, (32, 8))
+    assert wrapper.original_calls == 0 and torch.equal(y, y0)
+
+
+def test_a_3d_input_and_output_take_the_same_path():
+    idx, x, lora_a, lora_b, y = make_case(12, 4, 8, 32, (16, 16), torch.float32, seed=2)
+    ref = reference(y, x, lora_a, lora_b, 1.0, (16, 16), idx)
+    y3 = y.clone().view(3, 4, 32)
+    fused()(Wrapper(idx), y3, x.view(3, 4, 32), lora_a, lora_b, 1.0, (16, 16))
+    assert torch.allclose(y3.view(12, 32).double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("rows,n_indices", [(lora_fused.FUSED_MAX_ROWS, None), (600, None), (8, 9)])
+def test_prefill_sized_batches_and_unknown_shapes_go_to_the_original(rows, n_indices):
+    idx, x, lora_a, lora_b, y = make_case(rows, 4, 8, 16, (16,), torch.float32, seed=3)
+    if n_indices is not None:
+        idx = torch.zeros(n_indices, dtype=torch.long)
+    wrapper = Wrapper(idx)
+    if n_indices is None:
+        ref = reference(y, x, lora_a, lora_b, 1.0, (16,), idx)
+    fused()(wrapper, y, x, lora_a, lora_b, 1.0, (16,))
+    assert wrapper.original_calls == 1
+    if n_indices is None:
+        assert torch.allclose(y.double(), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_a_slot_written_in_place_and_new_indices_are_seen_at_the_next_call(inference):
+    """vLLM loads an adapter by copying into its stacked tensors and rewrites the indices in place each step:
+    the caches (keyed by version counters; inference tensors have none and are re-stacked) must follow."""
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx:
+        idx, x, lora_a, lora_b, y = make_case(10, 4, 8, 32, (32, 8), torch.float32, seed=4)
+        wrapper, op = Wrapper(idx), fused()
+        for step in range(3):
+            y = torch.zeros(10, 40)
+            op(wrapper, y, x, lora_a, lora_b, 1.0, (32, 8))
+            ref = reference(torch.zeros(10, 40), x, lora_a, lora_b, 1.0, (32, 8), idx)
+            assert torch.allclose(y.double(), ref, atol=1e-4 * ref.abs().max().item()), f"step {step}"
+            lora_a[0][1].copy_(torch.randn(1, 8, 32))  # a new adapter in slot 1
+            lora_b[1][1].copy_(torch.randn(1, 8, 8))
+            idx.copy_(torch.roll(idx, 1))  # the next step's rows
+            idx[0] = 1
+
+
+class VllmWrapper:
+    """vLLM's layout: a fixed indices buffer rewritten in place each step, its live length in ``indices_len``."""
+
+    def __init__(self, capacity: int):
+        self._token_lora_indices = torch.full((capacity,), -1, dtype=torch.long)
+        self.indices_len = [0]
+        self.original_calls = 0
+
+    @property
+    def token_lora_indices(self):
+        return self._token_lora_indices[:self.indices_len[0]]
+
+    def set(self, indices: torch.Tensor) -> None:
+        self._token_lora_indices[:len(indices)].copy_(indices)
+        self.indices_len[0] = len(indices)
+
+
+def test_vllms_indices_buffer_rewritten_each_step_gives_each_step_its_own_rows():
+    wrapper, op = VllmWrapper(64), fused()
+    gen = torch.Generator().manual_seed(5)
+    _, _, lora_a, lora_b, _ = make_case(1, 4, 8, 32, (16, 16, 8), torch.float32, seed=6)
+    steps = [torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0]), torch.tensor([3, 2, 1, 0]),
+             torch.tensor([-1, 0, -1]), torch.tensor([-1, -1]), torch.tensor([2] * 9)]
+    for step, idx in enumerate(steps):
+        wrapper.set(idx)
+        x = torch.randn(len(idx), 32, generator=gen)
+        y0 = torch.randn(len(idx), 40, generator=gen)
+        y = y0.clone()
+        op(wrapper, y, x, lora_a, lora_b, 1.0, (16, 16, 8))
+        ref = reference(y0, x, lora_a, lora_b, 1.0, (16, 16, 8), idx)
+        assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item()), f"step {step}"
+        assert torch.equal(y[idx < 0], y0[idx < 0])
+    assert wrapper.original_calls == 0
+
+
+def test_logits_lora_is_skipped_only_while_every_slot_of_b_is_zero():
+    calls = []
+
+    def original_logits(wrapper, y, x, lora_a, lora_b, scale, *, buffer=None, **kwargs):
+        calls.append(1)
+        y.add_(x @ lora_a[0, 0].T @ lora_b[0, 0].T)  # slot 0 for every row: enough to see it ran
+
+    op = lora_fused.make_add_lora_logits(original_logits)
+    wrapper = Wrapper(torch.zeros(3, dtype=torch.long))
+    x, y0 = torch.randn(3, 16), torch.randn(3, 100)
+    lora_a, lora_b = torch.randn(4, 1, 8, 16), torch.zeros(4, 1, 100, 8)  # no adapter trains lm_head
+    y = y0.clone()
+    op(wrapper, y, x, lora_a, lora_b, 1.0)
+    assert not calls and torch.equal(y, y0)
+    lora_b[2, 0, :5].copy_(torch.randn(5, 8))  # an adapter with an lm_head loaded into slot 2
+    op(wrapper, y, x, lora_a, lora_b, 1.0)
+    assert len(calls) == 1
+    lora_b[2] = 0  # vLLM's reset_lora
+    op(wrapper, y, x, lora_a, lora_b, 1.0)
+    assert len(calls) == 1
