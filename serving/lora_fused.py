@@ -29,46 +29,81 @@ FUSED_MAX_ROWS = 256  # batches with fewer rows take the fused path; larger ones
 
 
 def stack_weights(lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any) -> tuple[Any, list[Any]]:
-    """``(Aᵀ, [B_1, ..., B_n])``: Aᵀ = every slice's and slot's A rows stacked and transposed, [in, n·S·r]
-    float32; B_k = slice k's B of every slot stacked along the rank, [S·r, out_k] in ``dtype``. Pure."""
+    """``(A, [B_1, ..., B_n])``, slot-major so that a range of slots is a contiguous block: A = every slot's
+    A rows of every slice, [S·n·r, in] float32 (row ``(s·n + k)·r + j``: slot s, slice k); B_k = slice k's B of
+    every slot stacked along the rank, [S·r, out_k] in ``dtype``. Pure."""
     import torch
 
-    a = torch.cat([w.reshape(-1, w.shape[-1]) for w in lora_a]).to(torch.float32)  # [S,1,r,in] -> [n·S·r, in]
+    slots, rank = lora_a[0].shape[0], lora_a[0].shape[-2]
+    a = torch.stack([w.reshape(slots, rank, w.shape[-1]) for w in lora_a], 1)  # [S, n, r, in]
+    a = a.reshape(-1, a.shape[-1]).to(torch.float32).contiguous()
     bs = []
     for w in lora_b:
         w = w.squeeze(1) if w.dim() == 4 else w  # [S, out, r]
         bs.append(w.transpose(1, 2).reshape(-1, w.shape[1]).to(dtype).contiguous())  # [S·r, out]
-    return a.T.contiguous(), bs
+    return a, bs
 
 
-def slot_mask(indices: Any, slots: int, rank: int, slices: int, scale: float) -> Any | None:
-    """[T, slices·S·r] float32: ``scale`` in the r columns of each row's own slot, in every slice's block, 0
-    elsewhere (index -1: a zero row); None when no row has a slot. Pure."""
+class StepSlots:
+    """The slots one step's rows use: the range ``lo:hi`` of slots holding every row's slot (slots outside
+    it are not read at all), and per shape the row mask (:meth:`mask`). ``hi == lo`` when no row has one."""
+
+    def __init__(self, indices: Any):
+        import torch
+
+        self.indices = indices
+        used = indices[indices >= 0]
+        self.lo = int(used.min()) if used.numel() else 0
+        self.hi = int(used.max()) + 1 if used.numel() else 0
+        self.uniform = used.numel() == indices.numel() and self.hi - self.lo == 1  # one slot, every row
+        self._masks: dict[tuple[int, int, float], Any] = {}
+        self._torch = torch
+
+    def mask(self, slices: int, rank: int, scale: float) -> Any | None:
+        """[T, (hi−lo)·slices·r] float32: ``scale`` in the columns of each row's own slot (every slice), 0
+        elsewhere (index -1: a zero row); None when every row has the same slot and ``scale`` is 1."""
+        if self.uniform and scale == 1.0:
+            return None
+        key = (slices, rank, scale)
+        if key not in self._masks:
+            self._masks[key] = slot_mask(self.indices, self.lo, self.hi, slices, rank, scale)
+        return self._masks[key]
+
+
+def slot_mask(indices: Any, lo: int, hi: int, slices: int, rank: int, scale: float) -> Any:
+    """[T, (hi−lo)·slices·r] float32 for slot-major columns ``((s−lo)·slices + k)·r + j``: ``scale`` where s
+    is the row's slot, 0 elsewhere (index -1: a zero row). Pure."""
     import torch
 
-    if not bool((indices >= 0).any()):
-        return None
-    onehot = (indices.unsqueeze(1) == torch.arange(slots, device=indices.device)).to(torch.float32)  # [T, S]
+    onehot = (indices.unsqueeze(1) == torch.arange(lo, hi, device=indices.device)).to(torch.float32)  # [T, S']
     if scale != 1.0:
         onehot *= scale
-    rows = indices.shape[0]
-    return onehot.view(rows, 1, slots, 1).expand(rows, slices, slots, rank).reshape(rows, slices * slots * rank)
+    rows, width = indices.shape[0], hi - lo
+    return onehot.view(rows, width, 1, 1).expand(rows, width, slices, rank).reshape(rows, width * slices * rank)
 
 
-def fused_lora_linear(y: Any, x: Any, a_t: Any, bs: list[Any], mask: Any, output_slices: tuple[int, ...]) -> None:
-    """``y[:, slice k] += scale · (x @ A_k[i_b]ᵀ) @ B_k[i_b]ᵀ`` per row, from :func:`stack_weights` and
-    :func:`slot_mask` (which carries the scale). ``y`` [T, Σ out_k] is written in place. Pure tensor function."""
-    h = (x if x.dtype == a_t.dtype else x.to(a_t.dtype)) @ a_t  # [T, n·S·r], float32 as vLLM's shrink
-    h.mul_(mask)
+def fused_lora_linear(y: Any, x: Any, a: Any, bs: list[Any], lo: int, hi: int, mask: Any | None, scale: float,
+                      output_slices: tuple[int, ...], r: int) -> None:
+    """``y[:, slice k] += scale · (x @ A_k[i_b]ᵀ) @ B_k[i_b]ᵀ`` per row, from :func:`stack_weights`, for
+    rows whose slots lie in ``lo:hi`` and ``mask`` from :meth:`StepSlots.mask` (None: every row has slot
+    ``lo``; ``scale`` is then applied here); ``r`` is the rank. ``y`` [T, Σ out_k] is written in place. Pure
+    tensor function."""
+    n = len(output_slices)
+    h = (x if x.dtype == a.dtype else x.to(a.dtype)) @ a[lo * n * r:hi * n * r].T  # [T, S'·n·r], float32
+    if mask is not None:
+        h.mul_(mask)
+    elif scale != 1.0:
+        h.mul_(scale)
     if h.dtype != y.dtype:
         h = h.to(y.dtype)
-    width = bs[0].shape[0]
-    if len(bs) == 1:
-        y.addmm_(h, bs[0])
+    rows, width = h.shape[0], hi - lo
+    if n == 1:
+        y.addmm_(h, bs[0][lo * r:hi * r])
         return
+    hv = h.view(rows, width, n, r)
     offset = 0
     for k, size in enumerate(output_slices):
-        y[:, offset:offset + size].addmm_(h[:, k * width:(k + 1) * width], bs[k])
+        y[:, offset:offset + size].addmm_(hv[:, :, k].reshape(rows, width * r), bs[k][lo * r:hi * r])
         offset += size
 
 
@@ -83,18 +118,17 @@ def make_add_lora_linear(original: Callable[..., None]) -> Callable[..., None]:
         x2 = x.view(-1, x.shape[-1])
         rows = x2.shape[0]
         a0 = lora_a_stacked[0]
-        if not 0 < rows < FUSED_MAX_ROWS or a0.dim() != 4 or len(lora_a_stacked) != len(output_slices):
+        step = _step(self) if 0 < rows < FUSED_MAX_ROWS and a0.dim() == 4 and \
+            len(lora_a_stacked) == len(output_slices) else None
+        if step is None or step.indices.numel() != rows:
             original(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
             return
-        mask = _step_mask(self, rows, a0.shape[0], a0.shape[2], len(output_slices), scale)
-        if mask is False:  # indices not one per row
-            original(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
-            return
-        if mask is None:  # no row has an adapter: nothing to add
+        if step.hi == step.lo:  # no row has an adapter: nothing to add
             return
         y2 = y.view(-1, y.shape[-1])
-        a_t, bs = _stacked(self, lora_a_stacked, lora_b_stacked, y2.dtype)
-        fused_lora_linear(y2, x2, a_t, bs, mask, output_slices)
+        a, bs = _stacked(self, lora_a_stacked, lora_b_stacked, y2.dtype, step)
+        mask = step.mask(len(output_slices), a0.shape[2], scale)
+        fused_lora_linear(y2, x2, a, bs, step.lo, step.hi, mask, scale, output_slices, a0.shape[2])
 
     return add_lora_linear
 
@@ -106,49 +140,41 @@ def _version(t: Any) -> int | None:
         return None
 
 
-def _step_mask(wrapper: Any, rows: int, slots: int, rank: int, slices: int, scale: float) -> Any:
-    """The step's :func:`slot_mask`, cached on the wrapper until vLLM rewrites the indices (once per step);
-    ``False`` when the indices are not one per row."""
-    cache = wrapper.__dict__.setdefault("_pissa_masks", {})
+def _step(wrapper: Any) -> StepSlots:
+    """The step's :class:`StepSlots`, cached on the wrapper until vLLM rewrites the indices (it does at every
+    step, after loading any adapter: a new step also has the weights' versions checked again)."""
+    cache = wrapper.__dict__.setdefault("_pissa_step", {})
     base = wrapper.__dict__.get("_token_lora_indices")
     lengths = wrapper.__dict__.get("indices_len")
     version = _version(base) if base is not None and lengths else None
     if version is not None:  # vLLM's buffer and its length: no need to slice it (the property costs ~10 µs)
-        step = (id(base), version, lengths[0])
-        if cache.get("step") != step:
-            cache.clear()
-            cache["step"] = step
-            cache["indices"] = base[:lengths[0]]
-        indices = cache["indices"]
-    else:  # not vLLM's wrapper as we know it: compare the indices themselves
-        indices = wrapper.token_lora_indices
-        last = cache.get("indices")
-        if last is None or last.shape != indices.shape or not bool((last == indices).all()):
-            cache.clear()
-            cache["indices"] = indices.clone()
-    if indices.numel() != rows:
-        return False
-    key = (slots, rank, slices, scale)
-    if key not in cache:
-        cache[key] = slot_mask(indices, slots, rank, slices, scale)
-    return cache[key]
+        key = (id(base), version, lengths[0])
+        if cache.get("key") != key:
+            cache.update(key=key, step=StepSlots(base[:lengths[0]]))
+        return cache["step"]
+    return StepSlots(wrapper.token_lora_indices)  # not vLLM's wrapper as we know it: nothing cached
 
 
-def _stacked(wrapper: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any) -> tuple[Any, list[Any]]:
-    """:func:`stack_weights` of one layer, cached on the wrapper until vLLM writes a slot (version counters;
-    weights without one, created under ``torch.inference_mode``, are stacked at every call)."""
+def _stacked(wrapper: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any,
+             step: StepSlots) -> tuple[Any, list[Any]]:
+    """:func:`stack_weights` of one layer, cached on the wrapper until vLLM writes a slot (version counters,
+    checked once per step: vLLM loads adapters between steps; weights without a counter, created under
+    ``torch.inference_mode``, are stacked at every call)."""
+    cache = wrapper.__dict__.setdefault("_pissa_weights", {})
+    hit = cache.get(id(lora_a))
+    if hit is not None and hit[5] is step and hit[0] is lora_a and hit[1] is lora_b and hit[3] == dtype:
+        return hit[4]  # already checked in this step
     versions = []
     for t in (*lora_a, *lora_b):
         v = _version(t)
         if v is None:
             return stack_weights(lora_a, lora_b, dtype)
         versions.append(v)
-    cache = wrapper.__dict__.setdefault("_pissa_weights", {})
-    hit = cache.get(id(lora_a))
     if hit is not None and hit[0] is lora_a and hit[1] is lora_b and hit[2] == versions and hit[3] == dtype:
-        return hit[4]
-    stacked = stack_weights(lora_a, lora_b, dtype)
-    cache[id(lora_a)] = (lora_a, lora_b, versions, dtype, stacked)  # holds lora_a: its id stays unique
+        stacked = hit[4]
+    else:
+        stacked = stack_weights(lora_a, lora_b, dtype)
+    cache[id(lora_a)] = (lora_a, lora_b, versions, dtype, stacked, step)  # holds lora_a: its id stays unique
     return stacked
 
 

@@ -185,3 +185,34 @@ def test_logits_lora_is_skipped_only_while_every_slot_of_b_is_zero():
     lora_b[2] = 0  # vLLM's reset_lora
     op(wrapper, y, x, lora_a, lora_b, 1.0)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("slots_used", [[5, 6], [9], [15, 0], [3, -1]])
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_only_the_range_of_used_slots_is_read_and_one_slot_needs_no_mask(slots_used, scale):
+    """16 slots loaded, a few used: the fused path reads slots lo..hi only (a NaN in any other slot would show)."""
+    idx, x, lora_a, lora_b, y = make_case(12, 16, 8, 32, (32, 16, 16), torch.float32, seed=7)
+    idx = torch.tensor((slots_used * 12)[:12])
+    lo, hi = min(s for s in slots_used if s >= 0), max(slots_used) + 1
+    for w in (*lora_a, *lora_b):
+        w[:lo] = float("nan")
+        w[hi:] = float("nan")
+    y0 = y.clone()
+    wrapper = Wrapper(idx)
+    fused()(wrapper, y, x, lora_a, lora_b, scale, (32, 16, 16))
+    assert wrapper.original_calls == 0
+    ref = reference(y0, x, lora_a, lora_b, scale, (32, 16, 16), idx)
+    assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+def test_an_adapter_loaded_between_two_steps_with_the_same_rows_is_used():
+    wrapper, op = VllmWrapper(16), fused()
+    idx, x, lora_a, lora_b, _ = make_case(6, 4, 8, 32, (32, 8), torch.float32, seed=8, none_share=0.0)
+    for step in range(3):
+        wrapper.set(idx)  # vLLM rewrites the indices at every step, even when they are the same
+        y = torch.zeros(6, 40)
+        op(wrapper, y, x, lora_a, lora_b, 1.0, (32, 8))
+        ref = reference(torch.zeros(6, 40), x, lora_a, lora_b, 1.0, (32, 8), idx)
+        assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item()), f"step {step}"
+        for w in (*lora_a, *lora_b):  # set_lora of every slot
+            w.copy_(torch.randn(w.shape))
