@@ -1,23 +1,28 @@
 """All of one linear layer's LoRA slices in one call: vLLM's ``PunicaWrapperCPU.add_lora_linear``, fused.
 
 vLLM's CPU wrapper runs a linear layer's LoRA as one shrink and one expand op per output slice (q, k, v:
-six ops; gate, up: four), and its V1 engine uses the prefill (``sgmv``) ops for every step. With a few
-dozen rows the ops' fixed costs, not their arithmetic, set the time: on SmolLM2 that is 14 op calls
-per decoder layer per step. Here, for batches of fewer than :data:`FUSED_MAX_ROWS` rows::
+six ops; gate, up: four), and its V1 engine uses the prefill (``sgmv``) ops for every step, decode
+included, with one run per stretch of equal consecutive slot indices: with requests of several adapters
+interleaved, one GEMM per row. With a few dozen rows the calls' fixed costs, not their arithmetic, set
+the time. Here, for batches of fewer than :data:`FUSED_MAX_ROWS` rows, with ``lo:hi`` the range of slots
+the step's rows use (slots outside it are not read)::
 
-    H  = x @ [A_1; ...; A_n]ᵀ               every slot of every slice at once: [T, n·S·r] (float32, as vLLM)
+    H  = x @ A[lo:hi]ᵀ                      every used slot of every slice at once: [T, S'·n·r], float32
     H *= scale · onehot(i_b) per row          a row keeps its own slot's r columns (index -1: none)
-    y[:, slice k] += H[:, block k] @ B_kᵀ     one GEMM per slice against all S slots' B stacked [S·r, out_k]
+    y[:, slice k] += H[:, slice k] @ B_k[lo:hi]   one GEMM per slice against the slots' B stacked [S'·r, out_k]
 
-Row b gets ``scale · x_b @ A_k[i_b]ᵀ @ B_k[i_b]ᵀ`` exactly as in vLLM's ops (shrink in float32, expand in
-the output's dtype), and a row with index -1 gets ``+ 0``. The other slots' products are computed and
-multiplied by zero: (S−1)/S of a small GEMM wasted, against ~10 fewer op calls per layer. Larger
-batches (prefill) keep the per-slice ops of :mod:`serving.lora_ops`, which touch each row's slot only.
+Row b gets ``scale · x_b @ A_k[i_b]ᵀ @ B_k[i_b]ᵀ`` as in vLLM's ops (shrink in float32, expand in the
+output's dtype), and a row with index -1 gets exactly nothing. The other used slots' products are
+computed and multiplied by zero: (S'−1)/S' of two small GEMMs wasted, against 2n−3 fewer calls and no
+per-run call at all. When every row has the same slot, no mask is needed. Larger batches (prefill) keep
+the per-slice ops of :mod:`serving.lora_ops`, which touch each row's slot only.
 
-The stacked weights ([S·r, in] for A, transposed to [S·r, out] for B) are cached per layer and rebuilt
-when vLLM writes a slot (the tensors' version counters; tensors without one, e.g. created under
-``torch.inference_mode``, are restacked at every call). The slot one-hot is cached per step. Exactness
-against vLLM's ops is in ``tests/test_lora_ops.py``.
+The stacked weights (slot-major, so that a slot range is one block) are a copy of vLLM's LoRA weights,
+kept per layer on the wrapper and rebuilt when vLLM writes a slot (the tensors' version counters, checked
+once per step; tensors without one, created under ``torch.inference_mode``, are stacked at every call).
+The slot range and masks are computed once per step. :func:`make_add_lora_logits` skips the logits LoRA
+while no slot has an ``lm_head`` adapter. Exactness: ``tests/test_lora_fused.py``; speed:
+``bench/lora_ops.py`` (per layer) and ``bench/serve.py`` (end to end).
 """
 
 from __future__ import annotations
@@ -49,15 +54,12 @@ class StepSlots:
     it are not read at all), and per shape the row mask (:meth:`mask`). ``hi == lo`` when no row has one."""
 
     def __init__(self, indices: Any):
-        import torch
-
         self.indices = indices
         used = indices[indices >= 0]
         self.lo = int(used.min()) if used.numel() else 0
         self.hi = int(used.max()) + 1 if used.numel() else 0
         self.uniform = used.numel() == indices.numel() and self.hi - self.lo == 1  # one slot, every row
         self._masks: dict[tuple[int, int, float], Any] = {}
-        self._torch = torch
 
     def mask(self, slices: int, rank: int, scale: float) -> Any | None:
         """[T, (hi−lo)·slices·r] float32: ``scale`` in the columns of each row's own slot (every slice), 0
