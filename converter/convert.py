@@ -709,9 +709,9 @@ def _prepare(
     """Check OUT, open the source and plan the shards; or the report of an already complete OUT (--resume)."""
     _check_out(out, overwrite, resume)
     if options.quantize is not None:
-        from converter.qpissa import require_bitsandbytes
+        from converter.qpissa import check_bitsandbytes
 
-        require_bitsandbytes()  # before any source is read or anything written
+        check_bitsandbytes()  # before any source is read or anything written (without importing it: ~4 s)
     if resume and (out / B.RECORD).exists() and not overwrite:
         log.info("%s is already complete", out)
         return report_from_record(out, B.read_record(out), shards_reused=-1)

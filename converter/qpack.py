@@ -10,11 +10,15 @@ a loaded ``Linear4bit`` computes with.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from converter.options import QuantOptions
 from pissa.core.formats import nf4
+
+if TYPE_CHECKING:
+    from converter.qpissa import Quantized
 
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
@@ -36,14 +40,14 @@ def packed_layout(key: str, out_in: tuple[int, int], quant: QuantOptions) -> Lay
     return layout
 
 
-def packed_tensors(key: str, packed: torch.Tensor, state: object, out_in: tuple[int, int], quant: QuantOptions) -> dict[str, torch.Tensor]:
-    """The tensors of :func:`packed_layout` from bitsandbytes' packed weight and QuantState."""
-    absmax = state.absmax  # type: ignore[attr-defined]
+def packed_tensors(key: str, quantized: Quantized, out_in: tuple[int, int], quant: QuantOptions) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`packed_layout` from a :class:`converter.qpissa.Quantized`."""
     offset = None
-    tensors = {key: packed.reshape(-1, 1), f"{key}.{nf4.ABSMAX}": absmax, f"{key}.{nf4.QUANT_MAP}": state.code}  # type: ignore[attr-defined]
+    tensors = {key: quantized.packed.reshape(-1, 1), f"{key}.{nf4.ABSMAX}": quantized.absmax, f"{key}.{nf4.QUANT_MAP}": quantized.code}
     if quant.double_quant:
-        state2 = state.state2  # type: ignore[attr-defined]
-        offset = float(state.offset.item())  # type: ignore[attr-defined]
+        state = quantized.state
+        state2 = state.state2
+        offset = float(state.offset.item())
         tensors[f"{key}.{nf4.NESTED_ABSMAX}"] = state2.absmax
         tensors[f"{key}.{nf4.NESTED_QUANT_MAP}"] = state2.code.clone()
     length = nf4.state_json_length(quant.quant_type, quant.blocksize, out_in, quant.double_quant)

@@ -174,8 +174,11 @@ def factor_pool(threads: int, device: str = "cpu", load_scipy: bool = True) -> I
 
 
 def may_use_scipy(job: ShardJob) -> bool:
-    """Whether :func:`converter.svd.exact_top_r` (scipy's eigensolver) can run for this shard's targets."""
-    return job.svd.method == "exact" or any(job.rank + job.svd.oversample >= min(t.out_in) for t in job.targets)
+    """Whether scipy's BLAS/LAPACK can run for this shard (:func:`converter.svd.exact_top_r`, QPiSSA's nuclear norms)."""
+    return (
+        job.svd.method == "exact" or job.quant is not None  # QPiSSA's nuclear norms use scipy's BLAS/LAPACK
+        or any(job.rank + job.svd.oversample >= min(t.out_in) for t in job.targets)
+    )
 
 
 def _contiguous_data_start(job: ShardJob) -> int | None:
@@ -292,14 +295,18 @@ def _quantized_split(
     if job.packed:
         from converter.qpack import packed_tensors
 
-        packed = packed_tensors(target.key, q.quantized.packed, q.quantized.state, target.out_in, job.quant)
+        packed = packed_tensors(target.key, q.quantized, target.out_in, job.quant)
         residual_dtype = torch.float32
     residual = q.quantized.dequantized.to(residual_dtype)
-    delta = (lora_b.float() @ lora_a.float()).mul_(job.scaling)
-    recon = delta + residual.float()
-    energy = float(delta.norm()) ** 2 / max(float(recon.norm()) ** 2, 1e-300)
-    error_norm = float((w - recon).norm())
-    rel_error = error_norm / max(float(w.norm()), 1e-300)
+    res, b, a, s = residual.float(), lora_b.float(), lora_a.float(), job.scaling
+    # W − (W_res + s·BA): one pass and one BLAS call (no s·BA or W_res + s·BA the size of W).
+    error_norm = float(torch.linalg.vector_norm(torch.sub(w, res).addmm_(b, a, alpha=-s)))
+    rel_error = error_norm / max(float(torch.linalg.vector_norm(w)), 1e-300)
+    # ‖s·BA‖² = s²·Σ (BᵀB) ⊙ (AAᵀ) and ⟨W_res, s·BA⟩ = s·Σ B ⊙ (W_res Aᵀ): r-sized products, float64 sums.
+    delta_sq = s * s * float(((b.T @ b).double() * (a @ a.T).double()).sum())
+    cross = s * float((b.double() * (res @ a.T).double()).sum())
+    recon_sq = float(torch.linalg.vector_norm(res).double()) ** 2 + 2 * cross + delta_sq
+    energy = delta_sq / max(recon_sq, 1e-300)
     if target.fan_in_fan_out:
         residual = residual.T
     return _QuantizedSplit(

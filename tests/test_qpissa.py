@@ -49,10 +49,50 @@ def weight() -> torch.Tensor:
 
 
 def test_nuclear_norm_matches_svdvals() -> None:
-    for shape in [(40, 90), (90, 40)]:
+    """Both routes (scipy's ssyrk + ssyevd on CPU; torch's matmul + eigvalsh otherwise, here a
+    GPU) against float64 svdvals, wide, tall and square."""
+    from converter.qpissa import _nuclear_norm_torch
+
+    for shape in [(40, 90), (90, 40), (64, 64)]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         ref = float(torch.linalg.svdvals(x).sum())
         assert nuclear_norm(x) == pytest.approx(ref, rel=1e-5)
+        assert _nuclear_norm_torch(x.float()) == pytest.approx(ref, rel=1e-5)
+
+
+def test_cpu_nf4_is_bitsandbytes_bitwise() -> None:
+    """converter.qpissa's own CPU NF4 (no bitsandbytes call) gives bitsandbytes' packed bytes, absmax
+    and dequantization exactly: its code book, Gaussian and heavy-tailed blocks, all-zero blocks,
+    values exactly at a midpoint times absmax and one float32 step either side of it (the rounding
+    ties), every offered blocksize that divides the rows; and a shape it does not handle (rows not a
+    whole number of blocks) goes to bitsandbytes."""
+    import bitsandbytes.functional as bnbf
+
+    from converter.qpissa import NF4_CODE, _fast_path
+
+    code = bnbf.get_4bit_type("nf4", device="cpu")
+    assert torch.equal(code, torch.tensor(NF4_CODE, dtype=torch.float32))
+    mids = (code[:-1] + code[1:]) / 2
+    ties = torch.cat([mids, mids.nextafter(torch.tensor(2.0)), mids.nextafter(torch.tensor(-2.0)), code, -code])
+    gen = torch.Generator().manual_seed(3)
+    ties = ties[torch.randperm(ties.numel(), generator=gen)][:64]
+    tied = ties.repeat(96, 1) * torch.rand(96, 1, generator=gen) * 3  # 96 rows of 64, each block ties
+    tied[::2] = ties.repeat(48, 1)  # and blocks whose absmax is exactly 1
+    heavy = torch.randn(128, 512, generator=gen) * torch.rand(128, 1, generator=gen) ** 4
+    heavy[3, :200] = 0.0
+    heavy[5] = torch.distributions.StudentT(2.0).sample((512,))
+    cases = [(tied.reshape(96, 64), 64), *((heavy, b) for b in QUANT_BLOCKSIZES if 512 % b == 0)]
+    for x, blocksize in cases:
+        options = QuantOptions(blocksize=blocksize)
+        assert _fast_path(x, options)
+        ours = quantize(x, options)
+        assert ours.bnb_state is None  # quantized here, not by bitsandbytes
+        packed, state = bnbf.quantize_4bit(x, blocksize=blocksize, quant_type="nf4")
+        assert torch.equal(ours.packed, packed) and torch.equal(ours.absmax, state.absmax)
+        assert torch.equal(ours.dequantized, bnbf.dequantize_4bit(packed, state))
+        assert torch.equal(bnbf.dequantize_4bit(ours.packed, ours.state), ours.dequantized)
+    odd = torch.randn(64, 96, generator=gen)
+    assert not _fast_path(odd, QuantOptions(blocksize=64)) and quantize(odd, QuantOptions()).bnb_state is not None
 
 
 def test_nuclear_norm_of_a_quantization_error(weight: torch.Tensor) -> None:
