@@ -12,14 +12,15 @@ the step's rows use (slots outside it are not read)::
     y[:, slice k] += H[:, slice k] @ B_k[lo:hi]   one GEMM per slice against the slots' B stacked [S'·r, out_k]
 
 Row b gets ``scale · x_b @ A_k[i_b]ᵀ @ B_k[i_b]ᵀ`` as in vLLM's ops (shrink in float32, expand in the
-output's dtype), and a row with index -1 gets exactly nothing. The other used slots' products are
+output's dtype; in bf16 the sum is rounded once where vLLM rounds twice, so results differ by up to one bf16
+step), and a row with index -1 gets exactly nothing. The other used slots' products are
 computed and multiplied by zero: (S'−1)/S' of two small GEMMs wasted, against 2n−3 fewer calls and no
 per-run call at all. When every row has the same slot, no mask is needed. Larger batches (prefill) keep
 the per-slice ops of :mod:`serving.lora_ops`, which touch each row's slot only.
 
 The stacked weights (slot-major, so that a slot range is one block) are a copy of vLLM's LoRA weights,
-kept per layer on the wrapper and rebuilt when vLLM writes a slot (the tensors' version counters, checked
-once per step; tensors without one, created under ``torch.inference_mode``, are stacked at every call).
+kept per layer on the wrapper and rebuilt when vLLM writes a slot (the tensors' version counters, compared
+at every call; tensors without one, created under ``torch.inference_mode``, are stacked at every call).
 The slot range and masks are computed once per step. :func:`make_add_lora_logits` skips the logits LoRA
 while no slot has an ``lm_head`` adapter. Exactness: ``tests/test_lora_fused.py``; speed:
 ``bench/lora_ops.py`` (per layer) and ``bench/serve.py`` (end to end).
@@ -100,7 +101,7 @@ def fused_lora_linear(y: Any, x: Any, a: Any, bs: list[Any], lo: int, hi: int, m
         h = h.to(y.dtype)
     rows, width = h.shape[0], hi - lo
     if n == 1:
-        y.addmm_(h, bs[0][lo * r:hi * r])
+        y[:, :output_slices[0]].addmm_(h, bs[0][lo * r:hi * r])
         return
     hv = h.view(rows, width, n, r)
     offset = 0
@@ -128,7 +129,7 @@ def make_add_lora_linear(original: Callable[..., None]) -> Callable[..., None]:
         if step.hi == step.lo:  # no row has an adapter: nothing to add
             return
         y2 = y.view(-1, y.shape[-1])
-        a, bs = _stacked(self, lora_a_stacked, lora_b_stacked, y2.dtype, step)
+        a, bs = _stacked(self, lora_a_stacked, lora_b_stacked, y2.dtype)
         mask = step.mask(len(output_slices), a0.shape[2], scale)
         fused_lora_linear(y2, x2, a, bs, step.lo, step.hi, mask, scale, output_slices, a0.shape[2])
 
@@ -143,8 +144,8 @@ def _version(t: Any) -> int | None:
 
 
 def _step(wrapper: Any) -> StepSlots:
-    """The step's :class:`StepSlots`, cached on the wrapper until vLLM rewrites the indices (it does at every
-    step, after loading any adapter: a new step also has the weights' versions checked again)."""
+    """The step's :class:`StepSlots`, cached on the wrapper until vLLM rewrites the indices (``update_metadata``,
+    whenever the batch's mapping or the slots change)."""
     cache = wrapper.__dict__.setdefault("_pissa_step", {})
     base = wrapper.__dict__.get("_token_lora_indices")
     lengths = wrapper.__dict__.get("indices_len")
@@ -157,26 +158,22 @@ def _step(wrapper: Any) -> StepSlots:
     return StepSlots(wrapper.token_lora_indices)  # not vLLM's wrapper as we know it: nothing cached
 
 
-def _stacked(wrapper: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any,
-             step: StepSlots) -> tuple[Any, list[Any]]:
-    """:func:`stack_weights` of one layer, cached on the wrapper until vLLM writes a slot (version counters,
-    checked once per step: vLLM loads adapters between steps; weights without a counter, created under
-    ``torch.inference_mode``, are stacked at every call)."""
-    cache = wrapper.__dict__.setdefault("_pissa_weights", {})
-    hit = cache.get(id(lora_a))
-    if hit is not None and hit[5] is step and hit[0] is lora_a and hit[1] is lora_b and hit[3] == dtype:
-        return hit[4]  # already checked in this step
+def _stacked(wrapper: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any) -> tuple[Any, list[Any]]:
+    """:func:`stack_weights` of one layer, cached on the wrapper until vLLM writes a slot: the weights'
+    version counters are compared at every call (vLLM can load an adapter without rewriting the step's
+    indices); weights without one, created under ``torch.inference_mode``, are stacked at every call."""
     versions = []
     for t in (*lora_a, *lora_b):
         v = _version(t)
         if v is None:
             return stack_weights(lora_a, lora_b, dtype)
         versions.append(v)
+    cache = wrapper.__dict__.setdefault("_pissa_weights", {})
+    hit = cache.get(id(lora_a))
     if hit is not None and hit[0] is lora_a and hit[1] is lora_b and hit[2] == versions and hit[3] == dtype:
-        stacked = hit[4]
-    else:
-        stacked = stack_weights(lora_a, lora_b, dtype)
-    cache[id(lora_a)] = (lora_a, lora_b, versions, dtype, stacked, step)  # holds lora_a: its id stays unique
+        return hit[4]
+    stacked = stack_weights(lora_a, lora_b, dtype)
+    cache[id(lora_a)] = (lora_a, lora_b, versions, dtype, stacked)  # holds lora_a: its id stays unique
     return stacked
 
 
