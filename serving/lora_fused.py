@@ -100,10 +100,7 @@ def fused_lora_linear(y: Any, x: Any, a: Any, bs: list[Any], lo: int, hi: int, m
     if h.dtype != y.dtype:
         h = h.to(y.dtype)
     rows, width = h.shape[0], hi - lo
-    if n == 1:
-        y[:, :output_slices[0]].addmm_(h, bs[0][lo * r:hi * r])
-        return
-    hv = h.view(rows, width, n, r)
+    hv = h.view(rows, width, n, r)  # slot-major columns; with one slice, hv[:, :, 0] is h itself
     offset = 0
     for k, size in enumerate(output_slices):
         y[:, offset:offset + size].addmm_(hv[:, :, k].reshape(rows, width * r), bs[k][lo * r:hi * r])
@@ -158,23 +155,30 @@ def _step(wrapper: Any) -> StepSlots:
     return StepSlots(wrapper.token_lora_indices)  # not vLLM's wrapper as we know it: nothing cached
 
 
-def _stacked(wrapper: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any) -> tuple[Any, list[Any]]:
-    """:func:`stack_weights` of one layer, cached on the wrapper until vLLM writes a slot: the weights'
-    version counters are compared at every call (vLLM can load an adapter without rewriting the step's
-    indices); weights without one, created under ``torch.inference_mode``, are stacked at every call."""
+def _by_version(wrapper: Any, store: str, tensors: tuple[Any, ...], compute: Callable[[], Any]) -> Any:
+    """``compute()``, cached on the wrapper (``store``) until one of ``tensors`` is written: their identities
+    and version counters are compared at every call (vLLM writes slots in place, and can load an adapter
+    without rewriting the step's indices). Tensors without a counter, created under ``torch.inference_mode``,
+    are not cached."""
     versions = []
-    for t in (*lora_a, *lora_b):
+    for t in tensors:
         v = _version(t)
         if v is None:
-            return stack_weights(lora_a, lora_b, dtype)
+            return compute()
         versions.append(v)
-    cache = wrapper.__dict__.setdefault("_pissa_weights", {})
-    hit = cache.get(id(lora_a))
-    if hit is not None and hit[0] is lora_a and hit[1] is lora_b and hit[2] == versions and hit[3] == dtype:
-        return hit[4]
-    stacked = stack_weights(lora_a, lora_b, dtype)
-    cache[id(lora_a)] = (lora_a, lora_b, versions, dtype, stacked)  # holds lora_a: its id stays unique
-    return stacked
+    cache = wrapper.__dict__.setdefault(store, {})
+    hit = cache.get(id(tensors[0]))
+    if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], tensors)):
+        return hit[2]
+    value = compute()
+    cache[id(tensors[0])] = (tensors, versions, value)  # holds the tensors: their ids stay unique
+    return value
+
+
+def _stacked(wrapper: Any, lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any) -> tuple[Any, list[Any]]:
+    """:func:`stack_weights` of one layer, cached until vLLM writes a slot (:func:`_by_version`)."""
+    return _by_version(wrapper, f"_pissa_weights_{dtype}", (*lora_a, *lora_b),
+                       lambda: stack_weights(lora_a, lora_b, dtype))
 
 
 def make_add_lora_logits(original: Callable[..., None]) -> Callable[..., None]:
@@ -193,14 +197,5 @@ def make_add_lora_logits(original: Callable[..., None]) -> Callable[..., None]:
 
 
 def _any_nonzero(wrapper: Any, weights: Any) -> bool:
-    """``bool(weights.any())``, cached on the wrapper until the tensor is written (its version counter)."""
-    version = _version(weights)
-    if version is None:
-        return bool(weights.any())
-    cache = wrapper.__dict__.setdefault("_pissa_nonzero", {})
-    hit = cache.get(id(weights))
-    if hit is not None and hit[0] is weights and hit[1] == version:
-        return bool(hit[2])
-    nonzero = bool(weights.any())
-    cache[id(weights)] = (weights, version, nonzero)
-    return nonzero
+    """``bool(weights.any())``, cached until the tensor is written (:func:`_by_version`)."""
+    return bool(_by_version(wrapper, "_pissa_nonzero", (weights,), lambda: bool(weights.any())))

@@ -214,7 +214,7 @@ def patch_fused_linear(modules: list[ModuleType]) -> list[str]:
         cls = getattr(module, "PunicaWrapperCPU", None)
         for name, make in (("add_lora_linear", make_add_lora_linear), ("add_lora_logits", make_add_lora_logits)):
             original = getattr(cls, name, None)
-            if cls is None or original is None or getattr(original, _FIXED_MARK, False):
+            if original is None or getattr(original, _FIXED_MARK, False):  # no wrapper class, or patched
                 continue
             replacement = make(original)
             setattr(replacement, _FIXED_MARK, True)
