@@ -44,14 +44,6 @@ def make_layer(torch, slots: int, rank: int, dtype):
     return layer
 
 
-def vllm_meta(torch, idx):
-    """vLLM's sgmv metadata for per-token slot indices (``punica_wrapper.utils.compute_meta``): runs of equal
-    consecutive indices. Its V1 engine runs every step, decode included, through the sgmv ops with it."""
-    seq_idx, lens = torch.unique_consecutive(idx, return_counts=True)
-    starts = torch.cumsum(lens, 0) - lens
-    return starts, lens, seq_idx, len(lens), int(lens.max()), int(lens.sum())
-
-
 def per_op_linear(ops, meta):
     """vLLM's ``PunicaWrapperCPU.add_lora_linear`` over ``ops``: one shrink and one expand per output slice."""
     def add_lora_linear(wrapper, y, x, a_list, b_list, scale, outs, *, buffer=None, **kwargs):
@@ -106,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     from vllm.lora.ops.torch_ops import lora_ops as vllm_ops
+    from vllm.lora.punica_wrapper.utils import compute_meta  # V1 runs every step, decode too, through sgmv
 
     from serving import lora_fused, lora_ops, vllm_plugin
 
@@ -127,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         # decode: one token per request, requests' adapters interleaved round-robin; prefill: 4 prompts
         idx = torch.arange(rows) % args.slots if kind == "decode" else \
             torch.repeat_interleave(torch.arange(4) % args.slots, rows // 4)
-        meta = vllm_meta(torch, idx)
+        meta = compute_meta(idx)[:6]  # the sgmv ops' arguments: runs of equal consecutive slot indices
         variants = {name: per_op_linear(o, meta) for name, o in ops.items()}
         variants["fused"] = lora_fused.make_add_lora_linear(variants["fast"])
         ref = step(variants["vllm"], torch, layer, rows, Wrapper(idx), dtype)
