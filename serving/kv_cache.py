@@ -12,10 +12,11 @@ where ``available`` is what vLLM itself reads (the node's MemFree + Active(file)
 SReclaimable, clamped to the cgroup's limit), ``weights`` the base's weights in the served dtype, and
 ``VLLM_OVERHEAD`` the memory of vLLM's processes besides weights and cache. Half of what remains is left
 to the rest of the machine, so the check vLLM makes after loading the model passes. We also pass
-``--max-model-len auto`` (unless ``max_model_len`` is set): vLLM then shortens the context to what the
-chosen cache holds instead of refusing a model whose full context does not fit.
+``--max-model-len auto`` (unless ``max_model_len`` is set), with a chosen size and with one the manifest
+gives: vLLM then shortens the context to what the cache holds instead of refusing a model whose full
+context does not fit.
 
-Left to vLLM: a GPU (CUDA available), an explicit size, ``VLLM_CPU_KVCACHE_SPACE`` in the environment
+Left to vLLM: a GPU (CUDA available), the size of an explicit one, ``VLLM_CPU_KVCACHE_SPACE`` in the environment
 (vLLM's legacy setting, which overrides the flag), or ``--gpu-memory-utilization`` in ``extra_args``.
 
 The rule is :func:`choose_kv_cache_bytes` (pure); :func:`decide_kv_cache` applies it to a manifest;
@@ -38,6 +39,8 @@ from pissa.core.formats.dtypes import CODE_BYTES, FLOAT_CODES
 log = logging.getLogger(__name__)
 
 MIB = 2**20
+FIT_NOTE = ("context length: the model's, or less if the KV cache cannot hold it (--max-model-len auto; "
+            "set vllm.max_model_len to fix it)")
 GIB = 2**30
 CAP = 1 * GIB  # plenty for many concurrent requests of a small model; more only when asked for
 SHARE = 0.5  # of the memory left after weights and vLLM's processes
@@ -161,7 +164,12 @@ def decide_kv_cache(
         ServingError: on CPU, not enough free memory for the weights, vLLM and a minimal cache.
     """
     if kv_cache_memory_bytes is not None:
-        return KvCacheChoice(kv_cache_memory_bytes, (f"KV cache: {human(kv_cache_memory_bytes)} (as set)",))
+        # A size too small for the model's full context (SmolLM2's 8192 tokens need 0.35 GiB in float32)
+        # would make vLLM refuse to start; fitted, it serves a shorter context and says so in its log.
+        notes = [f"KV cache: {human(kv_cache_memory_bytes)} (as set)"]
+        if max_model_len is None:
+            notes.append(FIT_NOTE)
+        return KvCacheChoice(kv_cache_memory_bytes, tuple(notes), fit_context=max_model_len is None)
     if environ.get(LEGACY_ENV):
         return KvCacheChoice(None, (f"KV cache: {environ[LEGACY_ENV]} GiB from {LEGACY_ENV} (vLLM's own setting; "
                                     "it overrides vllm.kv_cache_memory_bytes)",))
@@ -179,8 +187,7 @@ def decide_kv_cache(
         )
     notes = [f"KV cache: {human(kv)} (chosen from {human(mem.available)} free on {mem.where()}; {SET_IT})"]
     if max_model_len is None:
-        notes.append("context length: the model's, or less if the KV cache cannot hold it (--max-model-len auto; "
-                     "set vllm.max_model_len to fix it)")
+        notes.append(FIT_NOTE)
     return KvCacheChoice(kv, tuple(notes), fit_context=max_model_len is None)
 
 

@@ -117,7 +117,13 @@ def test_what_is_left_to_vllm():
                                on_gpu=lambda: kw.get("gpu", False), memory=_never, weights=lambda: 0)
 
     given = decide(64 * MIB)
-    assert given.kv_bytes == 64 * MIB and given.notes == ("KV cache: 64 MiB (as set)",) and not given.fit_context
+    assert given.kv_bytes == 64 * MIB and given.notes[0] == "KV cache: 64 MiB (as set)"
+    # An explicit size too small for the model's full context must not stop vLLM from starting (bench/quant_serve.py
+    # with --kv-cache 256M on SmolLM2's 8192 tokens did): the context is fitted unless max_model_len is set.
+    assert given.fit_context and "--max-model-len auto" in given.notes[1]
+    pinned = decide_kv_cache(64 * MIB, max_model_len=2048, extra_args=(), environ={}, on_gpu=lambda: False,
+                             memory=_never, weights=lambda: 0)
+    assert not pinned.fit_context and pinned.notes == ("KV cache: 64 MiB (as set)",)
     assert decide(environ={"VLLM_CPU_KVCACHE_SPACE": "2"}).kv_bytes is None
     assert decide(extra=("--gpu-memory-utilization=0.5",)).kv_bytes is None
     assert decide(extra=("--gpu-memory-utilization", "0.5")).kv_bytes is None

@@ -182,6 +182,7 @@ def test_dry_run_prints_the_exact_command(capsys, tiny_llama, two_tenants):
                 "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", "8765", "--dtype", "float32",
                 "--enable-lora", "--max-loras", "2", "--max-lora-rank", "16",  # ranks 8 and 12 -> 16
                 "--lora-modules", f"t0={t0.resolve()}", f"t1={t1.resolve()}",
+                "--max-model-len", "auto",  # the given cache may not hold the model's whole context
                 "--kv-cache-memory-bytes", str(64 << 20)]
     assert shlex.split(argv) == expected
 

@@ -1,8 +1,9 @@
 """Real vLLM server tests: the whole pipeline into `pissa serve`, through the OpenAI client.
 
 One module-scoped server (start-up ~30 s on 2 cores) serves the tiny Llama (fp32, 64 MiB KV cache,
-2 LoRA slots) with two tenants made by the real pipeline: convert → train (6 steps, two datasets)
-→ export (exact, rank 2r = 16). It is started as a user would, ``python -m pissa serve MANIFEST``,
+2 LoRA slots) with three tenants made by the real pipeline: convert → train (6 steps, two datasets)
+→ export (exact, rank 2r = 16); the third (``qmult``, issue 15) trains on a QPiSSA bundle (packed
+NF4 residual, ``--quantize nf4``) and its export is the LoRA ``s·(B′A′ − B₀A₀)`` for the original base. It is started as a user would, ``python -m pissa serve MANIFEST``,
 and stopped with SIGINT after the last test of this module; then no process it spawned may be left.
 
 Equality with transformers + PEFT: same base folder, same adapter folder, fp32, greedy
@@ -15,6 +16,7 @@ output.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import time
@@ -36,10 +38,14 @@ TENANTS = {  # name -> (training records, seed)
     "add": ([{"prompt": f"What is {a} times {b}?", "response": f"{a + b} plus"} for a in range(2, 6) for b in range(2, 6)], 1),
 }
 
+QUANT_TENANT = "qmult"
+TENANT_NAMES = (*TENANTS, *((QUANT_TENANT,) if importlib.util.find_spec("bitsandbytes") else ()))
+
 
 @pytest.fixture(scope="module")
-def tenants(tmp_path_factory, tiny_llama_bundle) -> dict[str, Path]:
-    """Two exported adapters for the ORIGINAL tiny Llama, from two short trainings of its bundle."""
+def tenants(tmp_path_factory, tiny_llama, tiny_llama_bundle) -> dict[str, Path]:
+    """Exported adapters for the ORIGINAL tiny Llama: two short trainings of its PiSSA bundle, one of
+    its QPiSSA bundle (when bitsandbytes is installed)."""
     from converter.export import export
     from training.train import train
 
@@ -52,6 +58,15 @@ def tenants(tmp_path_factory, tiny_llama_bundle) -> dict[str, Path]:
               seed=seed, progress=False)
         report = export(root / f"run-{name}", root / f"export-{name}")
         out[name] = Path(report.out)
+    if QUANT_TENANT in TENANT_NAMES:
+        from converter.convert import convert
+        from converter.options import ConvertOptions
+
+        packed = root / "qpissa-bundle"
+        convert(tiny_llama, packed, ConvertOptions(rank=8, svd="exact", quantize="nf4"), progress=False)
+        train(packed, root / "mult.jsonl", root / "run-q", max_steps=6, lr=5e-3, batch_size=4, max_length=64, seed=2,
+              progress=False)
+        out[QUANT_TENANT] = Path(export(root / "run-q", root / "export-q").out)
     return out
 
 
@@ -124,31 +139,32 @@ def _complete(client, model: str, prompt: str, stream: bool = False) -> tuple[in
 # --- tests --------------------------------------------------------------------------------------
 def test_models_lists_base_and_tenants(client):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {"base", "mult", "add"}
-    assert models["mult"].parent == "base" and models["add"].parent == "base"
+    assert set(models) == {"base", *TENANT_NAMES}
+    assert all(models[name].parent == "base" for name in TENANT_NAMES)
 
 
 def test_tenants_really_differ(references):
     """Guard: the comparisons below would be vacuous if the adapters did not change the output."""
-    for name in TENANTS:
+    for name in TENANT_NAMES:
         differs = sum(references[(name, p)] != references[("base", p)] for p in PROMPTS)
         assert differs >= len(PROMPTS) // 2, (name, differs)
 
 
 def test_each_adapter_equals_transformers_peft(client, references):
-    for name in ("base", *TENANTS):
+    for name in ("base", *TENANT_NAMES):
         for prompt in PROMPTS:
             assert _complete(client, name, prompt) == references[(name, prompt)], (name, prompt)
 
 
 def test_mixed_concurrent_batch_zero_wrong(client, references):
-    """48 concurrent requests mixing base and both tenants, all LoRA slots busy: every answer equals
-    its transformers reference (vLLM 0.32 on CPU without the plugin gets base rows wrong)."""
-    jobs = [(name, p) for _ in range(2) for p in PROMPTS for name in ("base", *TENANTS)]
+    """Concurrent requests (48, or 64 with the QPiSSA tenant) mixing base and every tenant, all LoRA
+    slots busy: every answer equals its transformers reference (vLLM 0.32 on CPU without the plugin
+    gets base rows wrong)."""
+    jobs = [(name, p) for _ in range(2) for p in PROMPTS for name in ("base", *TENANT_NAMES)]
     with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
         answers = list(pool.map(lambda j: _complete(client, *j), jobs))
     wrong = [(j, a) for j, a in zip(jobs, answers) if a != references[j]]
-    assert len(jobs) == 48 and wrong == []
+    assert len(jobs) == 16 * (1 + len(TENANT_NAMES)) and wrong == []
 
 
 def test_runtime_add_remove(server, client, references, tiny_llama, tmp_path, capsys):
@@ -192,20 +208,20 @@ def test_bad_adapters_refused_at_runtime_and_server_keeps_serving(server, client
     # 3. The server still serves everyone correctly.
     with urllib.request.urlopen(url + "/health", timeout=5) as r:
         assert r.status == 200
-    assert {m.id for m in client.models.list().data} == {"base", "mult", "add"}
+    assert {m.id for m in client.models.list().data} == {"base", *TENANT_NAMES}
     for name in ("base", "mult"):
         assert _complete(client, name, PROMPTS[1]) == references[(name, PROMPTS[1])]
 
 
 def test_load_64_clients(client, references):
-    """64 concurrent clients, half streaming, 2 requests each over base and both tenants (128 requests):
+    """64 concurrent clients, half streaming, 2 requests each over base and every tenant (128 requests):
     zero errors, zero lost (every request returns a finished completion), every answer correct."""
-    names = ("base", *TENANTS)
+    names = ("base", *TENANT_NAMES)
 
     def one_client(i: int) -> list[bool]:
         ok = []
         for k in range(2):
-            name, prompt = names[(i + k) % 3], PROMPTS[(i * 3 + k) % len(PROMPTS)]
+            name, prompt = names[(i + k) % len(names)], PROMPTS[(i * 3 + k) % len(PROMPTS)]
             ok.append(_complete(client, name, prompt, stream=i % 2 == 0) == references[(name, prompt)])
         return ok
 
