@@ -178,7 +178,7 @@ class Gateway:
     def caller(self, request: Request) -> Caller | None:
         """The key's owner, or None (no key, malformed, unknown, revoked, or its tenant is gone)."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        token = token.strip()
+        token = token.strip(" \t")  # HTTP's optional whitespace only: a key followed by "\n" is not that key
         if scheme.lower() != "bearer" or not token:
             return None
         raw = token.encode("utf-8", "surrogateescape")
@@ -290,10 +290,12 @@ class Gateway:
             data = r.json()
             data["data"] = [{k: v for k, v in m.items() if k != "root"}  # an adapter's root: a path on the server
                             for m in data["data"] if isinstance(m, dict) and m.get("id") in allowed]
+            # Rendered here: JSON with NaN or Infinity (Python's json reads them) cannot be written back (ValueError).
+            filtered = JSONResponse(data)
         except (ValueError, LookupError, TypeError):  # not vLLM's {"data": [{"id": ...}, ...]}
             logger.warning("the model server's /v1/models answer is not a model list")
             return self._answer(ex, error(502, "the model server's model list could not be read"))
-        return self._answer(ex, JSONResponse(data))
+        return self._answer(ex, filtered)
 
     async def inference(self, request: Request) -> Response:
         path = request.url.path
