@@ -221,3 +221,39 @@ def test_an_adapter_loaded_between_two_steps_with_the_same_rows_is_used(rewrite_
         assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item()), f"step {step}"
         for w in (*lora_a, *lora_b):  # set_lora of every slot
             w.copy_(torch.randn(w.shape))
+
+
+@pytest.mark.parametrize("slots,rows,skew", [(10, 32, False), (16, 32, False), (16, 200, True), (12, 5, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_wide_slot_range_groups_the_rows_and_equals_the_reference(monkeypatch, slots, rows, skew, dtype):
+    """From GROUPED_MIN_SLOTS slots on, rows are grouped by slot (not masked); same reference, -1 rows bit for bit,
+    also when one slot holds most rows (``skew``) and when most slots of the range have no row."""
+    assert slots >= lora_fused.GROUPED_MIN_SLOTS
+    taken = []
+    real = lora_fused.grouped_lora_linear
+    monkeypatch.setattr(lora_fused, "grouped_lora_linear", lambda *a, **k: taken.append(1) or real(*a, **k))
+    idx, x, lora_a, lora_b, y = make_case(rows, slots, 8, 40, (40, 8, 8), dtype, seed=slots + rows)
+    if skew:
+        idx[: rows * 3 // 4] = 3
+    idx[0], idx[-1] = 0, slots - 1  # the whole range is used
+    y0 = y.clone()
+    wrapper = Wrapper(idx)
+    fused()(wrapper, y, x, lora_a, lora_b, 0.5, (40, 8, 8))
+    assert taken == [1] and wrapper.original_calls == 0
+    ref = reference(y0, x, lora_a, lora_b, 0.5, (40, 8, 8), idx)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
+    assert err < tol, f"relative error {err:.2e} > {tol}"
+    none = idx < 0
+    assert torch.equal(y[none], y0[none])
+
+
+def test_row_groups_places_each_row_once_in_its_slots_block():
+    idx = torch.tensor([5, -1, 3, 5, 5, 12, -1, 3])
+    rows, positions, t_max = lora_fused.row_groups(idx, 3, 13)
+    assert t_max == 3  # slot 5 has three rows
+    assert sorted(rows.tolist()) == [0, 2, 3, 4, 5, 7]  # every row with a slot, once
+    assert len(set(positions.tolist())) == rows.numel()
+    for row, pos in zip(rows.tolist(), positions.tolist()):
+        assert pos // t_max == idx[row] - 3  # in its slot's block
+    assert lora_fused.StepSlots(idx).groups() is not None and lora_fused.StepSlots(torch.tensor([0, 1, 2])).groups() is None

@@ -143,12 +143,23 @@ MIXED_SCRIPT = textwrap.dedent(
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
+    from serving import lora_fused  # count which fused path each LoRA layer call takes (engine in-process)
+    paths = {"masked": 0, "grouped": 0}
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            paths[name] += 1
+            return fn(*args, **kwargs)
+        return call
+    lora_fused.fused_lora_linear = counted("masked", lora_fused.fused_lora_linear)
+    lora_fused.grouped_lora_linear = counted("grouped", lora_fused.grouped_lora_linear)
+
     base, adapters = sys.argv[1], sys.argv[2:]
     llm = LLM(base, dtype="float32", enable_lora=True, max_loras=len(adapters), max_lora_rank=8,
               max_cpu_loras=len(adapters), kv_cache_memory_bytes=64 * 2**20, max_model_len=256, seed=0,
               enforce_eager=True)
     sp = SamplingParams(temperature=0, max_tokens=12)
-    prompts = [f"The capital {i} of France is" if i % 2 else f"Question: what is {i} times 8?" for i in range(24)]
+    prompts = [f"The capital {i} of France is" if i % 2 else f"Question: what is {i} times 8?"
+               for i in range(int(os.environ.get("MIXED_PROMPTS", "24")))]
     loras = [LoRARequest(f"t{k}", k + 1, path) for k, path in enumerate(adapters)]
     # References: the base on a fresh engine (slots still empty), then each adapter alone.
     ref = {-1: [o.outputs[0].text for o in llm.generate(prompts, sp)]}
@@ -163,15 +174,15 @@ MIXED_SCRIPT = textwrap.dedent(
     from serving import vllm_plugin
     distinct = {str(k): sum(ref[-1][i] != ref[k][i] for i in range(len(prompts))) for k in range(len(loras))}
     print("RESULT " + json.dumps({"plugin": vllm_plugin.is_active(), "wrong": wrong, "requests": len(jobs),
-                                   "differs_from_base": distinct}))
+                                   "differs_from_base": distinct, "fused_paths": paths}))
     """
 )
 
 
-def _run_mixed(tmp_path, base, adapters, plugins: str | None) -> dict:
+def _run_mixed(tmp_path, base, adapters, plugins: str | None, prompts: int = 24) -> dict:
     script = tmp_path / "mixed.py"
     script.write_text(MIXED_SCRIPT)
-    env = dict(os.environ)
+    env = dict(os.environ, MIXED_PROMPTS=str(prompts))
     env.pop("VLLM_PLUGINS", None)
     if plugins is not None:
         env["VLLM_PLUGINS"] = plugins
@@ -208,3 +219,24 @@ def test_mixed_batch_wrong_without_plugin_zero_wrong_with_it(tmp_path, tiny_llam
     # Without the fix, base rows get the last slot's adapter (24/24 observed on this machine).
     assert without["wrong"]["-1"] > 0, without
     assert with_fix["wrong"] == {"-1": 0, "0": 0, "1": 0}, with_fix
+    assert with_fix["fused_paths"]["masked"] > 0 and with_fix["fused_paths"]["grouped"] == 0, with_fix  # 2 slots
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_many_slots_take_the_grouped_path_with_zero_wrong(tmp_path, tiny_llama):
+    """12 tenants in 12 LoRA slots (at least GROUPED_MIN_SLOTS): decode batches mixing all of them and the base
+    take the grouped fused path (rows gathered by slot), and every answer equals its reference (the base on a
+    fresh engine, each adapter alone)."""
+    from serving import lora_fused
+    from serving.testing import make_peft_adapter
+
+    n = 12
+    assert n >= lora_fused.GROUPED_MIN_SLOTS
+    tenants = [make_peft_adapter(tiny_llama, tmp_path / f"g{k}", seed=300 + k) for k in range(n)]
+    result = _run_mixed(tmp_path, tiny_llama, tenants, plugins=None, prompts=8)
+    print(f"\n12 slots: {result}")
+    assert result["plugin"] is True and result["requests"] == 8 * (n + 1)
+    assert result["fused_paths"]["grouped"] > 0, result
+    assert min(result["differs_from_base"].values()) >= 4, result  # each tenant changes most answers
+    assert set(result["wrong"].values()) == {0}, result
