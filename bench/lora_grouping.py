@@ -4,14 +4,18 @@
 at S' slots, S' times the arithmetic a row needs, in the fewest calls. ``grouped_lora_linear`` gathers
 the rows by slot into a padded ``[S', t_max, in]`` block (``index_copy_``), runs one batched shrink and
 one batched expand per slice (``bmm``) against each slot's own weights, and adds the results to their
-rows (``index_add_``): 1/S' of the arithmetic, a gather and an add more per slice. The plugin groups
-from ``GROUPED_MIN_SLOTS`` slots on; this measures where that pays. Both are checked against each other
-(fp32, 1e-4 relative) before timing.
+rows (one ``index_add_`` after joining the slices): 1/S' of the arithmetic, plus a gather, a join and an
+add, and the padding: the block has S'·t_max rows (t_max: the most rows of one slot). The plugin groups
+when the slot range is ``GROUPED_MIN_SLOTS`` wide or more, the block holds at most ``GROUPED_MAX_PADDING``
+times the rows and the joined output at most ``GROUPED_MAX_ELEMENTS``; the output says which path it
+would take for each layer. Both paths are checked
+against each other (fp32, 1e-4 relative) before timing.
 
 SmolLM2-135M's four LoRA layer shapes (q/k/v, o, gate/up, down), rank 8, decode rows interleaved over
-the slots (row b has slot b mod S); microseconds per call, median of ``--repeats`` interleaved repeats::
+the slots (row b has slot b mod S), or with ``--hot K`` the first K rows on slot 0 and the rest
+interleaved (one busy tenant); microseconds per call, median of ``--repeats`` interleaved repeats::
 
-    OMP_NUM_THREADS=1 python bench/lora_grouping.py [--rows 32] [--slots 4] [--repeats 5]
+    OMP_NUM_THREADS=1 python bench/lora_grouping.py [--rows 32] [--slots 4] [--hot 0] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 
 import torch
 
-from serving.lora_fused import fused_lora_linear, grouped_lora_linear, row_groups, slot_mask
+from serving.lora_fused import StepSlots, fused_lora_linear, grouped_lora_linear, row_groups, slot_mask
 
 LAYERS = {"qkv": (576, (576, 192, 192)), "o": (576, (576,)), "gate_up": (576, (1536, 1536)), "down": (1536, (576,))}
 
@@ -41,18 +45,22 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--hot", type=int, default=0, help="rows on slot 0 before the interleaved ones")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=300)
     args = parser.parse_args()
     torch.manual_seed(0)
     rows, slots, r = args.rows, args.slots, args.rank
     idx = torch.arange(rows) % slots
+    idx[: args.hot] = 0
     groups = row_groups(idx, 0, slots)
-    assert groups is not None
-    print(f"{rows} rows over {slots} slots, rank {r}, {torch.get_num_threads()} thread(s); µs per call (median)")
+    step = StepSlots(idx)
+    print(f"{rows} rows over {slots} slots ({args.hot} on slot 0 first; most on one slot: {groups[2]}), rank {r}, "
+          f"{torch.get_num_threads()} thread(s); µs per call (median)")
     for name, (fan_in, outs) in LAYERS.items():
         m, g = measure_layer(fan_in, outs, idx, groups, r, args.repeats, args.calls)
-        print(f"{name:<8} masked {m:7.1f}   grouped {g:7.1f}   grouped / masked {g / m:.2f}")
+        plugin = "grouped" if step.groups_for(outs) is not None else "masked"
+        print(f"{name:<8} masked {m:7.1f}   grouped {g:7.1f}   grouped / masked {g / m:.2f}   (plugin: {plugin})")
 
 
 def measure_layer(fan_in: int, outs: tuple[int, ...], idx: torch.Tensor, groups: tuple, r: int, repeats: int,
@@ -79,6 +87,7 @@ def measure_layer(fan_in: int, outs: tuple[int, ...], idx: torch.Tensor, groups:
         times["masked"].append(per_call_us(masked, calls))
         times["grouped"].append(per_call_us(grouped, calls))
     return statistics.median(times["masked"]), statistics.median(times["grouped"])
+
 
 if __name__ == "__main__":
     main()

@@ -12,14 +12,18 @@ the step's rows use (slots outside it are not read)::
     y[:, slice k] += H[:, slice k] @ B_k[lo:hi]   one GEMM per slice against the slots' B stacked [S'·r, out_k]
 
 Row b gets ``scale · x_b @ A_k[i_b]ᵀ @ B_k[i_b]ᵀ`` as in vLLM's ops (shrink in float32, expand in the
-output's dtype; in bf16 the sum is rounded once where vLLM rounds twice, so results differ by up to one bf16
-step), and a row with index -1 gets exactly nothing. The other used slots' products are
+output's dtype; in bf16 the masked path rounds the sum once where vLLM and the grouped path below round
+twice, so results differ by up to one bf16 step), and a row with index -1 gets exactly nothing. The other used slots' products are
 computed and multiplied by zero: (S'−1)/S' of two small GEMMs wasted, against 2n−3 fewer calls and no
-per-run call at all. When every row has the same slot, no mask is needed. From :data:`GROUPED_MIN_SLOTS`
-slots in the range on, that waste costs more than grouping: the rows are gathered by slot into a padded
-block ``[S', t_max, in]`` and each group multiplied by its own slot's A and B only (batched GEMMs, the
-same number of GEMM calls plus a gather, a join of the slices and one add; ``bench/lora_grouping.py``, a
-SmolLM2 layer, one thread: 0.56× the masked call's time at 16 slots, 0.70× at 10, 1.12× at 4). Larger batches (prefill) keep
+per-run call at all. When every row has the same slot, no mask is needed. When the range is
+:data:`GROUPED_MIN_SLOTS` slots wide or more, that waste costs more than grouping: the rows are gathered
+by slot into a zero-padded block ``[S', t_max, in]`` (t_max: the most rows of one slot) and each group
+multiplied by its own slot's A and B only (batched GEMMs, the same number of GEMM calls plus a gather, a
+join of the slices and one add; ``bench/lora_grouping.py``, a SmolLM2 layer, 32 rows spread evenly, one
+thread: 0.56× the masked call's time at 16 slots, 0.70× at 10, 1.12× at 4). The padding is the catch: one
+busy slot among idle ones makes the block mostly zeros, many times slower than masking, so a step whose
+block would exceed :data:`GROUPED_MAX_PADDING` times its rows is masked, and so is a layer whose joined
+output would exceed :data:`GROUPED_MAX_ELEMENTS`. Larger batches (prefill) keep
 the per-slice ops of :mod:`serving.lora_ops`, which touch each row's slot only.
 
 The stacked weights (slot-major, so that a slot range is one block) are a copy of vLLM's LoRA weights,
@@ -37,6 +41,8 @@ from typing import Any
 
 FUSED_MAX_ROWS = 256  # batches with fewer rows take the fused path; larger ones (prefill) the per-slice ops
 GROUPED_MIN_SLOTS = 10  # a slot range this wide groups the rows by slot instead of masking (bench/lora_grouping.py)
+GROUPED_MAX_PADDING = 3  # ... unless the padded block would hold more than this many times the rows with a slot
+GROUPED_MAX_ELEMENTS = 2**18  # ... or its joined output [block rows, Σ out] more elements (1 MiB in float32)
 
 
 def stack_weights(lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any) -> tuple[Any, list[Any]]:
@@ -69,12 +75,25 @@ class StepSlots:
         self._groups: Any = False  # not computed yet
 
     def groups(self) -> tuple[Any, Any, int] | None:
-        """:func:`row_groups` when the range is at least :data:`GROUPED_MIN_SLOTS` wide, else None (masking is
-        faster for a few slots); computed once per step."""
+        """:func:`row_groups` when the range is at least :data:`GROUPED_MIN_SLOTS` wide and its padded block holds
+        at most :data:`GROUPED_MAX_PADDING` times the rows with a slot, else None (masking is faster for a few
+        slots, and for one busy slot among idle ones, where the block would be mostly padding); computed once
+        per step."""
         if self._groups is False:
-            wide = self.hi - self.lo >= GROUPED_MIN_SLOTS
-            self._groups = row_groups(self.indices, self.lo, self.hi) if wide else None
+            groups = row_groups(self.indices, self.lo, self.hi) if self.hi - self.lo >= GROUPED_MIN_SLOTS else None
+            if groups is not None and (self.hi - self.lo) * groups[2] > GROUPED_MAX_PADDING * groups[0].numel():
+                groups = None
+            self._groups = groups
         return self._groups  # type: ignore[no-any-return]
+
+    def groups_for(self, output_slices: tuple[int, ...]) -> tuple[Any, Any, int] | None:
+        """:meth:`groups` for a layer with these output slices, or None when its joined output would exceed
+        :data:`GROUPED_MAX_ELEMENTS` (temporaries of a MiB and more are allocated afresh at every call, which
+        measured erratically slow)."""
+        groups = self.groups()
+        if groups is None or (self.hi - self.lo) * groups[2] * sum(output_slices) > GROUPED_MAX_ELEMENTS:
+            return None
+        return groups
 
     def mask(self, slices: int, rank: int, scale: float) -> Any | None:
         """[T, (hi−lo)·slices·r] float32: ``scale`` in the columns of each row's own slot (every slice), 0
@@ -102,8 +121,7 @@ def slot_mask(indices: Any, lo: int, hi: int, slices: int, rank: int, scale: flo
 def row_groups(indices: Any, lo: int, hi: int) -> tuple[Any, Any, int]:
     """``(rows, positions, t_max)``: the rows that have a slot (all in ``lo:hi``), sorted by slot, and each one's
     row in a zero-padded block of ``hi−lo`` groups of ``t_max`` rows (group ``s−lo`` holds slot s's rows; t_max
-    the most rows of one slot). The block's ``(hi−lo)·t_max`` rows are never more than the masked path's
-    ``T·(hi−lo)`` row-slot products. Pure."""
+    the most rows of one slot). At least one row must have a slot. Pure."""
     import torch
 
     rows = torch.nonzero(indices >= 0).squeeze(1)
@@ -121,7 +139,8 @@ def grouped_lora_linear(y: Any, x: Any, a: Any, bs: list[Any], lo: int, hi: int,
                         scale: float, output_slices: tuple[int, ...], r: int) -> None:
     """:func:`fused_lora_linear` with the rows grouped by slot (``groups`` from :func:`row_groups`) instead of
     masked: each group is multiplied by its own slot's weights only (batched GEMMs over the ``hi−lo`` groups),
-    then added to its rows. ``y`` [T, Σ out_k] is written in place; rows without a slot are not touched. Pure
+    then added to its rows. ``y`` [T, Σ out_k] is written in place; rows without a slot are not touched. In
+    bf16 the expand's result is rounded before it is added, as vLLM does (the masked path rounds once). Pure
     tensor function."""
     import torch
 
@@ -184,7 +203,7 @@ def make_add_lora_linear(original: Callable[..., None]) -> Callable[..., None]:
             return
         y2 = y.view(-1, y.shape[-1])
         a, bs = _stacked(self, lora_a_stacked, lora_b_stacked, y2.dtype)
-        groups = step.groups()
+        groups = step.groups_for(output_slices)
         if groups is not None:
             grouped_lora_linear(y2, x2, a, bs, step.lo, step.hi, groups, scale, output_slices, a0.shape[2])
             return

@@ -497,6 +497,12 @@ COMPLETION_REQUEST = ("POST", "/v1/completions", b'{"model": "a1", "prompt": "x"
          request=COMPLETION_REQUEST)
 @example(status=200, media="application/json", upstream_body=b'{"data": [], "model": Infinity}', owner="acme",
          request=MODELS_REQUEST)  # ditto: Python's json reads Infinity, but cannot write it back
+@example(status=200, media="application/json", upstream_body=b"[" * 100_000, owner="acme",
+         request=MODELS_REQUEST)  # ditto: nested too deep for Python's json (RecursionError)
+@example(status=200, media="application/json", upstream_body=b"[" * 100_000, owner="acme",
+         request=COMPLETION_REQUEST)
+@example(status=200, media="text/event-stream", upstream_body=b"data: " + b"[" * 100_000 + b"\n\n", owner="acme",
+         request=("POST", "/v1/chat/completions", b'{"model": "a1", "messages": [], "stream": true}'))
 @given(status=st.sampled_from([200, 200, 200, 201, 204, 400, 404, 500, 503]),
        media=st.sampled_from(["application/json", "text/event-stream", "text/plain", ""]),
        upstream_body=UPSTREAM_BODIES, owner=st.sampled_from(["acme", "admin"]),

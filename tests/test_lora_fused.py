@@ -223,29 +223,36 @@ def test_an_adapter_loaded_between_two_steps_with_the_same_rows_is_used(rewrite_
             w.copy_(torch.randn(w.shape))
 
 
-@pytest.mark.parametrize("slots,rows,skew", [(10, 32, False), (16, 32, False), (16, 200, True), (12, 5, False)])
+@pytest.mark.parametrize("slots,rows,busy,path", [
+    (10, 32, 0, "grouped"), (16, 32, 0, "grouped"), (16, 32, 4, "grouped"),  # interleaved; one slot somewhat busy
+    (16, 200, 150, "masked"),  # one busy slot among idle ones: the padded block would be mostly zeros
+    (12, 5, 0, "grouped"),  # most slots of the range without a row
+])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_wide_slot_range_groups_the_rows_and_equals_the_reference(monkeypatch, slots, rows, skew, dtype):
-    """From GROUPED_MIN_SLOTS slots on, rows are grouped by slot (not masked); same reference, -1 rows bit for bit,
-    also when one slot holds most rows (``skew``) and when most slots of the range have no row."""
+def test_a_wide_slot_range_groups_the_rows_and_equals_the_reference(monkeypatch, slots, rows, busy, path, dtype):
+    """From GROUPED_MIN_SLOTS slots on, rows are grouped by slot (not masked) unless the padded block would hold
+    more than GROUPED_MAX_PADDING times the rows; either way: the reference, and -1 rows bit for bit."""
     assert slots >= lora_fused.GROUPED_MIN_SLOTS
     taken = []
     real = lora_fused.grouped_lora_linear
     monkeypatch.setattr(lora_fused, "grouped_lora_linear", lambda *a, **k: taken.append(1) or real(*a, **k))
-    idx, x, lora_a, lora_b, y = make_case(rows, slots, 8, 40, (40, 8, 8), dtype, seed=slots + rows)
-    if skew:
-        idx[: rows * 3 // 4] = 3
-    idx[0], idx[-1] = 0, slots - 1  # the whole range is used
+    _, x, lora_a, lora_b, y = make_case(rows, slots, 8, 40, (40, 8, 8), dtype, seed=slots + rows)
+    idx = torch.arange(rows) % slots  # decode rows of many tenants, interleaved
+    idx[:busy] = 3
+    idx[1::5] = -1  # rows without an adapter
+    idx[-1] = slots - 1  # the whole range is used (row 0 has slot 0 unless a busy slot took it)
+    if busy:
+        idx[-2] = 0
     y0 = y.clone()
     wrapper = Wrapper(idx)
     fused()(wrapper, y, x, lora_a, lora_b, 0.5, (40, 8, 8))
-    assert taken == [1] and wrapper.original_calls == 0
+    assert taken == ([1] if path == "grouped" else []) and wrapper.original_calls == 0
     ref = reference(y0, x, lora_a, lora_b, 0.5, (40, 8, 8), idx)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
     assert err < tol, f"relative error {err:.2e} > {tol}"
     none = idx < 0
-    assert torch.equal(y[none], y0[none])
+    assert none.any() and torch.equal(y[none], y0[none])
 
 
 def test_row_groups_places_each_row_once_in_its_slots_block():
@@ -256,4 +263,10 @@ def test_row_groups_places_each_row_once_in_its_slots_block():
     assert len(set(positions.tolist())) == rows.numel()
     for row, pos in zip(rows.tolist(), positions.tolist()):
         assert pos // t_max == idx[row] - 3  # in its slot's block
-    assert lora_fused.StepSlots(idx).groups() is not None and lora_fused.StepSlots(torch.tensor([0, 1, 2])).groups() is None
+    assert lora_fused.GROUPED_MIN_SLOTS == 10 and lora_fused.GROUPED_MAX_PADDING == 3  # the cases below assume these
+    assert lora_fused.StepSlots(idx).groups() is None  # a block of 10·3 = 30 rows for 6 rows: more than 3×: masked
+    assert lora_fused.StepSlots(torch.tensor([-1, *range(10)])).groups() is not None  # 10 rows for 10: grouped
+    assert lora_fused.StepSlots(torch.tensor([0, 1, 2])).groups() is None  # a range of 3: masked
+    even = lora_fused.StepSlots(torch.arange(10))
+    assert even.groups_for((8, 8)) is not None  # a joined output of 10 × 16 elements
+    assert even.groups_for((lora_fused.GROUPED_MAX_ELEMENTS // 10 + 1,)) is None  # too large a temporary: masked

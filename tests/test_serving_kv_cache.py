@@ -124,6 +124,8 @@ def test_what_is_left_to_vllm():
     pinned = decide_kv_cache(64 * MIB, max_model_len=2048, extra_args=(), environ={}, on_gpu=lambda: False,
                              memory=_never, weights=lambda: 0)
     assert not pinned.fit_context and pinned.notes == ("KV cache: 64 MiB (as set)",)
+    on_gpu = decide(64 * MIB, gpu=True)  # untested on a GPU: left as it was
+    assert not on_gpu.fit_context and on_gpu.notes == ("KV cache: 64 MiB (as set)",)
     assert decide(environ={"VLLM_CPU_KVCACHE_SPACE": "2"}).kv_bytes is None
     assert decide(extra=("--gpu-memory-utilization=0.5",)).kv_bytes is None
     assert decide(extra=("--gpu-memory-utilization", "0.5")).kv_bytes is None

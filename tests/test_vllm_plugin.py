@@ -228,6 +228,8 @@ def test_many_slots_take_the_grouped_path_with_zero_wrong(tmp_path, tiny_llama):
     """12 tenants in 12 LoRA slots (at least GROUPED_MIN_SLOTS): decode batches mixing all of them and the base
     take the grouped fused path (rows gathered by slot), and every answer equals its reference (the base on a
     fresh engine, each adapter alone)."""
+    from vllm.lora.ops.torch_ops import lora_ops
+
     from serving import lora_fused
     from serving.testing import make_peft_adapter
 
@@ -236,6 +238,10 @@ def test_many_slots_take_the_grouped_path_with_zero_wrong(tmp_path, tiny_llama):
     tenants = [make_peft_adapter(tiny_llama, tmp_path / f"g{k}", seed=300 + k) for k in range(n)]
     result = _run_mixed(tmp_path, tiny_llama, tenants, plugins=None, prompts=8)
     print(f"\n12 slots: {result}")
+    buggy = getattr(lora_ops.bgmv_shrink, "_pissa_cpu_lora_fix", False) or ops_have_negative_index_bug(
+        lora_ops.bgmv_shrink)
+    if not buggy and not any(result["fused_paths"].values()):
+        pytest.skip("this vLLM's CPU ops are correct and the plugin kept them: no fused path to test")
     assert result["plugin"] is True and result["requests"] == 8 * (n + 1)
     assert result["fused_paths"]["grouped"] > 0, result
     assert min(result["differs_from_base"].values()) >= 4, result  # each tenant changes most answers

@@ -143,6 +143,14 @@ def test_models_lists_base_and_tenants(client):
     assert all(models[name].parent == "base" for name in TENANT_NAMES)
 
 
+def test_the_qpissa_tenant_is_served(client, references):
+    """The QPiSSA tenant (issue 15) takes part in every test of this module; without bitsandbytes it cannot be
+    made, and this says so instead of the others passing quietly with two tenants."""
+    if QUANT_TENANT not in TENANT_NAMES:
+        pytest.skip("bitsandbytes is not installed: no QPiSSA tenant (pip install -e '.[quant]')")
+    assert _complete(client, QUANT_TENANT, PROMPTS[0]) == references[(QUANT_TENANT, PROMPTS[0])]
+
+
 def test_tenants_really_differ(references):
     """Guard: the comparisons below would be vacuous if the adapters did not change the output."""
     for name in TENANT_NAMES:

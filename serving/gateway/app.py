@@ -292,8 +292,8 @@ class Gateway:
                             for m in data["data"] if isinstance(m, dict) and m.get("id") in allowed]
             # Rendered here: JSON with NaN or Infinity (Python's json reads them) cannot be written back (ValueError).
             filtered = JSONResponse(data)
-        except (ValueError, LookupError, TypeError):  # not vLLM's {"data": [{"id": ...}, ...]}
-            logger.warning("the model server's /v1/models answer is not a model list")
+        except (ValueError, LookupError, TypeError, RecursionError):  # not vLLM's {"data": [{"id": ...}, ...]}
+            logger.warning("the model server's /v1/models answer could not be read as a model list")
             return self._answer(ex, error(502, "the model server's model list could not be read"))
         return self._answer(ex, filtered)
 
@@ -364,7 +364,7 @@ class Gateway:
             finally:
                 await upstream.aclose()
             if upstream.status_code == 200:
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):  # not JSON, or nested too deep to read
                     usage = usage_of(json.loads(data))
                     if usage:
                         ex.prompt_tokens, ex.completion_tokens = usage

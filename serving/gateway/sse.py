@@ -40,7 +40,7 @@ def event_data(event: bytes) -> dict[str, Any] | None:
         return None
     try:
         data = json.loads(b"\n".join(lines))
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to read
         return None
     return data if isinstance(data, dict) else None
 
