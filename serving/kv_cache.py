@@ -12,9 +12,9 @@ where ``available`` is what vLLM itself reads (the node's MemFree + Active(file)
 SReclaimable, clamped to the cgroup's limit), ``weights`` the base's weights in the served dtype, and
 ``VLLM_OVERHEAD`` the memory of vLLM's processes besides weights and cache. Half of what remains is left
 to the rest of the machine, so the check vLLM makes after loading the model passes. We also pass
-``--max-model-len auto`` (unless ``max_model_len`` is set), with a chosen size and, on CPU, with one the
-manifest gives: vLLM then shortens the context to what the cache holds instead of refusing a model whose
-full context does not fit.
+``--max-model-len auto`` (unless ``max_model_len`` is set), with a chosen size and with one the manifest
+gives: vLLM then shortens the context to what the cache holds instead of refusing a model whose full
+context does not fit (with a given size on a GPU this was not run).
 
 Left to vLLM: a GPU (CUDA available), the size of an explicit one, ``VLLM_CPU_KVCACHE_SPACE`` in the environment
 (vLLM's legacy setting, which overrides the flag), or ``--gpu-memory-utilization`` in ``extra_args``.
@@ -164,10 +164,10 @@ def decide_kv_cache(
         ServingError: on CPU, not enough free memory for the weights, vLLM and a minimal cache.
     """
     if kv_cache_memory_bytes is not None:
-        # On CPU, a size too small for the model's full context (SmolLM2's 8192 tokens need 0.35 GiB in float32)
-        # would make vLLM refuse to start; fitted, it serves a shorter context and says so in its log. (Not
-        # on a GPU, where this was never tested.)
-        fit = max_model_len is None and not on_gpu()
+        # A size too small for the model's full context (SmolLM2's 8192 tokens need 0.35 GiB in float32) would
+        # make vLLM refuse to start; fitted, it serves a shorter context and says so in its log. vLLM fits it to
+        # the cache size on any device (v1/core/kv_cache_utils.py, _auto_fit_max_model_len); run on CPU only.
+        fit = max_model_len is None
         notes = [f"KV cache: {human(kv_cache_memory_bytes)} (as set)", *((FIT_NOTE,) if fit else ())]
         return KvCacheChoice(kv_cache_memory_bytes, tuple(notes), fit_context=fit)
     if environ.get(LEGACY_ENV):

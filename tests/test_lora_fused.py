@@ -226,7 +226,7 @@ def test_an_adapter_loaded_between_two_steps_with_the_same_rows_is_used(rewrite_
 @pytest.mark.parametrize("slots,rows,busy,path", [
     (10, 32, 0, "grouped"), (16, 32, 0, "grouped"), (16, 32, 4, "grouped"),  # interleaved; one slot somewhat busy
     (16, 200, 150, "masked"),  # one busy slot among idle ones: the padded block would be mostly zeros
-    (12, 5, 0, "grouped"),  # most slots of the range without a row
+    (12, 5, 0, "grouped"),  # most slots of the range without a row; exactly at the padding bound (12 = 3 · 4)
 ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_wide_slot_range_groups_the_rows_and_equals_the_reference(monkeypatch, slots, rows, busy, path, dtype):
@@ -270,3 +270,22 @@ def test_row_groups_places_each_row_once_in_its_slots_block():
     even = lora_fused.StepSlots(torch.arange(10))
     assert even.groups_for((8, 8)) is not None  # a joined output of 10 × 16 elements
     assert even.groups_for((lora_fused.GROUPED_MAX_ELEMENTS // 10 + 1,)) is None  # too large a temporary: masked
+
+
+def test_a_layer_whose_joined_output_is_too_large_is_masked(monkeypatch):
+    """The same step groups a small layer and masks one whose joined output exceeds GROUPED_MAX_ELEMENTS (the call
+    site asks per layer); both equal the reference."""
+    monkeypatch.setattr(lora_fused, "GROUPED_MAX_ELEMENTS", 16 * 2 * 40)  # a block of 16·2 rows × Σ out 40 fits
+    taken = []
+    real = lora_fused.grouped_lora_linear
+    monkeypatch.setattr(lora_fused, "grouped_lora_linear", lambda *a, **k: taken.append(1) or real(*a, **k))
+    idx = torch.arange(32) % 16  # t_max 2
+    wrapper, op = Wrapper(idx), fused()
+    for slices, want in (((24, 8, 8), [1]), ((24, 16, 8), [])):
+        taken.clear()
+        _, x, lora_a, lora_b, y = make_case(32, 16, 8, 40, slices, torch.float32, seed=sum(slices))
+        y0 = y.clone()
+        op(wrapper, y, x, lora_a, lora_b, 1.0, slices)
+        assert taken == want
+        ref = reference(y0, x, lora_a, lora_b, 1.0, slices, idx)
+        assert (y.double() - ref).abs().max().item() / ref.abs().max().item() < 1e-4

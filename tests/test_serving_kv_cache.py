@@ -124,8 +124,9 @@ def test_what_is_left_to_vllm():
     pinned = decide_kv_cache(64 * MIB, max_model_len=2048, extra_args=(), environ={}, on_gpu=lambda: False,
                              memory=_never, weights=lambda: 0)
     assert not pinned.fit_context and pinned.notes == ("KV cache: 64 MiB (as set)",)
-    on_gpu = decide(64 * MIB, gpu=True)  # untested on a GPU: left as it was
-    assert not on_gpu.fit_context and on_gpu.notes == ("KV cache: 64 MiB (as set)",)
+    given_on_gpu = decide_kv_cache(64 * MIB, max_model_len=None, extra_args=(), environ={}, on_gpu=_never,
+                                   memory=_never, weights=_never)  # a given size calls no probe
+    assert given_on_gpu.fit_context and given_on_gpu.kv_bytes == 64 * MIB
     assert decide(environ={"VLLM_CPU_KVCACHE_SPACE": "2"}).kv_bytes is None
     assert decide(extra=("--gpu-memory-utilization=0.5",)).kv_bytes is None
     assert decide(extra=("--gpu-memory-utilization", "0.5")).kv_bytes is None
