@@ -200,6 +200,20 @@ def finished_run(run: Path, init: str, common: dict) -> tuple[dict, float] | Non
     return ({"tokens_per_second": bench["tokens_per_second"]}, bench["seconds"]) if same else None
 
 
+def exact_4bit(model):
+    """``model`` with its 4-bit layers computing in float32 through bitsandbytes' dequantize-then-matmul path
+    (its CPU bfloat16 shortcut off), as in training. Returns it."""
+    import torch
+
+    from training.quant import set_compute_dtype
+
+    set_compute_dtype(model, torch.float32)
+    for m in model.modules():  # bitsandbytes' CPU shortcut multiplies in bfloat16: off, as in training
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def held_out_accuracy(bundle: Path, out: Path, heldout: list[dict[str, str]], ranks: list[int],
                       qbundle: Path | None = None) -> dict:
     """Accuracy of the original model, PiSSA, LoRA and original + exported PiSSA adapter(s); with
@@ -233,14 +247,7 @@ def held_out_accuracy(bundle: Path, out: Path, heldout: list[dict[str, str]], ra
     residual = AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
     results["pissa"] = accuracy(PeftModel.from_pretrained(residual, out / "pissa" / "adapter").eval(), tok, heldout)
     if qbundle is not None:
-        from training.quant import quantize_targets, set_compute_dtype
-
-        def exact_4bit(model):
-            set_compute_dtype(model, torch.float32)
-            for m in model.modules():  # bitsandbytes' CPU shortcut multiplies in bfloat16: off, as in training
-                if hasattr(m, "support_avx512bf16_for_cpu"):
-                    m.support_avx512bf16_for_cpu = False
-            return model
+        from training.quant import quantize_targets
 
         q = AutoModelForCausalLM.from_pretrained(qbundle, dtype=torch.float32, device_map={"": "cpu"})
         results["qpissa"] = accuracy(exact_4bit(PeftModel.from_pretrained(q, out / "qpissa" / "adapter")).eval(),

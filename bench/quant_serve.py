@@ -32,23 +32,24 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from converge import exact_4bit  # noqa: E402  (the same 4-bit scoring path as bench/converge.py)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> float:
     """Seconds until ``GET url/health`` answers 200; raises if ``proc`` exits or the time runs out."""
+    from serving.launcher import http_ok
+
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
             raise SystemExit(f"pissa serve exited with {proc.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return time.perf_counter() - t0
-        except OSError:
-            pass
+        if http_ok(url + "/health", timeout=5):
+            return time.perf_counter() - t0
         time.sleep(1)
     raise SystemExit(f"pissa serve was not healthy after {timeout:.0f} s")
 
@@ -91,7 +92,6 @@ def main() -> None:
     from pissa.core.jsonio import read_json
     from serving.vllm_env import free_port
     from training.data import read_records
-    from training.quant import set_compute_dtype
     from training.tasks import ARITH_HELDOUT, Accuracy, accuracy, is_correct
     from training.train import load_tokenizer
 
@@ -113,11 +113,7 @@ def main() -> None:
 
     results: dict[str, Accuracy] = {}
     t = time.perf_counter()
-    q = AutoModelForCausalLM.from_pretrained(qbundle, dtype=torch.float32, device_map={"": "cpu"})
-    set_compute_dtype(q, torch.float32)
-    for m in q.modules():  # bitsandbytes' CPU shortcut multiplies in bfloat16: off, as in training
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    q = exact_4bit(AutoModelForCausalLM.from_pretrained(qbundle, dtype=torch.float32, device_map={"": "cpu"}))
     results["quantized"] = accuracy(PeftModel.from_pretrained(q, args.run / "adapter").eval(), tok, heldout)
     del q
     original = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
