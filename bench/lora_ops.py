@@ -13,7 +13,8 @@ once). vLLM's V1 engine runs every step through the sgmv ops, with runs of equal
 (``compute_meta``); at decode, requests of different adapters interleave, so every row is its own run. Prefill:
 4 prompts of T/4 tokens. Variants: ``vllm`` (its torch ops), ``fixed``, ``fast`` (serving/lora_ops.py, per
 slice, as vLLM's wrapper calls them) and ``fused`` (serving/lora_fused.py: all slices of a layer in one
-call for fewer than 256 rows; the fast ops above that), the last as the plugin installs it.
+call for fewer than 256 rows; the fast ops above that), the last as the plugin installs it: its GEMMs on packed
+matrices by vLLM's oneDNN; ``fused_torch`` is the same call with torch's GEMMs (``PISSA_LORA_ONEDNN=0``).
 Prints a Markdown table (µs per layer step and the speed-ups) and writes ``--out`` (JSON).
 """
 
@@ -32,6 +33,19 @@ sys.path.insert(0, str(ROOT))
 HIDDEN, Q, KV, INTER = 576, 576, 192, 1536
 # (input dim, output slices) of each LoRA-wrapped linear in a Llama layer
 LINEARS = [(HIDDEN, (Q, KV, KV)), (Q, (HIDDEN,)), (HIDDEN, (INTER, INTER)), (INTER, (HIDDEN,))]
+
+
+def torch_gemms(lora_fused, linear):
+    """``linear`` with the fused path's GEMMs in torch (``PISSA_LORA_ONEDNN=0``) instead of vLLM's oneDNN."""
+
+    def call(*args, **kwargs):
+        lora_fused.USE_ONEDNN = False
+        try:
+            return linear(*args, **kwargs)
+        finally:
+            lora_fused.USE_ONEDNN = True
+
+    return call
 
 
 def make_layer(torch, slots: int, rank: int, dtype):
@@ -123,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = compute_meta(idx)[:6]  # the sgmv ops' arguments: runs of equal consecutive slot indices
         variants = {name: per_op_linear(o, meta) for name, o in ops.items()}
         variants["fused"] = lora_fused.make_add_lora_linear(variants["fast"])
+        variants["fused_torch"] = torch_gemms(lora_fused, lora_fused.make_add_lora_linear(variants["fast"]))
         ref = step(variants["vllm"], torch, layer, rows, Wrapper(idx), dtype)
-        for name in ("fixed", "fast", "fused"):
+        for name in ("fixed", "fast", "fused", "fused_torch"):
             got = step(variants[name], torch, layer, rows, Wrapper(idx), dtype)
             tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
             assert all(torch.allclose(g.float(), r.float(), atol=tol * (1 + r.abs().max().item())) for g, r in
@@ -150,18 +165,21 @@ def main(argv: list[str] | None = None) -> int:
         rows_out.append({"kind": kind, "rows": rows, "us_per_layer_step": {k: round(v, 1) for k, v in med.items()},
                          "fused_vs_vllm": round(med["vllm"] / med["fused"], 2),
                          "fused_vs_fixed": round(med["fixed"] / med["fused"], 2),
+                         "fused_vs_fused_torch": round(med["fused_torch"] / med["fused"], 2),
                          "fused_per_step_us": per_step})
     record = {"slots": args.slots, "rank": args.rank, "threads": args.threads, "dtype": args.dtype,
               "repeats": args.repeats, "command": "python bench/lora_ops.py " + " ".join(argv or sys.argv[1:]),
               "results": rows_out}
     Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"| shape | T | vLLM µs | fixed µs | fast µs | fused µs | fused vs vLLM | fused vs fixed | fused, once per "
-          f"step µs |  (slots {args.slots}, rank {args.rank}, {args.dtype}, {args.threads} thread(s))")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| shape | T | vLLM µs | fixed µs | fast µs | fused, torch GEMMs µs | fused µs | fused vs vLLM | fused vs "
+          f"fixed | fused vs torch GEMMs | fused, once per step µs |  (slots {args.slots}, rank {args.rank}, "
+          f"{args.dtype}, {args.threads} thread(s))")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows_out:
         u = r["us_per_layer_step"]
-        print(f"| {r['kind']} | {r['rows']} | {u['vllm']} | {u['fixed']} | {u['fast']} | {u['fused']} | "
-              f"{r['fused_vs_vllm']}× | {r['fused_vs_fixed']}× | {r['fused_per_step_us'] or '–'} |")
+        print(f"| {r['kind']} | {r['rows']} | {u['vllm']} | {u['fixed']} | {u['fast']} | {u['fused_torch']} | "
+              f"{u['fused']} | {r['fused_vs_vllm']}× | {r['fused_vs_fixed']}× | {r['fused_vs_fused_torch']}× | "
+              f"{r['fused_per_step_us'] or '–'} |")
     return 0
 
 

@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--ops", default="fast",
                     help="comma list of the plugin's CPU LoRA ops to compare, one server each, in one run: "
-                         "fast (serving/lora_ops.py), fixed (the minimal index -1 fix)")
+                         "fast (serving/lora_ops.py and serving/lora_fused.py), fast-torch-gemm (the same with "
+                         "torch's GEMMs instead of vLLM's oneDNN: PISSA_LORA_ONEDNN=0), fixed (the minimal index -1 "
+                         "fix)")
     ap.add_argument("--adapters", type=int, default=4, help="random tenants to make (max_loras = this)")
     ap.add_argument("--gateway", action="store_true", help="measure the tenant gateway's overhead instead")
     ap.add_argument("--upstream", choices=["vllm", "fake", "both"], default="both",
@@ -260,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
         scenarios[f"{len(names)} adapters"] = names
     scenarios["base + 4 adapters"] = ["base", *names[:4]]
     modes = [m.strip() for m in args.ops.split(",") if m.strip()]
-    if not modes or any(m not in ("fast", "fixed") for m in modes):
-        ap.error("--ops takes fast, fixed or both (comma-separated)")
+    if not modes or any(m not in ("fast", "fast-torch-gemm", "fixed") for m in modes):
+        ap.error("--ops takes fast, fast-torch-gemm and/or fixed (comma-separated)")
     by_mode: dict[str, dict] = {}
-    for mode in modes:  # one server per ops choice (the plugin reads PISSA_CPU_LORA_OPS at start-up)
-        os.environ["PISSA_CPU_LORA_OPS"] = mode
+    for mode in modes:  # one server per ops choice (the plugin reads its environment at start-up)
+        os.environ["PISSA_CPU_LORA_OPS"] = mode.removesuffix("-torch-gemm")
+        os.environ["PISSA_LORA_ONEDNN"] = "0" if mode == "fast-torch-gemm" else "1"
         results: dict[str, dict] = {}
         t0 = time.perf_counter()
         with VllmServer(plan, work / f"vllm-{mode}.log", health_timeout=300) as server:

@@ -9,6 +9,8 @@ shrink result to bf16 before the expand).
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -63,16 +65,41 @@ def fused():
     return lora_fused.make_add_lora_linear(original)
 
 
+def packed_gemm_available() -> bool:
+    """Whether the packed (oneDNN) path can run: it must wherever vLLM is installed (the plugin's CI)."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    assert lora_fused.onednn_ops() is not None, "vLLM is installed but its oneDNN GEMM was not found"
+    return True
+
+
+@pytest.fixture(params=["packed", "torch"])
+def gemm(request, monkeypatch):
+    """Both GEMM back ends of the masked path: vLLM's oneDNN on packed matrices, and torch (``PISSA_LORA_ONEDNN=0``);
+    yields the list the packed path appends to when it runs."""
+    if request.param == "packed" and not packed_gemm_available():
+        pytest.skip("vLLM (its oneDNN GEMM) is not installed")
+    if request.param == "torch":
+        monkeypatch.setattr(lora_fused, "USE_ONEDNN", False)
+    taken: list[int] = []
+    real = lora_fused.packed_lora_linear
+    monkeypatch.setattr(lora_fused, "packed_lora_linear", lambda *a, **k: taken.append(1) or real(*a, **k))
+    yield request.param, taken
+
+
 @pytest.mark.parametrize("rows,slots,rank,d_in,slices", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_fused_equals_per_row_reference_and_rows_without_adapter_are_untouched(rows, slots, rank, d_in, slices,
-                                                                                dtype, scale):
+                                                                                dtype, scale, gemm):
     idx, x, lora_a, lora_b, y = make_case(rows, slots, rank, d_in, slices, dtype, seed=rows * 100 + slots + rank)
     y0 = y.clone()
     wrapper = Wrapper(idx)
     fused()(wrapper, y, x, lora_a, lora_b, scale, slices)
     assert wrapper.original_calls == 0  # the fused path ran
+    backend, taken = gemm
+    grouped = (idx >= 0).any().item() and lora_fused.StepSlots(idx).groups_for(slices) is not None
+    assert bool(taken) == (backend == "packed" and (idx >= 0).any().item() and not grouped)  # the chosen back end ran
     ref = reference(y0, x, lora_a, lora_b, scale, slices, idx)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     err = (y.double() - ref).abs().max().item() / ref.abs().max().item()
@@ -112,7 +139,7 @@ def test_prefill_sized_batches_and_unknown_shapes_go_to_the_original(rows, n_ind
 
 
 @pytest.mark.parametrize("inference", [False, True])
-def test_a_slot_written_in_place_is_seen_at_the_next_call_without_vllms_buffer(inference):
+def test_a_slot_written_in_place_is_seen_at_the_next_call_without_vllms_buffer(inference, gemm):
     """vLLM loads an adapter by copying into its stacked tensors: the weights' cache (keyed by version counters;
     inference tensors have none and are re-stacked) must follow, also behind a wrapper that is not vLLM's."""
     ctx = torch.inference_mode() if inference else torch.no_grad()
@@ -147,7 +174,7 @@ class VllmWrapper:
         self.indices_len[0] = len(indices)
 
 
-def test_vllms_indices_buffer_rewritten_each_step_gives_each_step_its_own_rows():
+def test_vllms_indices_buffer_rewritten_each_step_gives_each_step_its_own_rows(gemm):
     wrapper, op = VllmWrapper(64), fused()
     gen = torch.Generator().manual_seed(5)
     _, _, lora_a, lora_b, _ = make_case(1, 4, 8, 32, (16, 16, 8), torch.float32, seed=6)
@@ -189,7 +216,7 @@ def test_logits_lora_is_skipped_only_while_every_slot_of_b_is_zero():
 
 @pytest.mark.parametrize("slots_used", [[5, 6], [9], [14, 2], [3, -1]])
 @pytest.mark.parametrize("scale", [1.0, 0.25])
-def test_only_the_range_of_used_slots_is_read_and_one_slot_needs_no_mask(slots_used, scale):
+def test_only_the_range_of_used_slots_is_read_and_one_slot_needs_no_mask(slots_used, scale, gemm):
     """16 slots loaded, a few used: the fused path reads slots lo..hi only (a NaN in any other slot would show)."""
     idx, x, lora_a, lora_b, y = make_case(12, 16, 8, 32, (32, 16, 16), torch.float32, seed=7)
     idx = torch.tensor((slots_used * 12)[:12])
@@ -206,7 +233,7 @@ def test_only_the_range_of_used_slots_is_read_and_one_slot_needs_no_mask(slots_u
 
 
 @pytest.mark.parametrize("rewrite_indices", [True, False])
-def test_an_adapter_loaded_between_two_steps_with_the_same_rows_is_used(rewrite_indices):
+def test_an_adapter_loaded_between_two_steps_with_the_same_rows_is_used(rewrite_indices, gemm):
     """vLLM skips ``update_metadata`` when the mapping and the slots are unchanged: a slot can be written
     while the indices buffer stays as it was (``rewrite_indices=False``)."""
     wrapper, op = VllmWrapper(16), fused()
@@ -289,3 +316,60 @@ def test_a_layer_whose_joined_output_is_too_large_is_masked(monkeypatch):
         assert taken == want
         ref = reference(y0, x, lora_a, lora_b, 1.0, slices, idx)
         assert (y.double() - ref).abs().max().item() / ref.abs().max().item() < 1e-4
+
+
+def test_expand_weight_is_every_slices_b_block_diagonal_in_the_shrinks_column_order():
+    """H @ expand_weightᵀ, with H's columns slot-major as the shrink writes them, equals each slice's own product."""
+    gen = torch.Generator().manual_seed(11)
+    slots, r, slices, lo, hi = 5, 4, (6, 3, 2), 1, 4
+    bs = [torch.randn(slots * r, size, generator=gen) for size in slices]  # stack_weights' [S·r, out_k]
+    w = lora_fused.expand_weight(bs, lo, hi, r, slices)
+    width, n = hi - lo, len(slices)
+    assert w.shape == (sum(slices), width * n * r)
+    h = torch.randn(7, width * n * r, generator=gen)
+    hv = h.view(7, width, n, r)
+    want = torch.cat([hv[:, :, k].reshape(7, width * r) @ bs[k][lo * r:hi * r] for k in range(n)], dim=1)
+    assert torch.allclose(h @ w.T, want, atol=1e-5)
+    assert int((w != 0).sum()) == sum(width * r * size for size in slices)  # zeros outside the blocks
+
+
+def test_packed_matrices_follow_the_slot_range_and_a_layer_keeps_a_few_ranges(monkeypatch):
+    """Each step's slot range gets its own packed matrices (built once, then reused); a layer keeps the last
+    PACKED_RANGES ranges; every step equals the reference."""
+    if not packed_gemm_available():
+        pytest.skip("vLLM (its oneDNN GEMM) is not installed")
+    built = []
+    real = lora_fused.PackedMatmul
+    monkeypatch.setattr(lora_fused, "PackedMatmul", lambda w: built.append(w.shape) or real(w))
+    wrapper, op = VllmWrapper(32), fused()
+    _, _, lora_a, lora_b, _ = make_case(1, 8, 8, 32, (16, 8), torch.float32, seed=12)
+    gen = torch.Generator().manual_seed(13)
+    ranges = [(0, 4), (0, 4), (2, 3), (1, 8), (0, 2), (5, 7), (0, 4)]
+    for step, (lo, hi) in enumerate(ranges):
+        idx = torch.arange(12) % (hi - lo) + lo
+        idx[3] = -1
+        wrapper.set(idx)
+        x, y0 = torch.randn(12, 32, generator=gen), torch.randn(12, 24, generator=gen)
+        y = y0.clone()
+        op(wrapper, y, x, lora_a, lora_b, 1.0, (16, 8))
+        ref = reference(y0, x, lora_a, lora_b, 1.0, (16, 8), idx)
+        assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item()), f"step {step}"
+        assert torch.equal(y[3], y0[3])
+    # (0, 4) twice in a row: packed once; 5 distinct ranges over 4 places: (0, 4) was dropped, then packed again
+    assert len(built) == 2 * 6 and lora_fused.PACKED_RANGES == 4
+    assert built[0] == (4 * 2 * 8, 32) and built[1] == (24, 4 * 2 * 8)  # shrink [S'·n·r, in]; expand [Σ out, S'·n·r]
+
+
+def test_a_gemm_onednn_refuses_falls_back_to_torch(monkeypatch):
+    if not packed_gemm_available():
+        pytest.skip("vLLM (its oneDNN GEMM) is not installed")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported")
+
+    monkeypatch.setattr(lora_fused.onednn_ops(), "create_onednn_mm", refuse)
+    w = torch.randn(6, 5)
+    mm = lora_fused.PackedMatmul(w)
+    assert mm.handle is None
+    x = torch.randn(3, 5)
+    assert torch.allclose(mm(x), x @ w.T)

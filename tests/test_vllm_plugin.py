@@ -144,7 +144,7 @@ MIXED_SCRIPT = textwrap.dedent(
     from vllm.lora.request import LoRARequest
 
     from serving import lora_fused  # count which fused path each LoRA layer call takes (engine in-process)
-    paths = {"masked": 0, "grouped": 0}
+    paths = {"masked": 0, "packed": 0, "grouped": 0}  # masked: torch's GEMMs; packed: oneDNN on packed matrices
     def counted(name, fn):
         def call(*args, **kwargs):
             paths[name] += 1
@@ -152,6 +152,7 @@ MIXED_SCRIPT = textwrap.dedent(
         return call
     lora_fused.fused_lora_linear = counted("masked", lora_fused.fused_lora_linear)
     lora_fused.grouped_lora_linear = counted("grouped", lora_fused.grouped_lora_linear)
+    lora_fused.packed_lora_linear = counted("packed", lora_fused.packed_lora_linear)
 
     base, adapters = sys.argv[1], sys.argv[2:]
     llm = LLM(base, dtype="float32", enable_lora=True, max_loras=len(adapters), max_lora_rank=8,
@@ -206,6 +207,8 @@ def two_tenants(tmp_path_factory, tiny_llama):
 def test_mixed_batch_wrong_without_plugin_zero_wrong_with_it(tmp_path, tiny_llama, two_tenants):
     from vllm.lora.ops.torch_ops import lora_ops
 
+    from serving import lora_fused
+
     fixed = getattr(lora_ops.bgmv_shrink, "_pissa_cpu_lora_fix", False)
     if not fixed and not ops_have_negative_index_bug(lora_ops.bgmv_shrink):
         pytest.skip("this vLLM's CPU ops handle index -1 themselves: nothing to show")
@@ -219,7 +222,8 @@ def test_mixed_batch_wrong_without_plugin_zero_wrong_with_it(tmp_path, tiny_llam
     # Without the fix, base rows get the last slot's adapter (24/24 observed on this machine).
     assert without["wrong"]["-1"] > 0, without
     assert with_fix["wrong"] == {"-1": 0, "0": 0, "1": 0}, with_fix
-    assert with_fix["fused_paths"]["masked"] > 0 and with_fix["fused_paths"]["grouped"] == 0, with_fix  # 2 slots
+    paths = with_fix["fused_paths"]  # 2 slots: masked, its GEMMs on packed matrices where vLLM has oneDNN
+    assert paths["grouped"] == 0 and paths["packed" if lora_fused.onednn_ops() is not None else "masked"] > 0, paths
 
 
 @pytest.mark.vllm
