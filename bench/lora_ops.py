@@ -39,11 +39,11 @@ def torch_gemms(lora_fused, linear):
     """``linear`` with the fused path's GEMMs in torch (``PISSA_LORA_ONEDNN=0``) instead of vLLM's oneDNN."""
 
     def call(*args, **kwargs):
-        lora_fused.USE_ONEDNN = False
+        before, lora_fused.USE_ONEDNN = lora_fused.USE_ONEDNN, False
         try:
             return linear(*args, **kwargs)
         finally:
-            lora_fused.USE_ONEDNN = True
+            lora_fused.USE_ONEDNN = before
 
     return call
 

@@ -265,9 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     if not modes or any(m not in ("fast", "fast-torch-gemm", "fixed") for m in modes):
         ap.error("--ops takes fast, fast-torch-gemm and/or fixed (comma-separated)")
     by_mode: dict[str, dict] = {}
+    onednn_env = os.environ.get("PISSA_LORA_ONEDNN")
     for mode in modes:  # one server per ops choice (the plugin reads its environment at start-up)
         os.environ["PISSA_CPU_LORA_OPS"] = mode.removesuffix("-torch-gemm")
-        os.environ["PISSA_LORA_ONEDNN"] = "0" if mode == "fast-torch-gemm" else "1"
+        if mode == "fast-torch-gemm":
+            os.environ["PISSA_LORA_ONEDNN"] = "0"
+        elif onednn_env is None:
+            os.environ.pop("PISSA_LORA_ONEDNN", None)
+        else:
+            os.environ["PISSA_LORA_ONEDNN"] = onednn_env
         results: dict[str, dict] = {}
         t0 = time.perf_counter()
         with VllmServer(plan, work / f"vllm-{mode}.log", health_timeout=300) as server:

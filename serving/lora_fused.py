@@ -9,11 +9,12 @@ the step's rows use (slots outside it are not read)::
 
     H  = x @ A[lo:hi]ᵀ                      every used slot of every slice at once: [T, S'·n·r], float32
     H *= scale · onehot(i_b) per row          a row keeps its own slot's r columns (index -1: none)
-    y[:, slice k] += H[:, slice k] @ B_k[lo:hi]   one GEMM per slice against the slots' B stacked [S'·r, out_k]
+    y[:, slice k] += H[:, slice k] @ B_k[lo:hi]   against the slots' B stacked [S'·r, out_k] (all slices in one
+                                              GEMM on packed matrices, see below; one per slice in torch)
 
 Row b gets ``scale · x_b @ A_k[i_b]ᵀ @ B_k[i_b]ᵀ`` as in vLLM's ops (shrink in float32, expand in the
-output's dtype; in bf16 the masked path rounds the sum once where vLLM and the grouped path below round
-twice, so results differ by up to one bf16 step), and a row with index -1 gets exactly nothing. The other used slots' products are
+output's dtype; in bf16 the masked path with torch's GEMMs rounds the sum once where vLLM, the packed
+GEMMs and the grouped path below round twice, so results differ by up to one bf16 step), and a row with index -1 gets exactly nothing. The other used slots' products are
 computed and multiplied by zero: (S'−1)/S' of two small GEMMs wasted, against 2n−3 fewer calls and no
 per-run call at all. When every row has the same slot, no mask is needed. When the range is
 :data:`GROUPED_MIN_SLOTS` slots wide or more, that waste costs more than grouping: the rows are gathered
@@ -27,13 +28,14 @@ output would exceed :data:`GROUPED_MAX_ELEMENTS`. Larger batches (prefill) keep
 the per-slice ops of :mod:`serving.lora_ops`, which touch each row's slot only.
 
 Where vLLM has its oneDNN GEMM (``create_onednn_mm`` / ``onednn_mm``: what its own CPU linear layers run),
-the masked path's two GEMMs run on packed matrices (:func:`packed_lora_linear`): the slots' A rows, and
-every slice's B as one block-diagonal matrix (:func:`expand_weight`: the zero blocks cost flops and bytes,
-but one expand call replaces n). Measured over a 30-layer stand-in of SmolLM2's linear layers, base GEMMs
-in between, 32 rows over 4 slots, two threads (``bench/lora_step.py``): the LoRA work per step fell from
-10.4 to 8.0 ms; per-slice packed expands measured 10.2. A layer keeps the packed matrices of its last
-:data:`PACKED_RANGES` slot ranges; each new row count costs oneDNN a primitive once. ``PISSA_LORA_ONEDNN=0``
-keeps torch's GEMMs.
+the masked path's two GEMMs run on packed matrices instead (:func:`packed_lora_linear`): the slots' A rows,
+and every slice's B as one block-diagonal matrix (:func:`expand_weight`: its zero blocks cost flops and
+bytes, but one expand call replaces n; its result is rounded to the output's dtype before it is added, as
+vLLM does). Over a stand-in of SmolLM2's 30 layers with their base GEMMs in between, 32 rows over 4 slots,
+two threads (``bench/lora_step.py``), the LoRA work per step measured 8.0–12.4 ms against 10.8–20.8 ms with
+torch's GEMMs (four runs). A layer keeps the packed matrices of its :data:`PACKED_RANGES` most recently used
+slot ranges: per slot, the A rows and n× the B columns (SmolLM2, rank 8, 4 slots: ~1.9 MB per layer in fp32).
+``PISSA_LORA_ONEDNN=0`` keeps torch's GEMMs.
 
 The stacked weights (slot-major, so that a slot range is one block) are a copy of vLLM's LoRA weights,
 kept per layer on the wrapper and rebuilt when vLLM writes a slot (the tensors' version counters, compared
@@ -45,6 +47,7 @@ while no slot has an ``lm_head`` adapter. Exactness: ``tests/test_lora_fused.py`
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -53,6 +56,9 @@ FUSED_MAX_ROWS = 256  # batches with fewer rows take the fused path; larger ones
 GROUPED_MIN_SLOTS = 10  # a slot range this wide groups the rows by slot instead of masking (bench/lora_grouping.py)
 GROUPED_MAX_PADDING = 3  # ... unless the padded block would hold more than this many times the rows with a slot
 GROUPED_MAX_ELEMENTS = 2**18  # ... or its joined output [block rows, Σ out] more elements (1 MiB in float32)
+PACKED_RANGES = 4  # slot ranges whose packed matrices a layer keeps (the least recently used goes first)
+ONEDNN_CACHED_SHAPES = 64  # vLLM's oneDNN primitive cache size asked for (a primitive per row count, per shape)
+USE_ONEDNN = os.environ.get("PISSA_LORA_ONEDNN", "1") != "0"  # PISSA_LORA_ONEDNN=0: torch's GEMMs (a comparison run)
 
 
 def stack_weights(lora_a: tuple[Any, ...], lora_b: tuple[Any, ...], dtype: Any) -> tuple[Any, list[Any]]:
@@ -188,52 +194,52 @@ def expand_weight(bs: list[Any], lo: int, hi: int, r: int, output_slices: tuple[
 
 
 class PackedMatmul:
-    """``x @ wᵀ`` for a fixed ``w`` [N, K] (nn.Linear layout): vLLM's oneDNN GEMM with ``w`` prepacked, what
-    vLLM's CPU linear layers run (``create_onednn_mm`` / ``onednn_mm``), when vLLM has it; else
-    ``torch.nn.functional.linear``. For decode shapes the packed GEMM takes 0.3–0.8× torch's time
-    (``bench/lora_ops.py``); each new row count costs oneDNN a primitive once (~0.4–1 ms, cached per
-    matrix for :data:`ONEDNN_CACHED_SHAPES` row counts)."""
+    """``x @ wᵀ`` for a fixed ``w`` [N, K] (nn.Linear layout) by vLLM's oneDNN GEMM, what vLLM's CPU linear layers
+    run: ``create_onednn_mm`` packs a copy of ``w`` (vLLM then drops its own weight; so does this class) and
+    ``onednn_mm`` multiplies by it. The first multiplication with a new row count makes oneDNN a primitive
+    (~0.4–1 ms measured), which vLLM caches per (N, K). ``ok`` is False when there is no such GEMM or it refused
+    the matrix; then this class keeps ``w`` and uses ``torch.nn.functional.linear``."""
 
     def __init__(self, w: Any):
-        self.w = w.contiguous()
-        self.handler = self.handle = None
-        ops = onednn_ops()
-        if ops is not None and self.w.device.type == "cpu":
+        self.out_features: int = w.shape[0]
+        self.dtype: Any = w.dtype
+        self.handler: Any = None  # vLLM's CPUDNNLGEMMHandler: its packed copy of w lives as long as it does
+        self.ops: Any = onednn_ops()
+        ops = self.ops
+        if ops is not None and w.device.type == "cpu":
             try:
-                self.handler = ops.create_onednn_mm(self.w.t(), ONEDNN_CACHED_SHAPES)  # frees the primitive when dropped
-            except RuntimeError:  # a dtype or CPU oneDNN does not take: torch's GEMM
+                self.handler = ops.create_onednn_mm(w.contiguous().t(), ONEDNN_CACHED_SHAPES)
+            except RuntimeError:  # a dtype or CPU oneDNN does not take
                 self.handler = None
-            self.handle = None if self.handler is None else self.handler.handler_tensor
+        self.ok = self.handler is not None
+        self.w: Any = None if self.ok else w.contiguous()
 
     def __call__(self, x: Any) -> Any:
-        import torch
+        if not self.ok:
+            import torch
 
-        if self.handle is None:
             return torch.nn.functional.linear(x, self.w)
-        out = torch.empty(x.shape[0], self.w.shape[0], dtype=x.dtype)
-        torch.ops._C.onednn_mm(out, x.contiguous(), None, self.handle)  # what vLLM's ops.onednn_mm wraps, ~3 µs less
-        return out
-
-
-ONEDNN_CACHED_SHAPES = 64  # oneDNN primitives kept per packed matrix (one per row count seen)
-USE_ONEDNN = os.environ.get("PISSA_LORA_ONEDNN", "1") != "0"  # PISSA_LORA_ONEDNN=0: torch's GEMMs (a comparison run)
-_ONEDNN: list[Any] = []  # vLLM's _custom_ops once looked up (None: not available)
+        return self.ops.onednn_mm(self.handler, x.contiguous(), None)
 
 
 def onednn_ops() -> Any | None:
-    """vLLM's ``_custom_ops`` if it offers its oneDNN GEMM on this CPU and :data:`USE_ONEDNN`, else None (looked
-    up once)."""
-    if not USE_ONEDNN:
-        return None
-    if not _ONEDNN:
-        import importlib
+    """vLLM's ``_custom_ops`` if :data:`USE_ONEDNN` and vLLM was built with its oneDNN GEMM (and this is not a
+    POWER CPU, which vLLM excludes too), else None."""
+    return _onednn_module() if USE_ONEDNN else None
 
-        try:
-            found: Any = importlib.import_module("vllm._custom_ops")
-        except ImportError:
-            found = None
-        _ONEDNN.append(found if found is not None and getattr(found, "_supports_onednn", False) else None)
-    return _ONEDNN[0]
+
+@functools.cache
+def _onednn_module() -> Any | None:
+    import importlib
+    import platform
+
+    if platform.machine().lower().startswith(("ppc", "powerpc")):
+        return None
+    try:
+        found = importlib.import_module("vllm._custom_ops")
+    except ImportError:
+        return None
+    return found if getattr(found, "_supports_onednn", False) else None
 
 
 def packed_lora_linear(y: Any, x: Any, shrink: PackedMatmul, expand: PackedMatmul, mask: Any | None,
@@ -243,7 +249,7 @@ def packed_lora_linear(y: Any, x: Any, shrink: PackedMatmul, expand: PackedMatmu
     ``y``'s dtype). The expand multiplies the zero blocks too (n× its flops, one call instead of n) and its
     result is rounded to ``y``'s dtype before it is added, as vLLM's ops do. ``y`` is written in place; a row
     whose mask is zero gets exactly nothing. Pure tensor function."""
-    h = shrink(x if x.dtype == shrink.w.dtype else x.to(shrink.w.dtype))  # [T, S'·n·r], float32
+    h = shrink(x if x.dtype == shrink.dtype else x.to(shrink.dtype))  # [T, S'·n·r], float32
     if mask is not None:
         h.mul_(mask)
     elif scale != 1.0:
@@ -353,9 +359,6 @@ def _by_version(wrapper: Any, store: str, tensors: tuple[Any, ...], compute: Cal
     return value
 
 
-PACKED_RANGES = 4  # slot ranges whose packed matrices a layer keeps (the least recently built goes first)
-
-
 class _Layer:
     """One layer's LoRA weights as the fused path uses them: :func:`stack_weights`' ``a`` and ``bs``, and the packed
     shrink and expand (:func:`packed_lora_linear`) of the last :data:`PACKED_RANGES` slot ranges, built on demand.
@@ -366,20 +369,24 @@ class _Layer:
 
     def __init__(self, a: Any, bs: list[Any], cached: bool):
         self.a, self.bs = a, bs
-        self.packed: dict[tuple[int, int], tuple[PackedMatmul, PackedMatmul]] | None = {} if cached else None
+        self.packed: dict[tuple[int, int], tuple[PackedMatmul, PackedMatmul] | None] | None = {} if cached else None
 
     def packed_for(self, lo: int, hi: int, output_slices: tuple[int, ...],
                    r: int) -> tuple[PackedMatmul, PackedMatmul] | None:
-        """The packed shrink and expand for slots ``lo:hi``, or None (not cached, or no oneDNN GEMM)."""
+        """The packed shrink and expand for slots ``lo:hi`` (built on first use, then the most recently used), or
+        None: not cached, no oneDNN GEMM, or oneDNN refused these matrices (remembered: torch's fused call)."""
         if self.packed is None or onednn_ops() is None:
             return None
-        pair = self.packed.get((lo, hi))
-        if pair is None:
-            while len(self.packed) >= PACKED_RANGES:
-                self.packed.pop(next(iter(self.packed)))
-            n = len(output_slices)
-            pair = self.packed[(lo, hi)] = (PackedMatmul(self.a[lo * n * r:hi * n * r]),
-                                            PackedMatmul(expand_weight(self.bs, lo, hi, r, output_slices)))
+        key = (lo, hi)
+        if key in self.packed:
+            pair = self.packed[key] = self.packed.pop(key)  # most recently used last
+            return pair
+        while len(self.packed) >= PACKED_RANGES:
+            self.packed.pop(next(iter(self.packed)))
+        n = len(output_slices)
+        shrink = PackedMatmul(self.a[lo * n * r:hi * n * r])
+        expand = PackedMatmul(expand_weight(self.bs, lo, hi, r, output_slices))
+        pair = self.packed[key] = (shrink, expand) if shrink.ok and expand.ok else None
         return pair
 
 

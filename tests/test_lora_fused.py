@@ -66,8 +66,9 @@ def fused():
 
 
 def packed_gemm_available() -> bool:
-    """Whether the packed (oneDNN) path can run: it must wherever vLLM is installed (the plugin's CI)."""
-    if importlib.util.find_spec("vllm") is None:
+    """Whether the packed (oneDNN) path can run: it must wherever vLLM is installed (the plugin's CI), unless
+    PISSA_LORA_ONEDNN=0 turned it off."""
+    if importlib.util.find_spec("vllm") is None or not lora_fused.USE_ONEDNN:
         return False
     assert lora_fused.onednn_ops() is not None, "vLLM is installed but its oneDNN GEMM was not found"
     return True
@@ -146,11 +147,15 @@ def test_a_slot_written_in_place_is_seen_at_the_next_call_without_vllms_buffer(i
     with ctx:
         idx, x, lora_a, lora_b, y = make_case(10, 4, 8, 32, (32, 8), torch.float32, seed=4)
         wrapper, op = Wrapper(idx), fused()
+        backend, taken = gemm
         for step in range(3):
             y = torch.zeros(10, 40)
+            taken.clear()
             op(wrapper, y, x, lora_a, lora_b, 1.0, (32, 8))
             ref = reference(torch.zeros(10, 40), x, lora_a, lora_b, 1.0, (32, 8), idx)
             assert torch.allclose(y.double(), ref, atol=1e-4 * ref.abs().max().item()), f"step {step}"
+            # inference tensors are stacked at every call and never packed (packing at every call costs more)
+            assert bool(taken) == (backend == "packed" and not inference)
             lora_a[0][1].copy_(torch.randn(1, 8, 32))  # a new adapter in slot 1
             lora_b[1][1].copy_(torch.randn(1, 8, 8))
             idx.copy_(torch.roll(idx, 1))  # the next step's rows
@@ -190,6 +195,8 @@ def test_vllms_indices_buffer_rewritten_each_step_gives_each_step_its_own_rows(g
         assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item()), f"step {step}"
         assert torch.equal(y[idx < 0], y0[idx < 0])
     assert wrapper.original_calls == 0
+    backend, taken = gemm
+    assert len(taken) == (5 if backend == "packed" else 0)  # every step with an adapter row
 
 
 def test_logits_lora_is_skipped_only_while_every_slot_of_b_is_zero():
@@ -227,7 +234,7 @@ def test_only_the_range_of_used_slots_is_read_and_one_slot_needs_no_mask(slots_u
     y0 = y.clone()
     wrapper = Wrapper(idx)
     fused()(wrapper, y, x, lora_a, lora_b, scale, (32, 16, 16))
-    assert wrapper.original_calls == 0
+    assert wrapper.original_calls == 0 and bool(gemm[1]) == (gemm[0] == "packed")
     ref = reference(y0, x, lora_a, lora_b, scale, (32, 16, 16), idx)
     assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
 
@@ -246,6 +253,7 @@ def test_an_adapter_loaded_between_two_steps_with_the_same_rows_is_used(rewrite_
         op(wrapper, y, x, lora_a, lora_b, 1.0, (32, 8))
         ref = reference(torch.zeros(6, 40), x, lora_a, lora_b, 1.0, (32, 8), idx)
         assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item()), f"step {step}"
+        assert len(gemm[1]) == (step + 1 if gemm[0] == "packed" else 0)
         for w in (*lora_a, *lora_b):  # set_lora of every slot
             w.copy_(torch.randn(w.shape))
 
@@ -334,8 +342,8 @@ def test_expand_weight_is_every_slices_b_block_diagonal_in_the_shrinks_column_or
 
 
 def test_packed_matrices_follow_the_slot_range_and_a_layer_keeps_a_few_ranges(monkeypatch):
-    """Each step's slot range gets its own packed matrices (built once, then reused); a layer keeps the last
-    PACKED_RANGES ranges; every step equals the reference."""
+    """Each step's slot range gets its own packed matrices (built once, then reused); a layer keeps its
+    PACKED_RANGES most recently used ranges; every step equals the reference."""
     if not packed_gemm_available():
         pytest.skip("vLLM (its oneDNN GEMM) is not installed")
     built = []
@@ -344,7 +352,7 @@ def test_packed_matrices_follow_the_slot_range_and_a_layer_keeps_a_few_ranges(mo
     wrapper, op = VllmWrapper(32), fused()
     _, _, lora_a, lora_b, _ = make_case(1, 8, 8, 32, (16, 8), torch.float32, seed=12)
     gen = torch.Generator().manual_seed(13)
-    ranges = [(0, 4), (0, 4), (2, 3), (1, 8), (0, 2), (5, 7), (0, 4)]
+    ranges = [(0, 4), (0, 4), (2, 3), (1, 8), (0, 2), (0, 4), (5, 7), (2, 3)]
     for step, (lo, hi) in enumerate(ranges):
         idx = torch.arange(12) % (hi - lo) + lo
         idx[3] = -1
@@ -355,21 +363,33 @@ def test_packed_matrices_follow_the_slot_range_and_a_layer_keeps_a_few_ranges(mo
         ref = reference(y0, x, lora_a, lora_b, 1.0, (16, 8), idx)
         assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item()), f"step {step}"
         assert torch.equal(y[3], y0[3])
-    # (0, 4) twice in a row: packed once; 5 distinct ranges over 4 places: (0, 4) was dropped, then packed again
+    # (0, 4) reused; (0, 4) used again before (5, 7) arrives, so (2, 3), the least recently used, makes room and
+    # is packed again at the end: 6 packings of 2 matrices
     assert len(built) == 2 * 6 and lora_fused.PACKED_RANGES == 4
     assert built[0] == (4 * 2 * 8, 32) and built[1] == (24, 4 * 2 * 8)  # shrink [S'·n·r, in]; expand [Σ out, S'·n·r]
 
 
-def test_a_gemm_onednn_refuses_falls_back_to_torch(monkeypatch):
+def test_a_matrix_onednn_refuses_takes_torchs_fused_call_and_is_not_packed_again(monkeypatch):
     if not packed_gemm_available():
         pytest.skip("vLLM (its oneDNN GEMM) is not installed")
+    tries = []
 
     def refuse(*args, **kwargs):
+        tries.append(1)
         raise RuntimeError("unsupported")
 
     monkeypatch.setattr(lora_fused.onednn_ops(), "create_onednn_mm", refuse)
     w = torch.randn(6, 5)
     mm = lora_fused.PackedMatmul(w)
-    assert mm.handle is None
+    assert not mm.ok
     x = torch.randn(3, 5)
     assert torch.allclose(mm(x), x @ w.T)
+    tries.clear()
+    idx, x, lora_a, lora_b, y = make_case(8, 4, 8, 32, (32, 8), torch.float32, seed=14)
+    wrapper, op = Wrapper(idx), fused()
+    for _ in range(3):
+        y0 = y.clone()
+        op(wrapper, y, x, lora_a, lora_b, 1.0, (32, 8))
+        ref = reference(y0, x, lora_a, lora_b, 1.0, (32, 8), idx)
+        assert torch.allclose(y.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+    assert len(tries) == 2  # the shrink and the expand, tried once: the refusal is remembered
