@@ -250,13 +250,17 @@ def packed_lora_linear(y: Any, x: Any, shrink: PackedMatmul, expand: PackedMatmu
     result is rounded to ``y``'s dtype before it is added, as vLLM's ops do. ``y`` is written in place; a row
     whose mask is zero gets exactly nothing. Pure tensor function."""
     h = shrink(x if x.dtype == shrink.dtype else x.to(shrink.dtype))  # [T, S'·n·r], float32
+    y.add_(expand(_rows_own_slot(h, mask, scale, y.dtype)))
+
+
+def _rows_own_slot(h: Any, mask: Any | None, scale: float, dtype: Any) -> Any:
+    """The shrink's result ``h`` with each row's own slot kept and scaled (``mask``; None: scale only), in the
+    expand's ``dtype`` (in place where it can)."""
     if mask is not None:
         h.mul_(mask)
     elif scale != 1.0:
         h.mul_(scale)
-    if h.dtype != y.dtype:
-        h = h.to(y.dtype)
-    y.add_(expand(h))
+    return h if h.dtype == dtype else h.to(dtype)
 
 
 def fused_lora_linear(y: Any, x: Any, a: Any, bs: list[Any], lo: int, hi: int, mask: Any | None, scale: float,
@@ -267,12 +271,7 @@ def fused_lora_linear(y: Any, x: Any, a: Any, bs: list[Any], lo: int, hi: int, m
     tensor function."""
     n = len(output_slices)
     h = (x if x.dtype == a.dtype else x.to(a.dtype)) @ a[lo * n * r:hi * n * r].T  # [T, S'·n·r], float32
-    if mask is not None:
-        h.mul_(mask)
-    elif scale != 1.0:
-        h.mul_(scale)
-    if h.dtype != y.dtype:
-        h = h.to(y.dtype)
+    h = _rows_own_slot(h, mask, scale, y.dtype)
     rows, width = h.shape[0], hi - lo
     hv = h.view(rows, width, n, r)  # slot-major columns; with one slice, hv[:, :, 0] is h itself
     offset = 0
