@@ -58,6 +58,8 @@ def pissa_split(
     fan_in_fan_out: bool = False,
     adapter_dtype: torch.dtype = torch.float32,
     residual_dtype: torch.dtype | None = None,
+    start: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> PissaSplit:
     """Split ``weight`` into a PiSSA adapter and residual.
 
@@ -70,6 +72,10 @@ def pissa_split(
         fan_in_fan_out: the stored tensor is ``Wᵀ`` (transformers' Conv1D).
         adapter_dtype: dtype of lora_A / lora_B.
         residual_dtype: dtype of the residual (default: ``weight.dtype``).
+        start: a warm start for the randomized SVD (see :func:`converter.svd.top_r_svd`), in
+            nn.Linear orientation: ``[.., in, l]``, e.g. a previous ``lora_Aᵀ``.
+        overwrite: ``weight`` is a temporary of the caller's in the SVD's dtype: the residual is
+            formed in place in it instead of in a copy.
 
     Raises:
         ValueError: rank out of range.
@@ -80,7 +86,7 @@ def pissa_split(
     # One private float copy of the stored tensor; the residual is formed in place in it. Fresh
     # buffers the size of W cost page faults (a third of the conversion's CPU time on a 1 GB
     # checkpoint when pissa_split allocated four of them per matrix), so this makes one.
-    stored = weight.to(svd.torch_dtype, copy=True)
+    stored = weight.to(svd.torch_dtype, copy=not (overwrite and weight.dtype == svd.torch_dtype))
     w = stored.transpose(-2, -1) if fan_in_fan_out else stored  # [.., out, in] view
     out_f, in_f = w.shape[-2], w.shape[-1]
     if not 1 <= rank <= min(out_f, in_f):
@@ -92,7 +98,7 @@ def pissa_split(
             raise NonFiniteError("weight contains NaN or Inf")
         norm_sq = stored.double().square().sum(dim=(-2, -1))  # float32 squares overflowed
 
-    u, s, vh = top_r_svd(w, rank, svd, seeds)
+    u, s, vh = top_r_svd(w, rank, svd, seeds, start=start)
     root = torch.sqrt(s / scaling)  # [.., r]
     lora_b = (u * root.unsqueeze(-2)).to(adapter_dtype)
     lora_a = (root.unsqueeze(-1) * vh).to(adapter_dtype)

@@ -299,8 +299,10 @@ def _quantized_split(
         residual_dtype = torch.float32
     residual = q.quantized.dequantized.to(residual_dtype)
     res, b, a, s = residual.float(), lora_b.float(), lora_a.float(), job.scaling
-    # W − (W_res + s·BA): one pass and one BLAS call (no s·BA or W_res + s·BA the size of W).
-    error_norm = float(torch.linalg.vector_norm(torch.sub(w, res).addmm_(b, a, alpha=-s)))
+    if residual.dtype == adapter_dtype == torch.float32:  # stored as computed: qpissa_split measured it
+        error_norm = q.error_fro
+    else:  # W − (W_res + s·BA) as stored: one pass and one BLAS call (no s·BA or W_res + s·BA the size of W)
+        error_norm = float(torch.linalg.vector_norm(torch.sub(w, res).addmm_(b, a, alpha=-s)))
     rel_error = error_norm / max(float(torch.linalg.vector_norm(w)), 1e-300)
     # ‖s·BA‖² = s²·Σ (BᵀB) ⊙ (AAᵀ) and ⟨W_res, s·BA⟩ = s·Σ B ⊙ (W_res Aᵀ): r-sized products, float64 sums.
     delta_sq = s * s * float(((b.T @ b).double() * (a @ a.T).double()).sum())

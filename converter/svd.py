@@ -228,7 +228,11 @@ def gaussian_sketch(n: int, cols: int, seed: int, dtype: torch.dtype) -> torch.T
 
 
 def top_r_svd(
-    w: torch.Tensor, rank: int, options: SvdOptions, seeds: list[int] | None = None
+    w: torch.Tensor,
+    rank: int,
+    options: SvdOptions,
+    seeds: list[int] | None = None,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD of ``w`` (``[m, n]`` or ``[b, m, n]``) by ``options.method``.
 
@@ -237,6 +241,11 @@ def top_r_svd(
         rank: number of singular triples.
         options: method and its parameters.
         seeds: one seed per matrix (randomized only; default 0 for each).
+        start: randomized only: ``[.., n, l]`` (``l >= rank``), a warm start used as the first Krylov
+            block instead of the Gaussian sketch (then ``seeds`` are unused), e.g. ``Vh_rᵀ`` (or
+            ``lora_Aᵀ``) of a matrix close to ``w``. When ``w``'s top-r right singular subspace is
+            close to it, the first block is nearly converged and the early stop (``options.tol``)
+            comes after the second. Ignored by the exact method.
 
     Returns:
         ``(U, S, Vh)`` in ``options.precision`` on ``w``'s device.
@@ -244,6 +253,12 @@ def top_r_svd(
     w = w.to(options.torch_dtype)
     if options.method == "exact":
         return exact_top_r(w, rank)
+    if start is not None:
+        if start.shape[:-1] != (*w.shape[:-2], w.shape[-1]) or start.shape[-1] < rank:
+            raise ValueError(f"start {tuple(start.shape)} does not fit {tuple(w.shape)} at rank {rank}")
+        omega = start.to(device=w.device, dtype=options.torch_dtype)
+        return randomized_top_r(w, rank, niter=options.niter, oversample=omega.shape[-1] - rank, omega=omega,
+                                tol=options.tol)
     batch = w.shape[:-2]
     count = int(torch.tensor(batch).prod().item()) if batch else 1
     seeds = seeds if seeds is not None else [0] * count

@@ -224,6 +224,40 @@ def test_randomized_exact_when_spectrum_has_a_gap():
     torch.testing.assert_close(align(u, u_ref), u_ref, atol=1e-6, rtol=0)
 
 
+def test_warm_start_converges_in_two_blocks(monkeypatch):
+    """``start`` = the top-r right singular vectors of a nearby matrix (what QPiSSA's refits pass:
+    the previous adapter's ``lora_Aᵀ``, here scaled like it): on a flat spectrum, where a Gaussian
+    start needs many Krylov blocks, the warm start stops after two (one QR each) and captures as much
+    of the top-r energy, on both orientations."""
+    for transpose in (False, True):
+        w, sigma = _flat_matrix()
+        near = w + 1e-6 * torch.randn(w.shape, generator=torch.Generator().manual_seed(2), dtype=w.dtype)
+        w, near = (w.T, near.T) if transpose else (w, near)
+        _, s_near, vh_near = exact_top_r(near, 16)
+        start = (s_near.sqrt().unsqueeze(-1) * vh_near).T  # [n, r], like lora_Aᵀ
+        opts = SvdOptions(precision="float64", tol=1e-3)
+        calls = _count_qr(monkeypatch)
+        _, s_cold, _ = top_r_svd(w, 16, opts, seeds=[0])
+        cold_blocks = len(calls)
+        calls.clear()
+        _, s_warm, _ = top_r_svd(w, 16, opts, start=start)
+        assert len(calls) == 2 < cold_blocks, (len(calls), cold_blocks)
+        assert captured(s_warm, sigma, 16) >= captured(s_cold, sigma, 16) - 1e-4
+        assert captured(s_warm, sigma, 16) > 1 - 1e-4
+        monkeypatch.undo()
+
+
+def test_warm_start_shape_is_checked_and_exact_ignores_it():
+    w, _ = _flat_matrix()
+    with pytest.raises(ValueError, match="does not fit"):
+        top_r_svd(w, 16, SvdOptions(), start=torch.zeros(w.shape[0], 16, dtype=w.dtype))  # rows', not columns' side
+    with pytest.raises(ValueError, match="does not fit"):
+        top_r_svd(w, 16, SvdOptions(), start=torch.zeros(w.shape[1], 8, dtype=w.dtype))  # fewer columns than r
+    exact = top_r_svd(w, 4, SvdOptions(method="exact"))
+    ignored = top_r_svd(w, 4, SvdOptions(method="exact"), start=torch.zeros(w.shape[1], 4, dtype=w.dtype))
+    assert all(torch.equal(a, b) for a, b in zip(exact, ignored))
+
+
 def test_randomized_is_seeded_and_deterministic():
     w, _ = _flat_matrix()
     w = w.float()
@@ -391,6 +425,24 @@ def test_pissa_split_residual_dtype_rounding():
     recon = split.residual.double() + split.lora_B.double() @ split.lora_A.double()
     rel = float((recon - w).norm() / w.norm())
     assert rel == pytest.approx(float(split.rel_error), rel=1e-3)
+
+
+def test_pissa_split_overwrite_forms_the_residual_in_the_input():
+    """``overwrite=True`` (a caller's temporary in the SVD dtype): same split bit for bit, the residual
+    in the input's own storage; an input of another dtype is still copied, never written."""
+    w, _ = _flat_matrix()
+    w = w.float()
+    kwargs = {"rank": 8, "scaling": 0.5, "svd": SvdOptions(), "seeds": [3]}
+    ref = pissa_split(w.clone(), **kwargs)
+    tmp = w.clone()
+    split = pissa_split(tmp, overwrite=True, **kwargs)
+    assert split.residual.data_ptr() == tmp.data_ptr()
+    for name in ("lora_A", "lora_B", "residual"):
+        assert torch.equal(getattr(split, name), getattr(ref, name)), name
+    half = w.bfloat16()
+    kept = half.clone()
+    pissa_split(half, overwrite=True, **kwargs)
+    assert torch.equal(half, kept)
 
 
 def test_pissa_split_rejects_bad_input():
