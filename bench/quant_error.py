@@ -41,7 +41,7 @@ from _models import smollm2_bf16  # noqa: E402
 
 from converter.checkpoint import open_checkpoint  # noqa: E402
 from converter.factorize import lora_scaling, pissa_split  # noqa: E402
-from converter.qpissa import QuantOptions, nuclear_norm, qpissa_split, quantize  # noqa: E402
+from converter.qpissa import QuantOptions, qlora_error, qpissa_split, quantize  # noqa: E402
 from converter.shard import matrix_seed  # noqa: E402
 from converter.stio import read_tensor  # noqa: E402
 from converter.svd import SvdOptions  # noqa: E402
@@ -62,10 +62,6 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     start = time.process_time()
     out = fn(*args, **kwargs)
     return out, time.process_time() - start
-
-
-def _qlora_error(w: torch.Tensor, quant: QuantOptions) -> float:
-    return nuclear_norm(w.float() - quantize(w, quant).dequantized)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -95,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
         _, t_plain = _timed(pissa_split, weight, rank=args.rank, scaling=scaling, svd=svd, seeds=[seed],
                             fan_in_fan_out=target.fan_in_fan_out)
         cpu["plain"] += t_plain
-        qlora, t_qlora = _timed(_qlora_error, w, base)
+        qlora, t_qlora = _timed(qlora_error, w.float(), base)  # what the converter runs
         cpu["qlora"] += t_qlora
         qlora_sum += qlora
         kind = target.short_name

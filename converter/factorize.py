@@ -74,16 +74,18 @@ def pissa_split(
         residual_dtype: dtype of the residual (default: ``weight.dtype``).
         start: a warm start for the randomized SVD (see :func:`converter.svd.top_r_svd`), in
             nn.Linear orientation: ``[.., in, l]``, e.g. a previous ``lora_Aᵀ``.
-        overwrite: ``weight`` is a temporary of the caller's in the SVD's dtype: the residual is
-            formed in place in it instead of in a copy.
+        overwrite: ``weight`` is a temporary of the caller's: when it is in the SVD's dtype, the
+            residual is formed in place in it (``residual`` may then be ``weight`` itself) instead of
+            in a copy; in any other dtype it is copied and left untouched as usual.
 
     Raises:
-        ValueError: rank out of range.
+        ValueError: rank out of range, or a ``start`` that does not fit.
         NonFiniteError: the weight holds NaN or Inf; found from ‖W‖², so finite weights cost no
             extra pass.
     """
     residual_dtype = residual_dtype or weight.dtype
-    # One private float copy of the stored tensor; the residual is formed in place in it. Fresh
+    # One private float copy of the stored tensor (or, with ``overwrite``, the caller's temporary
+    # itself); the residual is formed in place in it. Fresh
     # buffers the size of W cost page faults (a third of the conversion's CPU time on a 1 GB
     # checkpoint when pissa_split allocated four of them per matrix), so this makes one.
     stored = weight.to(svd.torch_dtype, copy=not (overwrite and weight.dtype == svd.torch_dtype))

@@ -140,7 +140,7 @@ def randomized_top_r(
     a block raises it by less than ``tol · e_j`` the loop stops; the Ritz values grow monotonically
     and Krylov convergence is fast, so what is left is of the order of the last gain. Fast-decaying
     spectra stop after 2–4 blocks; flat ones run up to ``niter``. The decision depends on the matrix
-    and its seed only, so it is deterministic.
+    and ``omega`` only (its seed, or the warm start), so it is deterministic.
 
     Args:
         w: ``[m, n]`` or ``[b, m, n]``.
@@ -148,8 +148,9 @@ def randomized_top_r(
         niter: maximum Krylov steps; each adds one block of ``l`` vectors and costs two passes over
             ``w`` (at most ``niter + 1`` blocks, and never more than ``min(m, n)`` vectors).
         oversample: extra sketch columns; ``rank + oversample`` is capped at ``min(m, n)``.
-        omega: Gaussian test matrix ``[.., n, l]`` with ``l >= rank`` (see :func:`gaussian_sketch`);
-            ``l`` is the block size.
+        omega: the first block ``[.., n, l]`` with ``l >= rank``: a Gaussian test matrix (see
+            :func:`gaussian_sketch`) or a warm start (:func:`top_r_svd`'s ``start``); ``l`` is the
+            block size.
         tol: relative energy gain below which the iterations stop (0: run all ``niter``; a batch
             stops when every matrix in it would).
     """
@@ -245,7 +246,11 @@ def top_r_svd(
             block instead of the Gaussian sketch (then ``seeds`` are unused), e.g. ``Vh_rᵀ`` (or
             ``lora_Aᵀ``) of a matrix close to ``w``. When ``w``'s top-r right singular subspace is
             close to it, the first block is nearly converged and the early stop (``options.tol``)
-            comes after the second. Ignored by the exact method.
+            comes after the second or third. Ignored by the exact method, and when the randomized one
+            falls back to it (``l >= min(m, n)``).
+
+    Raises:
+        ValueError: ``seeds`` or ``start`` do not fit ``w``.
 
     Returns:
         ``(U, S, Vh)`` in ``options.precision`` on ``w``'s device.

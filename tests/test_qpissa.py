@@ -50,14 +50,18 @@ def weight() -> torch.Tensor:
 
 def test_nuclear_norm_matches_svdvals() -> None:
     """Both routes (scipy's ssyrk + ssyevd on CPU; torch's matmul + eigvalsh otherwise, here a
-    GPU) against float64 svdvals, wide, tall and square."""
-    from converter.qpissa import _nuclear_norm_torch
+    GPU) against float64 svdvals, wide, tall and square; the Frobenius norm from the same Gram
+    matrix's trace against float64's."""
+    from converter.qpissa import _error_norms_torch, error_norms
 
     for shape in [(40, 90), (90, 40), (64, 64)]:
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         ref = float(torch.linalg.svdvals(x).sum())
+        fro = float(x.norm())
         assert nuclear_norm(x) == pytest.approx(ref, rel=1e-5)
-        assert _nuclear_norm_torch(x.float()) == pytest.approx(ref, rel=1e-5)
+        for nuclear, frobenius in (error_norms(x), _error_norms_torch(x.float())):
+            assert nuclear == pytest.approx(ref, rel=1e-5)
+            assert frobenius == pytest.approx(fro, rel=1e-6)
 
 
 def test_cpu_nf4_is_bitsandbytes_bitwise() -> None:
@@ -175,6 +179,47 @@ def test_randomized_refits_are_the_top_r_of_what_q_misses(weight: torch.Tensor) 
         assert float((ba - best).norm() / best.norm()) < 1e-3
         approx = split.quantized.dequantized + 0.5 * split.lora_B @ split.lora_A
         assert split.error_fro == pytest.approx(float((weight - approx).norm()), rel=1e-5)
+
+
+def test_refits_start_from_the_previous_adapter(weight: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first split starts from the Gaussian sketch; every refit's SVD from the previous adapter's
+    ``lora_Aᵀ`` (the first split's for refit 1, refit t−1's for refit t)."""
+    import converter.factorize as factorize
+
+    calls: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+    real = factorize.top_r_svd
+
+    def spy(w, rank, options, seeds=None, start=None):
+        u, s, vh = real(w, rank, options, seeds, start=start)
+        calls.append((start, (s.sqrt().unsqueeze(-1) * vh).T))  # this SVD's lora_Aᵀ at scaling 1
+        return u, s, vh
+
+    monkeypatch.setattr(factorize, "top_r_svd", spy)
+    qpissa_split(weight, rank=8, scaling=1.0, svd=SvdOptions(), quant=QuantOptions(iters=3), seed=2,
+                 with_qlora_error=False)
+    assert len(calls) == 4 and calls[0][0] is None
+    for (_, previous), (start, _) in zip(calls, calls[1:]):
+        assert start is not None
+        torch.testing.assert_close(start, previous, rtol=1e-6, atol=1e-6)
+
+
+def test_the_kept_iterate_is_recorded(weight: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When an earlier iterate has the smallest error, its adapter, Q and Frobenius error are returned
+    (not the last one's): error norms made to rank iterate 2 of 4 best."""
+    import converter.qpissa as qpissa
+
+    last = qpissa_split(weight, rank=8, scaling=0.5, svd=SvdOptions(), quant=QuantOptions(iters=4),
+                        with_qlora_error=False)
+    assert last.best == 4  # unpatched, the last iterate is the best here
+    real = qpissa.error_norms
+    fake = iter([3.0, 1.0, 2.0, 4.0])
+    monkeypatch.setattr(qpissa, "error_norms", lambda x: (next(fake), real(x)[1]))
+    split = qpissa.qpissa_split(weight, rank=8, scaling=0.5, svd=SvdOptions(), quant=QuantOptions(iters=4),
+                                with_qlora_error=False)
+    assert split.best == 2 and split.errors == (3.0, 1.0, 2.0, 4.0) and split.error == 1.0
+    approx = split.quantized.dequantized + 0.5 * split.lora_B @ split.lora_A
+    assert split.error_fro == pytest.approx(float((weight - approx).norm()), rel=1e-5)
+    assert not torch.equal(last.lora_A, split.lora_A) and split.error_fro != last.error_fro
 
 
 def test_qlora_error_is_its_definition() -> None:
