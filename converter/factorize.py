@@ -85,9 +85,9 @@ def pissa_split(
     """
     residual_dtype = residual_dtype or weight.dtype
     # One private float copy of the stored tensor (or, with ``overwrite``, the caller's temporary
-    # itself); the residual is formed in place in it. Fresh
-    # buffers the size of W cost page faults (a third of the conversion's CPU time on a 1 GB
-    # checkpoint when pissa_split allocated four of them per matrix), so this makes one.
+    # itself); the residual is formed in place in it. Fresh buffers the size of W cost page faults
+    # (a third of the conversion's CPU time on a 1 GB checkpoint when pissa_split allocated four of
+    # them per matrix), so this makes at most one.
     stored = weight.to(svd.torch_dtype, copy=not (overwrite and weight.dtype == svd.torch_dtype))
     w = stored.transpose(-2, -1) if fan_in_fan_out else stored  # [.., out, in] view
     out_f, in_f = w.shape[-2], w.shape[-1]

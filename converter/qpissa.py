@@ -141,8 +141,8 @@ def _fast_path(x: torch.Tensor, options: QuantOptions) -> bool:
     )
 
 
-def _nf4_cpu(x: torch.Tensor, blocksize: int, pack: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """bitsandbytes' CPU ``quantize_4bit`` (NF4) and ``dequantize_4bit``, bitwise: (packed or None, absmax, deq).
+def _nf4_cpu(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """bitsandbytes' CPU ``quantize_4bit`` (NF4) and ``dequantize_4bit``, bitwise: (packed, absmax, deq).
 
     The codes stay uint8 throughout: the table lookup, and the comparison added as its uint8 view
     (adding a bool tensor to an integer one takes a type-promoting path ~40× slower on CPU)."""
@@ -152,7 +152,7 @@ def _nf4_cpu(x: torch.Tensor, blocksize: int, pack: bool = True) -> tuple[torch.
     scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
     cell = scaled.add(1).mul_(_CELLS / 2).to(torch.int32).clamp_(0, _CELLS - 1)
     q8 = below.index_select(0, cell).add_(torch.gt(scaled, edge.index_select(0, cell)).view(torch.uint8))
-    packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1) if pack else None
+    packed = ((q8[::2] << 4) | q8[1::2]).unsqueeze(1)
     deq = code.index_select(0, q8.to(torch.int32)).view(-1, blocksize).mul_(absmax.view(-1, 1)).reshape(x.shape)
     return packed, absmax, deq
 
@@ -198,7 +198,6 @@ def quantize(w: torch.Tensor, options: QuantOptions) -> Quantized:
     if _fast_path(x, options):
         check_bitsandbytes()
         packed, absmax, deq = _nf4_cpu(x, options.blocksize)
-        assert packed is not None
         return Quantized(packed, absmax, deq, options, tuple(x.shape))
     functional = require_bitsandbytes()
     packed, state = functional.quantize_4bit(
@@ -318,17 +317,10 @@ def qpissa_split(
 
 
 def qlora_error(w: torch.Tensor, quant: QuantOptions) -> float:
-    """QLoRA's starting error ``‖W − deq(NF4(W))‖_*`` (``w`` in float32; no packed bytes are made).
+    """QLoRA's starting error ``‖W − deq(NF4(W))‖_*`` (``w`` in float32), formed in ``deq(NF4(W))``'s own buffer.
 
     Raises:
         InvalidOptionsError: unsupported quant type or blocksize.
         MissingDependencyError: bitsandbytes is not installed.
     """
-    quant.validate()
-    x = w.to(torch.float32).contiguous()
-    if _fast_path(x, quant):
-        check_bitsandbytes()
-        deq = _nf4_cpu(x, quant.blocksize, pack=False)[2]
-    else:
-        deq = quantize(x, quant).dequantized
-    return nuclear_norm(deq.neg_().add_(x))
+    return nuclear_norm(quantize(w, quant).dequantized.neg_().add_(w))

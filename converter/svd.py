@@ -262,8 +262,15 @@ def top_r_svd(
         if start.shape[:-1] != (*w.shape[:-2], w.shape[-1]) or start.shape[-1] < rank:
             raise ValueError(f"start {tuple(start.shape)} does not fit {tuple(w.shape)} at rank {rank}")
         omega = start.to(device=w.device, dtype=options.torch_dtype)
-        return randomized_top_r(w, rank, niter=options.niter, oversample=omega.shape[-1] - rank, omega=omega,
-                                tol=options.tol)
+    else:
+        omega = _seeded_sketch(w, rank, options, seeds)
+    # The block's width past the rank is the oversampling (capped at min(m, n) for the seeded sketch).
+    return randomized_top_r(w, rank, niter=options.niter, oversample=omega.shape[-1] - rank, omega=omega,
+                            tol=options.tol)
+
+
+def _seeded_sketch(w: torch.Tensor, rank: int, options: SvdOptions, seeds: list[int] | None) -> torch.Tensor:
+    """The Gaussian first block ``[.., n, min(r + p, m, n)]`` of :func:`top_r_svd`, one seed per matrix."""
     batch = w.shape[:-2]
     count = int(torch.tensor(batch).prod().item()) if batch else 1
     seeds = seeds if seeds is not None else [0] * count
@@ -272,5 +279,4 @@ def top_r_svd(
     n = w.shape[-1]
     cols = min(rank + options.oversample, min(w.shape[-2], n))
     omegas = [gaussian_sketch(n, cols, s, options.torch_dtype) for s in seeds]
-    omega = (omegas[0] if not batch else torch.stack(omegas).reshape(*batch, n, cols)).to(w.device)
-    return randomized_top_r(w, rank, niter=options.niter, oversample=options.oversample, omega=omega, tol=options.tol)
+    return (omegas[0] if not batch else torch.stack(omegas).reshape(*batch, n, cols)).to(w.device)

@@ -223,7 +223,7 @@ def test_the_kept_iterate_is_recorded(weight: torch.Tensor, monkeypatch: pytest.
 
 
 def test_qlora_error_is_its_definition() -> None:
-    """``qlora_error`` (no packed bytes on the fast path) is ``‖W − deq(NF4(W))‖_*`` exactly, on the
+    """``qlora_error`` is ``‖W − deq(NF4(W))‖_*`` exactly, on the
     fast path, a shape bitsandbytes quantizes (rows not a whole number of blocks) and with double
     quantization."""
     for w, options in [
