@@ -27,6 +27,9 @@ The checks (``check_adapter``), per adapter:
   ``base.aliases``) or, when both are local paths, resolves to the same folder. Nothing fuzzy
   (no basename or hub-suffix matching): declare a local copy of a hub model with ``aliases``.
 
+The base itself (:func:`read_base`) is refused when its config.json names bitsandbytes quantization, e.g. a
+packed QPiSSA bundle (:func:`quantization_problem`): one line that says what to serve instead.
+
 ``max_lora_rank`` for vLLM: the smallest allowed value (:data:`ALLOWED_MAX_LORA_RANKS`) that is
 >= every adapter's rank and >= the manifest's ``max_lora_rank`` (room for runtime adapters).
 """
@@ -372,6 +375,10 @@ def read_base(
         ) from exc
     if is_local:
         identities.add(str(folder.resolve()))
+    config = _read_json(folder / model_format.CONFIG) or {}
+    quantized = quantization_problem(location, folder, config)
+    if quantized:
+        raise AdapterValidationError("base unservable", [quantized[0]], fix=quantized[1])
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise AdapterValidationError(
@@ -389,13 +396,29 @@ def read_base(
                 "base unreadable", [f"base {location!r}: {file.name} is not readable safetensors: {exc}"],
                 fix="repair or re-download the base",
             ) from exc
-    config = _read_json(folder / model_format.CONFIG) or {}
     if "lm_head" not in shapes:
         # Tied output layer: lm_head shares the input embedding's weight [vocab, hidden].
         embed = next((k for k in shapes if k.rsplit(".", 1)[-1] in _EMBEDDING_NAMES), None)
         if embed is not None and config.get("tie_word_embeddings", True):
             shapes["lm_head"] = shapes[embed]
     return BaseInfo(location, frozenset(identities), shapes, str(folder.resolve()) if is_local else str(folder))
+
+
+def quantization_problem(location: str, folder: Path, config: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(problem, fix)`` when the base's weights are bitsandbytes-quantized (``quantization_config`` in its
+    config.json, e.g. a packed QPiSSA bundle), else None. vLLM's CPU build has no bitsandbytes support (it
+    refuses the model after start-up), and the shape checks would read the packed bytes' shapes; a GPU
+    build was not tried, so ``pissa serve`` refuses such a base everywhere. Pure but for reading pissa.json."""
+    quant = config.get("quantization_config")
+    if not isinstance(quant, Mapping) or quant.get("quant_method") != "bitsandbytes":
+        return None
+    if bundle_format.is_bundle(folder):
+        return (f"base {location!r} is a QPiSSA bundle whose residual is stored packed in 4 bits (bitsandbytes), "
+                "which pissa serve cannot serve",
+                "serve the trained run's export on the original model: `pissa export RUN --out LORA`, then "
+                "`pissa serve --base ORIGINAL --adapter NAME=LORA`")
+    return (f"base {location!r} holds bitsandbytes-quantized weights, which pissa serve cannot serve",
+            "serve the model's unquantized weights")
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -221,3 +221,29 @@ def test_conv1d_refused_packed(tiny_gpt2: Path, tmp_path: Path, capsys: pytest.C
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and "Conv1D" in err[0] and "--residual-dtype" in err[0], err
     assert not out.exists() and not staging_path(out).exists()
+
+
+def test_serve_refuses_a_packed_bundle_in_one_line(pbundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # vLLM's CPU build refuses a bitsandbytes model only after start-up, and the adapter checks read the packed
+    # bytes' shapes ([N, 1]): one line per module. pissa serve refuses the base itself, before anything starts.
+    code = run(["serve", "--base", str(pbundle), "--adapter", f"run={pbundle / B.INIT_DIR}", "--dry-run"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1, err
+    assert "packed in 4 bits" in err[0] and "pissa export" in err[0] and "do not fit" not in err[0], err
+
+
+def test_serve_refuses_any_bitsandbytes_base(tiny_llama: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pissa.core.errors import AdapterValidationError
+    from serving.validate import read_base
+
+    base = tmp_path / "bnb"
+    shutil.copytree(tiny_llama, base)
+    config = read_json(base / "config.json")
+    write_json(base / "config.json", {**config, "quantization_config": nf4.quantization_config("nf4", False, "float32", None)})
+    with pytest.raises(AdapterValidationError) as info:
+        read_base(str(base), is_local=True)
+    assert info.value.problems() == [f"base {str(base)!r} holds bitsandbytes-quantized weights, which pissa serve "
+                                     "cannot serve"]
+    read_base(str(tiny_llama), is_local=True)  # the same model unquantized is served
