@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pissa.core.errors import ServingError, SourceNotFoundError
+from pissa.core.errors import InvalidOptionsError, ServingError, SourceNotFoundError
 from serving.validate import ValidationReport, read_base, validate_adapters
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,35 @@ class ServedModel:
     @property
     def is_adapter(self) -> bool:
         return self.parent is not None
+
+
+def server_url(url: str) -> str:
+    """``url`` as the server's root: ``http(s)://host[:port]`` (a trailing ``/`` or ``/v1``, which OpenAI
+    clients' base URLs end in, is dropped).
+
+    Raises:
+        InvalidOptionsError: not such an address (no scheme, bad port, credentials, another path), in one line.
+    """
+    import urllib.parse
+
+    root = url.strip().rstrip("/")
+    root = root[: -len("/v1")] if root.endswith("/v1") else root
+    fix = "give --url as http://HOST:PORT, e.g. http://127.0.0.1:8000"
+    try:
+        parts = urllib.parse.urlsplit(root)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise InvalidOptionsError(f"--url {url!r} is not a server address ({exc})", [], fix=fix) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        hint = "; it needs http:// or https://" if "://" not in url else ""
+        raise InvalidOptionsError(f"--url {url!r} is not an http(s) server address{hint}", [], fix=fix)
+    if parts.username is not None or parts.password is not None:
+        raise InvalidOptionsError("--url must not hold credentials (user:password@)", [],
+                                  fix="pass the API key with --api-key-env instead")
+    if parts.path or parts.query or parts.fragment:
+        raise InvalidOptionsError(f"--url {url!r} has a path, query or fragment; the server's root is needed", [],
+                                  fix=fix)
+    return root
 
 
 def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, api_key: str | None = None,
@@ -106,7 +135,7 @@ def list_models(url: str, *, api_key: str | None = None) -> list[ServedModel]:
     Raises:
         ServingError: unreachable server or an error answer.
     """
-    status, text, _ = _request(url.rstrip("/") + "/v1/models", api_key=api_key)
+    status, text, _ = _request(server_url(url) + "/v1/models", api_key=api_key)
     if status != 200:
         raise ServingError(f"GET /v1/models failed with HTTP {status}: {_server_message(text)}",
                            fix="check --url and --api-key-env")
@@ -165,7 +194,7 @@ def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = 
     body: dict[str, Any] = {"lora_name": name, "lora_path": lora_path}
     if tenants:
         body["tenants"] = list(tenants)
-    status, text, headers = _request(url.rstrip("/") + "/v1/load_lora_adapter", "POST", body, api_key=api_key,
+    status, text, headers = _request(server_url(url) + "/v1/load_lora_adapter", "POST", body, api_key=api_key,
                                      timeout=300)
     if status != 200:
         hint = ("start the server with runtime_lora_updating: true (VLLM_ALLOW_RUNTIME_LORA_UPDATING)"
@@ -188,7 +217,7 @@ def remove_adapter(url: str, name: str, *, api_key: str | None = None,
     Raises:
         ServingError: unknown name, or the server refused.
     """
-    status, text, _ = _request(url.rstrip("/") + "/v1/unload_lora_adapter", "POST", {"lora_name": name},
+    status, text, _ = _request(server_url(url) + "/v1/unload_lora_adapter", "POST", {"lora_name": name},
                             api_key=api_key)
     if status != 200:
         raise ServingError(f"server could not remove adapter {name!r} (HTTP {status}): {_server_message(text)}",

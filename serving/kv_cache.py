@@ -48,6 +48,7 @@ SHARE = 0.5  # of the memory left after weights and vLLM's processes
 # tiny test models and SmolLM2 (environment notes: 1.7 GB in all with a 135M model and a 64 MB cache).
 VLLM_OVERHEAD = 2 * GIB
 MINIMUM = 64 * MIB  # below this, refuse before a 40 s start-up that would fail or thrash
+SMALLEST_SET = MIB  # a size given below this cannot hold one block of even the tiny test models
 LEGACY_ENV = "VLLM_CPU_KVCACHE_SPACE"
 UTILIZATION_FLAG = "--gpu-memory-utilization"
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -149,7 +150,8 @@ def decide_kv_cache(
     memory: Callable[[], NodeMemory],
     weights: Callable[[], int],
 ) -> KvCacheChoice:
-    """The KV cache decision for a manifest's settings. The probes are called only when a size is to be chosen.
+    """The KV cache decision for a manifest's settings. The probes are called only when a size is to be chosen
+    (and, on CPU, ``memory`` to check a size given against the free memory).
 
     Args:
         kv_cache_memory_bytes: the manifest's size (None: choose).
@@ -161,9 +163,21 @@ def decide_kv_cache(
         weights: the base's weights in memory, bytes.
 
     Raises:
-        ServingError: on CPU, not enough free memory for the weights, vLLM and a minimal cache.
+        ServingError: on CPU, not enough free memory for the weights, vLLM and a minimal cache; a size given
+            below :data:`SMALLEST_SET`, or (on CPU) above the free memory.
     """
     if kv_cache_memory_bytes is not None:
+        if kv_cache_memory_bytes < SMALLEST_SET:
+            raise ServingError(f"a KV cache of {kv_cache_memory_bytes} bytes cannot hold a block of any model",
+                               fix="set vllm.kv_cache_memory_bytes (--kv-cache) to e.g. 64M")
+        if not on_gpu():
+            mem = memory()
+            if kv_cache_memory_bytes > mem.available:
+                # vLLM's CPU worker checks this too, but only after loading the model (~40 s in).
+                raise ServingError(
+                    f"a KV cache of {human(kv_cache_memory_bytes)} is more than the {human(mem.available)} free on "
+                    f"{mem.where()}", fix="set a smaller vllm.kv_cache_memory_bytes (--kv-cache), or leave it "
+                    "unset to have it chosen from free memory")
         # A size too small for the model's full context (SmolLM2's 8192 tokens need 0.35 GiB in float32) would
         # make vLLM refuse to start; fitted, it serves a shorter context and says so in its log. vLLM fits it to
         # the cache size on any device (v1/core/kv_cache_utils.py, _auto_fit_max_model_len); run on CPU only.

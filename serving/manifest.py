@@ -56,6 +56,7 @@ from pissa.core.errors import InvalidOptionsError
 from pissa.core.hub import repo_id_problem
 from pissa.core.manifests import (
     Checked,
+    Host,
     ManifestModel,
     Seq,
     Size,
@@ -63,6 +64,7 @@ from pissa.core.manifests import (
     check_name,
     error_problems,
     format_key_path,
+    host_problem,
     load_yaml,
     name_problem,
     one_of,
@@ -146,7 +148,7 @@ def _url(value: str) -> str:
 class VllmSettings(ManifestModel):
     """vLLM's settings: the manifest's ``vllm:`` section (``pissa serve`` flags override some)."""
 
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: Annotated[int, Field(ge=1, le=65535)] = 8000
     dtype: Annotated[str, AfterValidator(one_of(*DTYPES))] = "auto"
     max_loras: Count | None = None
@@ -328,6 +330,33 @@ def _check_tenants(checked: Checked[ServeFile], served: set[str]) -> None:
             listed.add(model)
 
 
+def _check_gateway_files(checked: Checked[ServeFile], root: Path, manifest: Path) -> None:
+    """The gateway's files (keys, usage database, access log) name files: not empty, not a folder, not this
+    manifest, and not each other (the keys file is JSON, the usage database SQLite)."""
+    if not checked.doc.value(("tenants",)):
+        return
+    seen: dict[Path, str] = {}
+    for key in ("keys_file", "usage_db", "access_log"):
+        value = checked.clean_value(("gateway", key))
+        if value is None:
+            if key == "access_log":
+                continue
+            value = getattr(GatewaySection(), key)
+        at = ("gateway", key)
+        if not str(value).strip():
+            checked.add(at, "is empty; name a file (relative to the manifest)")
+            continue
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else (root / path).resolve()
+        if path == manifest:
+            checked.add(at, "is this manifest itself; name another file")
+        elif path.is_dir():
+            checked.add(at, f"{path} is a folder; name a file in it")
+        elif path in seen:
+            checked.add(at, f"is the same file as gateway.{seen[path]}; give each its own file")
+        seen.setdefault(path, key)
+
+
 def _check_upstreams(checked: Checked[ServeFile]) -> None:
     """Upstream URLs are distinct, and all upstreams use one key: vllm-router forwards the caller's
     ``Authorization`` unchanged to whichever server it picks, so every server must accept the same key."""
@@ -363,6 +392,7 @@ def load_serve_manifest(path: str | Path) -> ServeManifest:
     base, adapters = _resolve(checked, root)
     served_name = checked.clean_value(("base", "served_name")) or checked.clean_value(("base", "path"))
     _check_tenants(checked, {served_name, *(a.name for a in adapters)} - {None})
+    _check_gateway_files(checked, root, Path(path).resolve())
     _check_upstreams(checked)
     file = checked.result()
     assert base is not None  # the file validated, so its base path resolved
@@ -458,6 +488,8 @@ def resolve_manifest(
         problems.append("give a MANIFEST file or --base PATH (with --adapter NAME=PATH ...)")
     if path is not None and (base is not None or served_name is not None):
         problems.append("--base/--served-name cannot be combined with a MANIFEST (edit its base: section)")
+    if host is not None and host_problem(host):
+        problems.append(f"--host: {host_problem(host)}")
     kv = None
     if kv_cache is not None:
         kv = parse_size(kv_cache)

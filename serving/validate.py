@@ -375,7 +375,16 @@ def read_base(
         ) from exc
     if is_local:
         identities.add(str(folder.resolve()))
-    config = _read_json(folder / model_format.CONFIG) or {}
+    if not folder.is_dir():
+        raise AdapterValidationError("base unreadable", [f"base {location!r} is not a folder"],
+                                     fix="give the model's folder (config.json and *.safetensors), or a hub id")
+    config = _read_json(folder / model_format.CONFIG)
+    if config is None:
+        problem = "has no config.json" if not (folder / model_format.CONFIG).exists() else "has a config.json that " \
+            "is not a JSON object"
+        raise AdapterValidationError("base unreadable", [f"base {location!r} {problem}, so it is not a model folder "
+                                                         "vLLM can serve"],
+                                     fix="give the model's folder as transformers saves it (save_pretrained)")
     quantized = quantization_problem(location, folder, config)
     if quantized:
         raise AdapterValidationError("base unservable", [quantized[0]], fix=quantized[1])

@@ -174,3 +174,94 @@ def test_pissa_help_stays_light() -> None:
             "print(sorted(m for m in ('torch', 'vllm', 'starlette', 'httpx', 'uvicorn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+# --- bad input found by a review (2026-12-08): each failed before its fix ------------------------------------------
+def test_keys_file_of_another_version_is_left_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = write(tmp_path, "tenants:\n  - name: acme\n    models: [a1]\n")
+    newer = '{"version": 2, "owner": "ops", "keys": []}\n'
+    (tmp_path / "tenants.keys").write_text(newer)
+    assert run(["tenants", "add-key", str(p), "acme"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "format version 2" in err[0], err
+    assert (tmp_path / "tenants.keys").read_text() == newer  # not rewritten as version 1 without its fields
+
+
+def test_fields_this_version_does_not_use_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "k.keys"
+    path.write_text('{"version": 1, "owner": "ops", "keys": [{"id": "0000abcd", "tenant": "acme", "sha256": "00", '
+                    '"created": "2026-01-01T00:00:00Z", "note": "prod laptop"}]}')
+    _, record = keys.add_key(path, "acme")
+    body = __import__("json").loads(path.read_text())
+    assert body["owner"] == "ops" and body["keys"][0]["note"] == "prod laptop" and len(body["keys"]) == 2
+    keys.revoke_key(path, record.id)
+    assert __import__("json").loads(path.read_text())["keys"][0]["note"] == "prod laptop"
+
+
+def test_a_key_that_cannot_be_shown_is_removed_again(tmp_path: Path) -> None:
+    import subprocess
+
+    p = write(tmp_path, "tenants:\n  - name: acme\n    models: [a1]\n")
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "pissa", "tenants", "add-key", str(p), "acme"], stdout=full,
+                           stderr=subprocess.PIPE, text=True)
+    err = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode != 0 and len(err) == 1 and "removed again" in err[0], err
+    assert keys.read_keys(tmp_path / "tenants.keys") == []  # no live key that nobody saw
+
+
+@pytest.mark.parametrize("content", [b"garbage\n", None])
+def test_an_unusable_usage_database_is_one_line(tmp_path: Path, content: bytes | None,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    p = write(tmp_path, "tenants:\n  - name: acme\n    models: [a1]\n")
+    db = tmp_path / "usage.sqlite"
+    if content is None:
+        db.mkdir()
+    else:
+        db.write_bytes(content)
+    expected = f"usage database {db} is unusable" if content is not None else f"{db} is a folder"
+    for command in (["tenants", "usage", str(p)], ["tenants", "list", str(p)]):
+        assert run(command) in (1, 2)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(err) == 1 and expected in err[0] and "internal error" not in err[0], err
+    if content is not None:
+        assert db.read_bytes() == content
+
+
+def test_gateway_files_must_be_distinct_files(tmp_path: Path) -> None:
+    (tmp_path / "adir").mkdir()
+    cases = {"keys_file: usage.sqlite": "is the same file as gateway.keys_file",
+             "keys_file: serve.yaml": "is this manifest itself",
+             "keys_file: adir": "is a folder",
+             'keys_file: ""': "is empty",
+             "access_log: tenants.keys": "is the same file as gateway.keys_file"}
+    for setting, message in cases.items():
+        p = write(tmp_path, f"gateway: {{{setting}}}\ntenants:\n  - name: acme\n    models: [a1]\n")
+        with pytest.raises(ManifestError) as exc:
+            load_serve_manifest(p)
+        assert len(exc.value.problems()) == 1 and message in exc.value.problems()[0], (setting, exc.value.problems())
+        assert "line 9" in exc.value.problems()[0]  # the gateway: line, after HEAD
+
+
+def test_unwritable_keys_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("x")
+    p = write(tmp_path, "gateway: {keys_file: afile/tenants.keys}\ntenants:\n  - name: acme\n    models: [a1]\n")
+    assert run(["tenants", "add-key", str(p), "acme"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "cannot write the keys file" in err[0] and "internal error" not in err[0], err
+
+
+def test_dry_run_refuses_a_broken_keys_file(tiny_llama: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # The gateway would start with no keys at all (it only warns); refuse before starting instead.
+    p = tmp_path / "serve.yaml"
+    p.write_text(f"base:\n  path: {tiny_llama}\n  served_name: tiny\nvllm:\n  kv_cache_memory_bytes: 64M\n"
+                 "tenants:\n  - name: acme\n    models: [tiny]\n")
+    keys.add_key(tmp_path / "tenants.keys", "acme")
+    whole = (tmp_path / "tenants.keys").read_text()
+    (tmp_path / "tenants.keys").write_text(whole[:40])
+    assert run(["serve", str(p), "--dry-run"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "INFO" not in line]
+    assert len(err) == 1 and "tenants.keys is not valid JSON" in err[0], err
+    (tmp_path / "tenants.keys").write_text(whole)
+    assert run(["serve", str(p), "--dry-run"]) == 0

@@ -158,3 +158,33 @@ def test_session_without_vllm(monkeypatch, tiny_llama):
     with pytest.raises(MissingDependencyError) as exc:
         serve_and_ask(tiny_llama, {}, ["hi"])
     assert "serve-cpu" in exc.value.fix
+
+
+# --- bad --url and --api-key-env (found by a review, 2026-12-08: internal errors, a password echoed) --------------
+@pytest.mark.parametrize("url, message", [
+    ("", "needs http:// or https://"),
+    ("127.0.0.1:9", "needs http:// or https://"),
+    ("http://[::1", "Invalid IPv6 URL"),
+    ("http://127.0.0.1:99999", "Port out of range"),
+    ("http://127.0.0.1:9/x", "has a path"),
+    ("http://user:pw@127.0.0.1:9", "must not hold credentials"),
+])
+def test_bad_url_is_one_line(url: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["adapters", "list", "--url", url]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and message in err[0] and "internal error" not in err[0] and "pw@" not in err[0], err
+
+
+def test_url_with_the_openai_v1_suffix_means_the_server(capsys: pytest.CaptureFixture[str]) -> None:
+    from serving.client import server_url
+
+    assert server_url("http://127.0.0.1:9/v1") == server_url("http://127.0.0.1:9/v1/") == "http://127.0.0.1:9"
+    assert server_url("https://gw.example/") == "https://gw.example"
+    assert run(["adapters", "list", "--url", "http://127.0.0.1:9/v1"]) == 1
+    assert "http://127.0.0.1:9/v1/models" in capsys.readouterr().err  # not /v1/v1/models
+
+
+def test_unset_api_key_env_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("PISSA_TEST_NO_SUCH_KEY", raising=False)
+    assert run(["adapters", "list", "--url", "http://127.0.0.1:9", "--api-key-env", "PISSA_TEST_NO_SUCH_KEY"]) == 2
+    assert "'PISSA_TEST_NO_SUCH_KEY', which is not set" in capsys.readouterr().err

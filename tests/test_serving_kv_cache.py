@@ -114,24 +114,41 @@ def test_cpu_without_a_size_chooses_one_and_says_so():
 def test_what_is_left_to_vllm():
     def decide(kv=None, **kw):
         return decide_kv_cache(kv, max_model_len=None, extra_args=kw.get("extra", ()), environ=kw.get("environ", {}),
-                               on_gpu=lambda: kw.get("gpu", False), memory=_never, weights=lambda: 0)
+                               on_gpu=lambda: kw.get("gpu", False), memory=kw.get("memory", _never), weights=_never)
 
-    given = decide(64 * MIB)
+    def plenty():
+        return NodeMemory(total=16 * GIB, available=8 * GIB, node=0)
+
+    given = decide(64 * MIB, memory=plenty)  # on CPU a given size is only checked against the free memory
     assert given.kv_bytes == 64 * MIB and given.notes[0] == "KV cache: 64 MiB (as set)"
     # An explicit size too small for the model's full context must not stop vLLM from starting (bench/quant_serve.py
     # with --kv-cache 256M on SmolLM2's 8192 tokens did): the context is fitted unless max_model_len is set.
     assert given.fit_context and "--max-model-len auto" in given.notes[1]
     pinned = decide_kv_cache(64 * MIB, max_model_len=2048, extra_args=(), environ={}, on_gpu=lambda: False,
-                             memory=_never, weights=lambda: 0)
+                             memory=plenty, weights=_never)
     assert not pinned.fit_context and pinned.notes == ("KV cache: 64 MiB (as set)",)
-    given_on_gpu = decide_kv_cache(64 * MIB, max_model_len=None, extra_args=(), environ={}, on_gpu=_never,
-                                   memory=_never, weights=_never)  # a given size calls no probe
+    given_on_gpu = decide_kv_cache(64 * MIB, max_model_len=None, extra_args=(), environ={}, on_gpu=lambda: True,
+                                   memory=_never, weights=_never)  # on a GPU a given size reads no memory
     assert given_on_gpu.fit_context and given_on_gpu.kv_bytes == 64 * MIB
     assert decide(environ={"VLLM_CPU_KVCACHE_SPACE": "2"}).kv_bytes is None
     assert decide(extra=("--gpu-memory-utilization=0.5",)).kv_bytes is None
     assert decide(extra=("--gpu-memory-utilization", "0.5")).kv_bytes is None
     gpu = decide(gpu=True)
     assert gpu.kv_bytes is None and "GPU" in gpu.notes[0]
+
+
+def test_a_given_size_that_cannot_work_is_refused_before_starting():
+    def decide(kv, available=8 * GIB, gpu=False):
+        return decide_kv_cache(kv, max_model_len=None, extra_args=(), environ={}, on_gpu=lambda: gpu,
+                               memory=lambda: NodeMemory(total=16 * GIB, available=available, node=0), weights=_never)
+
+    with pytest.raises(ServingError, match="1024 bytes cannot hold a block"):
+        decide(1024)
+    with pytest.raises(ServingError, match="1024.0 GiB is more than the 8.0 GiB free on NUMA node 0") as exc:
+        decide(2**40)
+    assert "--kv-cache" in (exc.value.fix or "")
+    assert decide(MIB).kv_bytes == MIB and decide(8 * GIB).kv_bytes == 8 * GIB  # the bounds themselves pass
+    assert decide(2**40, gpu=True).kv_bytes == 2**40  # a GPU's cache is not in this memory: vLLM's to check
 
 
 def test_too_little_memory_is_one_clear_error_before_starting():

@@ -262,3 +262,16 @@ def test_flags_override_the_manifest_and_are_checked_with_it(tmp_path, tiny_llam
     with pytest.raises(InvalidOptionsError) as exc:
         resolve_manifest(p, max_loras=4)
     assert exc.value.problems() == ["max_cpu_loras: must be >= max_loras (4), got 2"]
+
+
+def test_empty_or_spaced_host_is_refused(tmp_path):
+    # An empty host becomes `--host ''`: a server listening on every interface (found by a review, 2026-12-08).
+    with pytest.raises(ManifestError) as exc:
+        load_serve_manifest(write(tmp_path, 'base: {path: org/base}\nvllm: {host: ""}\n'))
+    assert len(exc.value.problems()) == 1 and "line 2" in exc.value.problems()[0] and "every interface" in str(exc.value)
+    with pytest.raises(ManifestError, match="holds spaces"):
+        load_serve_manifest(write(tmp_path, "base: {path: org/base}\ngateway: {host: a b}\n"
+                                            "tenants:\n  - name: acme\n    models: [org/base]\n"))
+    for host in ("", "not a host"):
+        with pytest.raises(InvalidOptionsError, match="--host"):
+            resolve_manifest(None, base="org/base", host=host)

@@ -350,3 +350,17 @@ def test_hub_failures_are_adapter_validation_lines(hub, tiny_llama, tmp_path):
         read_base("alice/ok", is_local=False)
     (line,) = exc.value.problems()
     assert line.startswith("base 'alice/ok': cannot fetch it: ") and "the Hub failed with HTTP 503" in line
+
+
+def test_base_must_be_a_model_folder(tiny_llama, tmp_path):
+    with pytest.raises(AdapterValidationError, match="is not a folder"):
+        read_base(str(tiny_llama / "config.json"), is_local=True)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_llama.glob("*.safetensors"):
+        shutil.copy(f, bare)
+    with pytest.raises(AdapterValidationError, match="has no config.json"):
+        read_base(str(bare), is_local=True)
+    (bare / "config.json").write_text("{oops")
+    with pytest.raises(AdapterValidationError, match="not a JSON object"):
+        read_base(str(bare), is_local=True)

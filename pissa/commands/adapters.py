@@ -16,7 +16,14 @@ _key = click.option("--api-key-env", default=None, help="Environment variable ho
 
 
 def _api_key(env_name: str | None) -> str | None:
-    return os.environ.get(env_name) if env_name else None
+    if not env_name:
+        return None
+    if not os.environ.get(env_name):
+        from pissa.core.errors import InvalidOptionsError
+
+        raise InvalidOptionsError(f"--api-key-env names {env_name!r}, which is not set", [],
+                                  fix=f"export {env_name}=<key>, or drop --api-key-env for a server without a key")
+    return os.environ[env_name]
 
 
 @click.group("adapters")

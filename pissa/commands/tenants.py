@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -21,8 +23,11 @@ def add_key(manifest: Path, tenant: str) -> None:
     """Create a key for TENANT; print it once, alone, on stdout (KEY=$(pissa tenants add-key ...))."""
     from serving.gateway.admin import add_key as add
 
-    key, record = add(manifest, tenant)
-    click.echo(key)
+    def show(key: str, record: Any) -> None:  # a key that cannot be shown is removed again (OSError)
+        click.echo(key)
+        sys.stdout.flush()
+
+    _, record = add(manifest, tenant, show)
     click.echo(f"key {record.id} for tenant {tenant} (shown once; only its hash is kept)", err=True)
 
 

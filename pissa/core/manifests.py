@@ -40,7 +40,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from pissa.core.errors import ManifestError
 
@@ -239,6 +247,26 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a served model or an output folder (None: it can)."""
     return None if _NAME.fullmatch(name) else f"{name!r}: {NAME_RULE}"
+
+
+def host_problem(host: str) -> str | None:
+    """None if ``host`` can be a listen address (a name or IP: not empty, no spaces). An empty host would
+    make a server listen on every interface."""
+    if not host.strip():
+        return "the host is empty (a server would listen on every interface); give e.g. 127.0.0.1 or 0.0.0.0"
+    if any(c.isspace() for c in host):
+        return f"host {host!r} holds spaces; give a name or an IP address"
+    return None
+
+
+def _host(value: str) -> str:
+    problem = host_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
 
 
 def check_name(name: str) -> str:

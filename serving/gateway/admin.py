@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,12 +46,14 @@ def _tenant(gw: GatewayConfig, name: str) -> Tenant:
     return tenant
 
 
-def add_key(manifest: str | Path, tenant: str) -> tuple[str, keys.KeyRecord]:
+def add_key(manifest: str | Path, tenant: str,
+            deliver: Callable[[str, keys.KeyRecord], None] | None = None) -> tuple[str, keys.KeyRecord]:
     """A new key for ``tenant``: ``(key, record)``; only the record is stored (a running gateway sees it
-    within a second)."""
+    within a second). ``deliver(key, record)`` shows it; if that raises ``OSError`` the key is removed
+    again (:func:`serving.gateway.keys.add_key`)."""
     gw = gateway_of(manifest)
     _tenant(gw, tenant)
-    return keys.add_key(gw.keys_file, tenant)
+    return keys.add_key(gw.keys_file, tenant, deliver)
 
 
 def revoke_key(manifest: str | Path, key_id: str) -> keys.KeyRecord:

@@ -26,7 +26,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
-from pissa.core.manifests import ManifestModel, Seq, Size, check_name
+from pissa.core.manifests import Host, ManifestModel, Seq, Size, check_name
 
 Count = Annotated[int, Field(ge=1)]
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -48,7 +48,7 @@ class TenantSection(ManifestModel):
 
 
 class GatewaySection(ManifestModel):
-    host: str = "127.0.0.1"
+    host: Host = "127.0.0.1"
     port: Port = 8000
     keys_file: str = "tenants.keys"
     usage_db: str = "usage.sqlite"

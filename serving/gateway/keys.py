@@ -25,11 +25,17 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pissa.core.errors import CorruptCheckpointError, InvalidOptionsError, SourceNotFoundError
+from pissa.core.errors import (
+    CorruptCheckpointError,
+    InvalidOptionsError,
+    OutputWriteError,
+    SourceNotFoundError,
+)
 from pissa.core.jsonio import read_json, write_json
 
 logger = logging.getLogger(__name__)
@@ -63,34 +69,69 @@ def key_id(key: str) -> str | None:
     return m.group(1) if m else None
 
 
+_FIELDS = ("id", "tenant", "sha256", "created")
+
+
+def _fix(path: Path) -> str:
+    return f"restore {path} or move it away and add keys again"
+
+
+def _read_body(path: Path) -> dict[str, Any]:
+    """The keys file as written (``{"version": 1, "keys": []}`` when it does not exist), checked.
+
+    Raises:
+        CorruptCheckpointError: not a keys file, or one of another format version.
+    """
+    try:
+        data = read_json(path, fix=_fix(path))
+    except SourceNotFoundError:
+        return {"version": FORMAT_VERSION, "keys": []}
+    if data.get("version") != FORMAT_VERSION:
+        raise CorruptCheckpointError(
+            f"{path} is a keys file of format version {data.get('version')!r}; this pissa reads version "
+            f"{FORMAT_VERSION}", path=str(path),
+            fix="use the pissa-pipeline that wrote it (this one would lose what it does not know)")
+    records = data.get("keys")
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and all(isinstance(r.get(f), str) for f in _FIELDS) for r in records):
+        raise CorruptCheckpointError(f"{path} is not a pissa keys file (keys: a list of records with "
+                                     f"{', '.join(_FIELDS)})", path=str(path), fix=_fix(path))
+    return data
+
+
+def _records(body: dict[str, Any]) -> list[KeyRecord]:
+    return [KeyRecord(*(r[f] for f in _FIELDS)) for r in body["keys"]]
+
+
 def read_keys(path: Path) -> list[KeyRecord]:
     """Every record of the keys file ([] when the file does not exist).
 
     Raises:
-        CorruptCheckpointError: the file is not a keys file.
+        CorruptCheckpointError: the file is not a keys file (or one of another format version).
     """
-    try:
-        data = read_json(path, fix=f"restore {path} or move it away and add keys again")
-    except SourceNotFoundError:
-        return []
-    try:
-        return [KeyRecord(str(r["id"]), str(r["tenant"]), str(r["sha256"]), str(r["created"]))
-                for r in data["keys"]]
-    except (KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{path} is not a pissa keys file (missing {exc})", path=str(path),
-                                     fix=f"restore {path} or move it away and add keys again") from None
+    return _records(_read_body(path))
 
 
-def _write_keys(path: Path, records: list[KeyRecord]) -> None:
-    body = {"version": FORMAT_VERSION,
-            "keys": [{"id": r.id, "tenant": r.tenant, "sha256": r.sha256, "created": r.created} for r in records]}
-    write_json(path, body, mode=FILE_MODE)
+def _write_keys(path: Path, body: dict[str, Any]) -> None:
+    """Replace the file atomically; fields this version does not use (in the file or a record) stay."""
+    try:
+        write_json(path, body, mode=FILE_MODE)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
+
+
+def _unwritable(path: Path, exc: OSError) -> OutputWriteError:
+    return OutputWriteError(f"cannot write the keys file {path}: {exc.strerror or exc}",
+                            fix="set gateway.keys_file to a file in a writable folder")
 
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, FILE_MODE)
+    except OSError as exc:
+        raise _unwritable(path, exc) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -98,18 +139,35 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def add_key(path: Path, tenant: str) -> tuple[str, KeyRecord]:
-    """Create a key for ``tenant``; store its id and hash. Returns ``(key, record)``: the key is not kept."""
+def add_key(path: Path, tenant: str, deliver: Callable[[str, KeyRecord], None] | None = None) -> tuple[str, KeyRecord]:
+    """Create a key for ``tenant``; store its id and hash. Returns ``(key, record)``: the key is not kept.
+
+    ``deliver(key, record)`` is called while the file is still locked; when it raises ``OSError`` (the key
+    could not be shown), the key is removed again and :class:`OutputWriteError` raised, so no key stays
+    live that nobody saw.
+
+    Raises:
+        CorruptCheckpointError: the keys file is not one; OutputWriteError: it cannot be written, or
+        ``deliver`` failed.
+    """
     with _locked(path):
-        records = read_keys(path)
-        taken = {r.id for r in records}
+        body = _read_body(path)
+        taken = {r["id"] for r in body["keys"]}
         kid = secrets.token_hex(4)
         while kid in taken:
             kid = secrets.token_hex(4)
         key = f"pissa-{kid}-{secrets.token_urlsafe(32)}"
         now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
         record = KeyRecord(kid, tenant, hash_key(key), now.isoformat().replace("+00:00", "Z"))
-        _write_keys(path, [*records, record])
+        before = list(body["keys"])
+        _write_keys(path, {**body, "keys": [*before, {f: getattr(record, f) for f in _FIELDS}]})
+        if deliver is not None:
+            try:
+                deliver(key, record)
+            except OSError as exc:
+                _write_keys(path, {**body, "keys": before})
+                raise OutputWriteError(f"could not show the new key ({exc.strerror or exc}), so it was removed "
+                                       "again", fix="run add-key again with a writable stdout") from None
     return key, record
 
 
@@ -120,12 +178,12 @@ def revoke_key(path: Path, kid: str) -> KeyRecord:
         InvalidOptionsError: no such key id.
     """
     with _locked(path):
-        records = read_keys(path)
-        gone = [r for r in records if r.id == kid]
+        body = _read_body(path)
+        gone = [r for r in _records(body) if r.id == kid]
         if not gone:
             raise InvalidOptionsError(f"no key with id {kid!r} in {path}", [],
                                       fix="`pissa tenants list MANIFEST` shows the key ids")
-        _write_keys(path, [r for r in records if r.id != kid])
+        _write_keys(path, {**body, "keys": [r for r in body["keys"] if r["id"] != kid]})
     return gone[0]
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pissa.core.errors import InvalidOptionsError
 from serving.command import LaunchPlan, client_url
-from serving.gateway import store
+from serving.gateway import keys, store
 from serving.launcher import ServeResult, plan_serving, run_plan
 from serving.manifest import AdapterSpec, ModelRef, ServeManifest
 from serving.vllm_env import free_port, require_vllm
@@ -63,6 +63,7 @@ def serve_with_gateway(
 
     Raises:
         InvalidOptionsError: ``api_key_env`` (the admin key) names an unset variable.
+        CorruptCheckpointError: the keys file or the usage database cannot be read.
         ServingError: the public port is taken, or vLLM failed (see :func:`serving.launcher.serve`).
     """
     from serving.gateway.app import Gateway
@@ -75,6 +76,9 @@ def serve_with_gateway(
     if admin_env and not admin_key:
         raise InvalidOptionsError("admin key missing", [f"vllm.api_key_env names {admin_env!r}, which is not set"],
                                   fix=f"export {admin_env}=<admin key> before starting, or drop api_key_env")
+    # A keys file the gateway cannot read would start it with no keys (it keeps the previous keys when the
+    # file breaks while it runs): refuse to start instead, dry run included.
+    keys.read_keys(gw.keys_file)
     internal_key = os.environ.get(INTERNAL_KEY_ENV) or secrets.token_urlsafe(32)
     inner = upstream_manifest(manifest)
     plan = plan_serving(inner, environ={**os.environ, INTERNAL_KEY_ENV: internal_key})

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pissa.core.errors import CorruptCheckpointError
+
 logger = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 0.2
@@ -44,16 +46,32 @@ def today() -> str:
 
 @contextlib.contextmanager
 def connect(path: Path) -> Iterator[sqlite3.Connection]:
-    """A connection with the schema in place; commits on success, always closes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30)
+    """A connection with the schema in place; commits on success, always closes.
+
+    Raises:
+        CorruptCheckpointError: ``path`` cannot be opened or is not an SQLite database (one line).
+    """
     try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.executescript(SCHEMA)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(path, timeout=30)
+    except (OSError, sqlite3.Error) as exc:
+        raise _unusable(path, exc) from None
+    try:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise _unusable(path, exc) from None
         with conn:
             yield conn
     finally:
         conn.close()
+
+
+def _unusable(path: Path, exc: Exception) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"usage database {path} is unusable: {exc}", path=str(path),
+        fix=f"restore {path}, or set gateway.usage_db to a new file (usage and runtime grants then start empty)")
 
 
 @dataclass(frozen=True)
@@ -174,7 +192,7 @@ class UsageWriter:
             if batch:
                 try:
                     self._write(batch)
-                except sqlite3.Error as exc:  # keep serving; the counts in memory still hold
+                except (sqlite3.Error, CorruptCheckpointError) as exc:  # keep serving; the counts in memory hold
                     logger.error("could not write usage to %s: %s", self.path, exc)
 
     def _write(self, batch: list[tuple[str, str, str, int, int]]) -> None:
