@@ -56,6 +56,7 @@ from pissa.core.formats.bundle import PARTS, STORAGE_DEQUANTIZED, STORAGE_PACKED
 from pissa.core.formats.dtypes import torch_dtype
 from pissa.core.hashing import BackgroundDigests, sha256_file
 from pissa.core.jsonio import read_json, write_json
+from pissa.core.outputs import check_not_an_input
 
 if TYPE_CHECKING:
     from converter.shard import ShardJob, StopFlag
@@ -708,6 +709,7 @@ def _prepare(
 ) -> ConvertReport | tuple[_Plan, BackgroundDigests | None]:
     """Check OUT, open the source and plan the shards; or the report of an already complete OUT (--resume)."""
     _check_out(out, overwrite, resume)
+    check_not_an_input(out, [source])
     if options.quantize is not None:
         from converter.qpissa import check_bitsandbytes
 

@@ -48,7 +48,7 @@ from pissa.core.formats.bundle import Bundle, is_bundle, open_bundle
 from pissa.core.formats.export import RECORD as EXPORT_RECORD
 from pissa.core.hashing import sha256_file
 from pissa.core.jsonio import read_json, write_json
-from pissa.core.outputs import move_into_place, prepare_output
+from pissa.core.outputs import check_not_an_input, move_into_place, prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def export(
     Raises:
         ExportError: not from a bundle, init mismatch, shapes that disagree.
         InvalidOptionsError: bad ``rank`` / ``tol``.
-        OutputExistsError: ``out`` is not empty and ``overwrite`` is false.
+        OutputExistsError: ``out`` is not empty and ``overwrite`` is false, or is (or holds) an input.
     """
     start = time.perf_counter()
     rank = _resolve_rank(rank, tol)
@@ -352,6 +352,7 @@ def export(
         )
     config, pairs, init_pairs = check_compatible(trained)
     out_path = Path(out)
+    check_not_an_input(out_path, [source, trained.path, trained.bundle.path])
     tmp = prepare_output(out_path, overwrite=overwrite)
     try:
         if merge:

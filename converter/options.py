@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -159,8 +160,8 @@ class ConvertOptions:
         p: list[str] = self._quant_problems()
         if self.rank < 1:
             p.append(f"--rank must be >= 1, got {self.rank}")
-        if self.alpha is not None and self.alpha <= 0:
-            p.append(f"--alpha must be > 0, got {self.alpha}")
+        if self.alpha is not None and not (0 < self.alpha < math.inf):  # NaN fails both comparisons
+            p.append(f"--alpha must be a finite number > 0, got {self.alpha}")
         if self.svd not in SVD_METHODS:
             p.append(f"--svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
         if self.niter < 0:

@@ -140,6 +140,15 @@ def test_all_option_problems_reported_at_once(tiny_llama, tmp_path, capsys):
     assert any("--rank" in e for e in err) and any("--workers" in e for e in err) and any("--dtype" in e for e in err)
 
 
+@pytest.mark.parametrize("alpha", ["nan", "inf"])
+def test_alpha_must_be_finite(tiny_llama, tmp_path, capsys, alpha):
+    # --alpha nan wrote NaN adapters with "max reconstruction error 0.00e+00"; inf wrote zero adapters (a review,
+    # 2026-12-08).
+    code, err = _cli_error(capsys, ["convert", "-q", str(tiny_llama), str(tmp_path / "out"), "--alpha", alpha])
+    assert code == 2 and any(f"--alpha must be a finite number > 0, got {alpha}" in e for e in err), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_not_empty(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

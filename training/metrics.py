@@ -8,19 +8,47 @@ dropped before the run continues, so the file always describes one trajectory.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pissa.core.errors import CorruptCheckpointError
 from pissa.core.formats.run import METRICS as METRICS_FILE
+
+logger = logging.getLogger(__name__)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """All metric lines of a run folder (or of a metrics.jsonl path)."""
+    """All metric lines of a run folder (or of a metrics.jsonl path). A last line that is not JSON (a run
+    stopped while appending it) is left out with a warning.
+
+    Raises:
+        CorruptCheckpointError: another line is not a JSON object (one line, with its number).
+    """
     path = path / METRICS_FILE if path.is_dir() else path
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(f"{path} is not readable: {exc}", path=str(path),
+                                     fix="restore it from the run's checkpoints or train again") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    out: list[dict[str, Any]] = []
+    for i, (n, line) in enumerate(numbered):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            if i == len(numbered) - 1:
+                logger.warning("%s: line %d is cut off or not JSON; left out", path, n)
+                continue
+            raise CorruptCheckpointError(f"{path}: line {n} is not a JSON object", path=str(path),
+                                         fix="delete or repair that line")
+        out.append(value)
+    return out
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pissa.core.errors import SourceNotFoundError, TrainingDataError
+from pissa.core.errors import InvalidOptionsError, SourceNotFoundError, TrainingDataError
 from pissa.core.formats import run as run_format
 from pissa.core.jsonio import read_json
 from training.metrics import METRICS_FILE, curves
@@ -38,7 +38,12 @@ def plot_runs(runs: list[str | os.PathLike[str]], out: str | os.PathLike[str], *
     Raises:
         SourceNotFoundError: a run folder or its metrics are missing.
         TrainingDataError: a run has no logged loss yet.
+        InvalidOptionsError: ``out`` is not a .png path (or is a folder).
     """
+    out_path = Path(out)
+    if out_path.suffix.lower() != ".png" or out_path.is_dir():
+        raise InvalidOptionsError(f"--out {out} is not a .png file", [],
+                                  fix="give a path ending in .png (an existing file there is replaced)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,7 +68,6 @@ def plot_runs(runs: list[str | os.PathLike[str]], out: str | os.PathLike[str], *
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp.png")
     fig.savefig(tmp)

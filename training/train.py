@@ -53,6 +53,7 @@ from pissa.core.formats import run as run_format
 from pissa.core.formats.bundle import INIT_DIR, Bundle, open_bundle
 from pissa.core.formats.run import write_training_record
 from pissa.core.jsonio import read_json, write_json
+from pissa.core.outputs import check_not_an_input
 from training.data import Collator, DataStats, Example, encode_records, read_records
 from training.metrics import append_metrics, read_metrics, truncate_metrics
 from training.options import TrainOptions
@@ -441,6 +442,7 @@ def train(
     # Every rank checks the run folder before any rank writes to it (the barrier below), so all ranks
     # see the same folder and fail alike; only rank 0 then deletes or writes anything.
     checkpoint: Path | None = None
+    check_not_an_input(out_path, [bundle, data, options.eval_data])  # --overwrite would delete it
     if resume:
         checkpoint = _check_resume(out_path, b, data_path, options, world)
     elif out_path.exists() and any(out_path.iterdir()) and not overwrite:

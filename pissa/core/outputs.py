@@ -8,9 +8,29 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 from pissa.core.errors import OutputExistsError
+
+
+def check_not_an_input(out: Path, inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Refuse an output whose replacement would delete an input of the same command: ``out`` is one of
+    ``inputs`` or a folder that holds one (``--overwrite`` deletes ``out`` first). Inputs that are not local
+    paths (hub ids, None) are skipped.
+
+    Raises:
+        OutputExistsError: one line naming the input.
+    """
+    target = Path(out).expanduser().resolve()
+    for given in inputs:
+        if given is None or not Path(given).expanduser().exists():
+            continue
+        path = Path(given).expanduser().resolve()
+        if path == target or target in path.parents:
+            how = "is" if path == target else "holds"
+            raise OutputExistsError(str(out), problem=f"output {out} {how} the input {given}, which writing it would "
+                                    "delete", fix="choose an output outside the command's inputs")
 
 
 def is_nonempty_dir(path: Path) -> bool:

@@ -1,0 +1,87 @@
+"""An output that is, or holds, one of the command's own inputs is refused before anything is written.
+
+Found by a review (2026-12-08): with ``--overwrite`` these deleted the user's data (``convert SRC SRC``, ``convert
+par/src par``, ``train B --out B``, ``export RUN --out RUN/adapter``), and ``plot --out data.jsonl`` replaced a data
+file by a PNG. Every case here ran and destroyed its input before the fix. Each test works on copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from test_export import fake_training
+
+from pissa.cli import run
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _refused(args: list[str], capsys: pytest.CaptureFixture[str], fragment: str) -> None:
+    assert run(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and fragment in err[0], err
+
+
+def test_convert_never_deletes_its_source(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "par" / "src"
+    shutil.copytree(tiny_llama, src)
+    (tmp_path / "par" / "important.txt").write_text("keep")
+    before = _digest(tmp_path / "par")
+    _refused(["convert", "-q", str(src), str(src), "--rank", "4", "--overwrite"], capsys, "is the input")
+    _refused(["convert", "-q", str(src), str(tmp_path / "par"), "--rank", "4", "--overwrite"], capsys, "holds the input")
+    assert _digest(tmp_path / "par") == before
+    assert run(["convert", "-q", str(src), str(src / "bundle"), "--rank", "4"]) == 0  # inside the source: allowed
+
+
+def test_train_never_deletes_its_bundle_or_data(tiny_llama_bundle: Path, arith_data: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llama_bundle, bundle)
+    data = tmp_path / "run" / "data.jsonl"
+    data.parent.mkdir()
+    shutil.copy(arith_data, data)
+    before = (_digest(bundle), _digest(data))
+    _refused(["train", str(bundle), "--data", str(data), "--out", str(bundle), "--overwrite", "--max-steps", "1"],
+             capsys, "is the input")
+    _refused(["train", str(bundle), "--data", str(data), "--out", str(data.parent), "--overwrite", "--max-steps", "1"],
+             capsys, "holds the input")
+    assert (_digest(bundle), _digest(data)) == before
+
+
+def test_export_never_deletes_its_inputs(tiny_llama_bundle: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llama_bundle, bundle)
+    trained, _ = fake_training(bundle, tmp_path / "work")
+    capsys.readouterr()  # the loading's progress bars
+    before = (_digest(bundle), _digest(trained))
+    for out in (trained, trained.parent, bundle):
+        _refused(["export", str(trained), "--out", str(out), "--overwrite"], capsys, "the input")
+    assert (_digest(bundle), _digest(trained)) == before
+    assert run(["export", str(trained), "--out", str(tmp_path / "lora")]) == 0
+
+
+def test_plot_writes_only_png_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "run"
+    runs.mkdir()
+    (runs / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    _refused(["plot", str(runs), "--out", str(data)], capsys, "is not a .png file")
+    assert data.read_text() == '{"prompt": "a", "response": "b"}\n'
+    _refused(["plot", str(runs), "--out", str(tmp_path)], capsys, "is not a .png file")
+    assert not list(tmp_path.glob(".*tmp*"))
+    # A run stopped while appending its last line: that line is left out, the rest is plotted.
+    assert run(["plot", str(runs), "--out", str(tmp_path / "loss.png")]) == 0 and (tmp_path / "loss.png").stat().st_size
+    (runs / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 3, "loss": 1.0}\n')
+    assert run(["plot", str(runs), "--out", str(tmp_path / "loss.png")]) == 1
+    assert "line 2 is not a JSON object" in capsys.readouterr().err
