@@ -1,9 +1,11 @@
 """``pissa verify BUNDLE [--source SOURCE]``: re-check everything a bundle's pissa.json claims.
 
-1. every recorded file exists and has its recorded sha256;
+0. pissa.json holds what the checks need (its format version, files, adapter and a non-empty matrix list);
+1. every recorded file exists and has its recorded sha256, and every weight, index, config and adapter file
+   of the bundle is recorded;
 2. the adapter config agrees with the record (rank, alpha, rsLoRA, targets, init_lora_weights true);
 3. every recorded matrix has ``lora_A [r, in]`` / ``lora_B [out, r]`` and a residual of the recorded
-   shape, and the adapter's energy share ``‖s·BA‖² / ‖W_res + s·BA‖²`` equals the recorded one;
+   shape (and no adapter tensor lacks a record), and the adapter's energy share ``‖s·BA‖² / ‖W_res + s·BA‖²`` equals the recorded one;
 4. with ``source``: ``‖W − (W_res + s·BA)‖ / ‖W‖`` is within the residual dtype's rounding for every
    matrix (float32 1e-5, float16 2e-3, bfloat16 1e-2) and every other tensor equals the source's
    (after the recorded dtype cast); for a QPiSSA bundle (``quantization`` in pissa.json, residual
@@ -13,6 +15,9 @@
 5. the matrices recorded as left out (MoE experts, routers) are in the residual model as recorded
    (patterns, tensor and matrix counts) and none of them was also converted (with ``source``, step 4
    shows they are the source's, untouched).
+
+With ``source``, when more than :data:`SOURCE_PROBLEMS_LISTED` tensors differ and the source's files are not
+the ones pissa.json records (``source.files``), the report is one line saying it is not this bundle's source.
 
 All problems are collected and reported together. Shards are read one at a time.
 """
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 # Relative Frobenius error allowed for W ≈ W_res + s·BA, by residual dtype (its unit roundoff ×~4).
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "float16": 2e-3, "bfloat16": 1e-2}
 ENERGY_RTOL = 2e-2
+# With more tensor problems than this against a source whose files are not the recorded ones, one line says so.
+SOURCE_PROBLEMS_LISTED = 3
 # QPiSSA bundles: relative slack on the recorded ‖W − (deq(Q) + s·BA)‖ / ‖W‖ (float32 recomputation).
 QUANT_RTOL = 1e-2
 
@@ -62,13 +69,51 @@ def _load_record(bundle: Path) -> dict[str, Any]:
         raise VerificationError(f"{bundle} is damaged", [f"{B.RECORD} is not valid JSON ({exc})"]) from exc
     if record.get("format") != B.FORMAT:
         raise VerificationError(f"{bundle} is not a bundle", [f"{B.RECORD} has format {record.get('format')!r}"])
+    problems = record_problems(record)
+    if problems:
+        raise VerificationError(f"{bundle} is damaged", [f"{B.RECORD}: {p}" for p in problems],
+                                fix="re-convert the bundle (pissa convert --overwrite)")
     return record
+
+
+_ADAPTER_FIELDS = ("r", "lora_alpha", "scaling", "target_modules", "fan_in_fan_out", "use_rslora")
+_MATRIX_FIELDS = ("name", "key", "shape", "energy", "fan_in_fan_out")
+
+
+def record_problems(record: dict[str, Any]) -> list[str]:
+    """What pissa.json must hold for the checks below to mean anything (a record whose lists were emptied
+    would verify nothing). Pure."""
+    p: list[str] = []
+    if record.get("format_version") != B.FORMAT_VERSION:
+        p.append(f"format_version is {record.get('format_version')!r}; this pissa reads {B.FORMAT_VERSION}")
+    files = record.get("files")
+    if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
+        p.append("files must map every file of the bundle to its sha256")
+    adapter = record.get("adapter")
+    if not isinstance(adapter, dict) or any(k not in adapter for k in _ADAPTER_FIELDS):
+        p.append(f"adapter must be an object with {', '.join(_ADAPTER_FIELDS)}")
+    matrices = record.get("matrices")
+    if not isinstance(matrices, list) or not matrices or not all(
+            isinstance(m, dict) and all(k in m for k in _MATRIX_FIELDS) for m in matrices):
+        p.append(f"matrices must list every converted matrix with {', '.join(_MATRIX_FIELDS)}")
+    return p
+
+
+def _must_be_recorded(bundle: Path) -> list[str]:
+    """The files whose content the bundle's meaning depends on: weights, their index, the model config and
+    the adapter (relative paths)."""
+    top = [f.name for f in bundle.iterdir() if f.is_file() and (
+        f.name.endswith((".safetensors", ".safetensors.index.json")) or f.name == model_format.CONFIG)]
+    init = bundle / B.INIT_DIR
+    inner = [f"{B.INIT_DIR}/{f.name}" for f in init.iterdir() if f.is_file()] if init.is_dir() else []
+    return sorted(top + inner)
 
 
 def check_files(bundle: Path, record: dict[str, Any]) -> list[str]:
     """Problems with the recorded files' presence and checksums."""
-    problems = []
-    for rel, digest in record.get("files", {}).items():
+    problems = [f"{rel}: not recorded in pissa.json (added since conversion, or the record was edited)"
+                for rel in _must_be_recorded(bundle) if rel not in record["files"]]
+    for rel, digest in record["files"].items():
         path = bundle / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")
@@ -181,6 +226,10 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
                 problems.append(f"{m['name']}: adapter energy share {energy:.5f} but pissa.json says {m['energy']:.5f}")
             if src is not None:
                 w = src.float().T if m["fan_in_fan_out"] else src.float()
+                if w.shape != recon.shape:
+                    problems.append(f"{m['name']}: the source's tensor is {list(w.shape)}, the bundle's "
+                                    f"{list(recon.shape)}")
+                    continue
                 err = float(torch.linalg.vector_norm(w - recon)) / max(float(torch.linalg.vector_norm(w)), 1e-300)
                 worst = err if worst is None else max(worst, err)
                 tol = TOLERANCE.get(residual_dtype or str(src.dtype).removeprefix("torch."), 1e-2)
@@ -189,6 +238,9 @@ def check_tensors(bundle: Path, record: dict[str, Any], source_folder: Path | No
                     tol = float(m["rel_error"]) * (1 + QUANT_RTOL) + 1e-6
                 if err > tol:
                     problems.append(f"{m['name']}: ‖W − (W_res + s·BA)‖/‖W‖ = {err:.2e} exceeds {tol:.0e}")
+    recorded_lora = {adapter_format.adapter_key(m["name"], part) for m in record["matrices"]
+                     for part in ("lora_A", "lora_B")}
+    problems += [f"{k}: adapter tensor of a matrix pissa.json does not record" for k in sorted(lora_keys - recorded_lora)]
     missing = sorted(set(by_key) - set(weight_map))
     missing_aux = sorted(aux - set(weight_map))
     problems += [f"{k}: quant-state tensor of a packed weight is missing" for k in missing_aux[:5]]
@@ -234,6 +286,14 @@ def check_left_out(bundle: Path, record: dict[str, Any]) -> list[str]:
     return problems
 
 
+def source_changes(folder: Path, record: dict[str, Any]) -> list[str]:
+    """The recorded source files (``source.files`` of pissa.json) whose sha256 differs in ``folder``, or
+    that it lacks ([] when the record has none)."""
+    recorded = (record.get("source") or {}).get("files") or {}
+    return [rel for rel, digest in sorted(recorded.items())
+            if not (folder / rel).is_file() or sha256_file(folder / rel) != digest]
+
+
 def _open_source(path: Path):
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -262,10 +322,20 @@ def verify_bundle(bundle: str | Path, source: str | None = None) -> VerifyReport
     worst = None
     if not problems:  # tensor checks need intact files
         tensor_problems, worst = check_tensors(bundle, record, source_folder)
+        many = len(tensor_problems) > SOURCE_PROBLEMS_LISTED
+        changed = source_changes(source_folder, record) if source_folder is not None and many else []
+        if changed:
+            # Not this bundle's source: one line, not one per tensor that differs.
+            raise VerificationError(
+                f"{source} is not the source {bundle} was converted from", [
+                    f"--source {source} is not the source of {bundle}: its {', '.join(changed[:3])}"
+                    f"{' …' if len(changed) > 3 else ''} differ from pissa.json's source.files "
+                    f"({len(tensor_problems)} tensor problems follow from it)"],
+                fix=f"give the source it was converted from ({record.get('source', {}).get('path') or 'see pissa.json'})")
         problems += tensor_problems
         problems += check_left_out(bundle, record)
     if problems:
         raise VerificationError(
             f"{bundle} failed verification", problems, fix="re-convert the bundle (pissa convert --overwrite)"
         )
-    return VerifyReport(bundle, len(record.get("files", {})), len(record["matrices"]), worst)
+    return VerifyReport(bundle, len(record["files"]), len(record["matrices"]), worst)

@@ -103,3 +103,33 @@ def test_wrong_source_fails_reconstruction(bundle, tiny_llama_sharded, tmp_path)
 def test_not_a_bundle(tmp_path, capsys):
     assert run(["verify", str(tmp_path)]) == 1
     assert "pissa.json is missing" in capsys.readouterr().err
+
+
+# --- a tampered pissa.json, and the wrong source (a review, 2026-12-08: these verified "ok" or were internal errors)
+def _edit_record(bundle: Path, edit) -> None:
+    record = json.loads((bundle / "pissa.json").read_text())
+    edit(record)
+    (bundle / "pissa.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda r: r["files"].pop(next(k for k in r["files"] if k.endswith(".safetensors") and "/" not in k)),
+     "not recorded in pissa.json"),
+    (lambda r: r.update(files={}), "files must map every file"),
+    (lambda r: r.update(matrices=[]), "matrices must list every converted matrix"),
+    (lambda r: r.update(format_version=99), "format_version is 99"),
+    (lambda r: r.pop("adapter"), "adapter must be an object"),
+    (lambda r: r.update(adapter="x"), "adapter must be an object"),
+    (lambda r: r.update(matrices=r["matrices"][1:]), "adapter tensor of a matrix pissa.json does not record"),
+], ids=["unrecorded-weights", "no-files", "no-matrices", "version", "no-adapter", "adapter-string", "one-matrix-less"])
+def test_an_edited_record_does_not_verify(bundle, edit, fragment, capsys):
+    _edit_record(bundle, edit)
+    assert run(["verify", str(bundle)]) == 1
+    err = capsys.readouterr().err
+    assert fragment in err and "internal error" not in err, err
+
+
+def test_another_model_as_source_is_one_line(bundle, tiny_qwen2, capsys):
+    assert run(["verify", str(bundle), "--source", str(tiny_qwen2)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "is not the source" in err[0] and "differ from pissa.json's source.files" in err[0], err
