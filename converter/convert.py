@@ -710,6 +710,12 @@ def _prepare(
     """Check OUT, open the source and plan the shards; or the report of an already complete OUT (--resume)."""
     _check_out(out, overwrite, resume)
     check_not_an_input(out, [source])
+    if options.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidOptionsError("invalid convert options", [
+                f"--device cuda: no CUDA device is available (torch {torch.__version__})"], fix="use --device cpu")
     if options.quantize is not None:
         from converter.qpissa import check_bitsandbytes
 

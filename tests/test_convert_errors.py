@@ -283,3 +283,12 @@ def test_resume_redoes_a_damaged_part(tiny_llama_sharded, reference_bundle, tmp_
     assert proc.returncode == 0, proc.stderr
     assert f"({len(markers) - 1})" in proc.stdout  # only the intact parts were reused
     assert _bundle_files(out) == _bundle_files(reference_bundle)
+
+
+def test_cuda_without_a_gpu_is_one_line(tiny_llama, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
+    code, err = _cli_error(capsys, ["convert", "-q", str(tiny_llama), str(tmp_path / "out"), "--device", "cuda"])
+    _assert_one_line_error(code, err, "--device cuda: no CUDA device", "--device cpu")
+    assert not (tmp_path / "out").exists()

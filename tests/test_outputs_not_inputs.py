@@ -85,3 +85,32 @@ def test_plot_writes_only_png_files(tmp_path: Path, capsys: pytest.CaptureFixtur
     (runs / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 3, "loss": 1.0}\n')
     assert run(["plot", str(runs), "--out", str(tmp_path / "loss.png")]) == 1
     assert "line 2 is not a JSON object" in capsys.readouterr().err
+
+
+def test_train_on_a_broken_bundle_leaves_no_run_folder(tiny_llama_bundle: Path, arith_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: an internal error (SafetensorError / ValueError) after the run folder was written ("running").
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_llama_bundle, truncated)
+    weights = next(truncated.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    no_config = tmp_path / "no-config"
+    shutil.copytree(tiny_llama_bundle, no_config)
+    (no_config / "config.json").unlink()
+    for bundle in (truncated, no_config):
+        out = tmp_path / f"run-{bundle.name}"
+        assert run(["train", str(bundle), "--data", str(arith_data), "--out", str(out), "--max-steps", "1"]) == 1
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and "cannot load the bundle" in err[0] and "pissa verify" in err[0], err
+        assert not out.exists()
+    (tmp_path / "afile").write_text("x")
+    _refused(["train", str(tiny_llama_bundle), "--data", str(arith_data), "--out", str(tmp_path / "afile")], capsys,
+             "is a file")
+
+
+def test_zoo_output_that_is_a_file(tiny_llama: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = tmp_path / "zoo.yaml"
+    manifest.write_text(f"entries:\n  - name: t\n    source: {tiny_llama}\n    ranks: [4]\n")
+    (tmp_path / "afile").write_text("x")
+    _refused(["zoo", str(manifest), "--out", str(tmp_path / "afile")], capsys, "is a file")
+    assert (tmp_path / "afile").read_text() == "x"

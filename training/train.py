@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pissa.core.errors import InvalidOptionsError, OutputExistsError
+from pissa.core.errors import CorruptCheckpointError, InvalidOptionsError, OutputExistsError, PissaError
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import run as run_format
 from pissa.core.formats.bundle import INIT_DIR, Bundle, open_bundle
@@ -445,6 +445,9 @@ def train(
     check_not_an_input(out_path, [bundle, data, options.eval_data])  # --overwrite would delete it
     if resume:
         checkpoint = _check_resume(out_path, b, data_path, options, world)
+    elif out_path.exists() and not out_path.is_dir():
+        raise OutputExistsError(str(out_path), problem=f"--out {out_path} is a file",
+                                fix="give a folder for the run (it is created)")
     elif out_path.exists() and any(out_path.iterdir()) and not overwrite:
         raise OutputExistsError(str(out_path))
 
@@ -454,6 +457,8 @@ def train(
     if options.eval_data:
         eval_examples, eval_stats = _encode(tokenizer, Path(options.eval_data), options)
 
+    # The model before the run folder: a bundle that does not load leaves nothing half-written behind.
+    model = _load_checked(b, options)
     main = args.process_index == 0
     args.distributed_state.wait_for_everyone()
     if main:
@@ -473,7 +478,6 @@ def train(
 
     from transformers import PrinterCallback, Trainer
 
-    model = load_model(b, options)
     if options.gradient_checkpointing:
         model.enable_input_require_grads()
     trainer = Trainer(
@@ -529,6 +533,19 @@ def train(
         }
         write_json(out_path / run_format.RECORD, record)
     return result
+
+
+def _load_checked(bundle: Bundle, options: TrainOptions) -> Any:
+    """:func:`load_model`, with a bundle that does not load (truncated weights, no config.json) as one line."""
+    try:
+        return load_model(bundle, options)
+    except PissaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever transformers, safetensors or PEFT raise for a broken bundle
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CorruptCheckpointError(f"cannot load the bundle {bundle.path}: {type(exc).__name__}: {first}",
+                                     path=str(bundle.path),
+                                     fix=f"check it with `pissa verify {bundle.path}`, or convert it again") from exc
 
 
 def _effective_batch(options: TrainOptions, world: int) -> int:
