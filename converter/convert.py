@@ -721,8 +721,14 @@ def _prepare(
 
         check_bitsandbytes()  # before any source is read or anything written (without importing it: ~4 s)
     if resume and (out / B.RECORD).exists() and not overwrite:
+        record = B.read_record(out)
+        changes = options.content_changes(record.get("options") or {})
+        if changes:
+            raise InvalidOptionsError(f"{out} is a finished bundle made with other options",
+                                      [f"--resume: {c}" for c in changes],
+                                      fix="pass --overwrite (without --resume) to convert it again with these options")
         log.info("%s is already complete", out)
-        return report_from_record(out, B.read_record(out), shards_reused=-1)
+        return report_from_record(out, record, shards_reused=-1)
     source_resolved = resolve_source(str(source), revision=options.revision)
     ckpt = open_checkpoint(source_resolved.folder, allow_pickle=options.allow_pickle)
     digests = None

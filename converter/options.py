@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -198,6 +199,12 @@ class ConvertOptions:
         record = {f.name: self._json(f.name) for f in fields(self) if f.metadata.get("recorded", True)}
         record["lora_alpha"] = self.lora_alpha
         return record
+
+    def content_changes(self, recorded: Mapping[str, Any]) -> list[str]:
+        """``"key was OLD, now NEW"`` for each content option (:meth:`content_record`) that differs from a
+        bundle's recorded ``options``; an option the record lacks (an older bundle) is not compared. Pure."""
+        return [f"{key} was {recorded[key]!r}, now {wanted!r}" for key, wanted in self.content_record().items()
+                if key in recorded and recorded[key] != wanted]
 
     def content_record(self) -> dict[str, Any]:
         """The options that decide a bundle's bytes, JSON-ready, keyed as in :meth:`to_record`.

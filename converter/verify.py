@@ -111,9 +111,12 @@ def _must_be_recorded(bundle: Path) -> list[str]:
 
 def check_files(bundle: Path, record: dict[str, Any]) -> list[str]:
     """Problems with the recorded files' presence and checksums."""
+    files = record.get("files")
+    if not isinstance(files, dict):
+        return ["pissa.json records no files"]
     problems = [f"{rel}: not recorded in pissa.json (added since conversion, or the record was edited)"
-                for rel in _must_be_recorded(bundle) if rel not in record["files"]]
-    for rel, digest in record["files"].items():
+                for rel in _must_be_recorded(bundle) if rel not in files]
+    for rel, digest in files.items():
         path = bundle / rel
         if not path.is_file():
             problems.append(f"{rel}: missing")

@@ -188,10 +188,7 @@ def reuse_problems(bundle: Path, job: ZooJob, source: str) -> list[str]:
     except (OSError, ValueError) as exc:
         return [f"pissa.json unreadable: {exc}"]
     problems = list(check_files(bundle, record))
-    recorded = record.get("options", {})
-    for key, wanted in job.options.content_record().items():
-        if key in recorded and recorded[key] != wanted:
-            problems.append(f"option {key} was {recorded[key]!r}, the manifest now says {wanted!r}")
+    problems += [f"option {change} in the manifest" for change in job.options.content_changes(record.get("options", {}))]
     src = record.get("source", {})
     known = {str(v) for k, v in src.items() if k in ("path", "repo_id") and v}
     if src.get("repo_id") and src.get("file"):  # hub:ORG/NAME/FILE.gguf

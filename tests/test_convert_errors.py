@@ -292,3 +292,14 @@ def test_cuda_without_a_gpu_is_one_line(tiny_llama, tmp_path, capsys, monkeypatc
     code, err = _cli_error(capsys, ["convert", "-q", str(tiny_llama), str(tmp_path / "out"), "--device", "cuda"])
     _assert_one_line_error(code, err, "--device cuda: no CUDA device", "--device cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_finished_bundle_with_other_options_is_refused(tiny_llama, tmp_path, capsys):
+    # Before: "already complete", exit 0, and the bundle stayed rank 4 (a review, 2026-12-08).
+    out = tmp_path / "out"
+    assert run(["convert", "-q", str(tiny_llama), str(out), "--rank", "4"]) == 0
+    record = (out / "pissa.json").read_text()
+    code, err = _cli_error(capsys, ["convert", "-q", str(tiny_llama), str(out), "--rank", "8", "--resume"])
+    assert code == 2 and any("rank was 4, now 8" in e for e in err) and "--overwrite" in err[-1], err
+    assert (out / "pissa.json").read_text() == record
+    assert run(["convert", "-q", str(tiny_llama), str(out), "--rank", "4", "--resume"]) == 0  # same options: a no-op

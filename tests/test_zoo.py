@@ -173,7 +173,7 @@ def test_reuse_check_sees_every_content_option_and_no_other(tmp_path: Path, tiny
         problems = reuse_problems(bundle, replace(job, options=replace(job.options, **{name: value})), str(tiny_llama))
         assert any(p.startswith(f"option {name} ") for p in problems), (name, problems)
     alpha = reuse_problems(bundle, replace(job, options=replace(job.options, alpha=8.0)), str(tiny_llama))
-    assert alpha == ["option lora_alpha was 4.0, the manifest now says 8.0"]
+    assert alpha == ["option lora_alpha was 4.0, now 8.0 in the manifest"]
     same = replace(job.options, alpha=4.0, workers=3, threads=2, device="cuda", allow_pickle=True)
     assert reuse_problems(bundle, replace(job, options=same), str(tiny_llama)) == []
 
