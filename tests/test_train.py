@@ -78,6 +78,25 @@ def test_resume_continues_the_same_trajectory(tmp_path, full_run, tiny_llama_bun
         train(tiny_llama_bundle, data, out, resume=True, **{**opts, "lr": 1e-3})
     with pytest.raises(OutputExistsError):
         train(tiny_llama_bundle, data, out, **opts)
+    # All 8 steps are trained: resuming again would run a 9th at learning rate 0 (a review, 2026-12-08).
+    with pytest.raises(InvalidOptionsError, match="has trained all 8 steps"):
+        train(tiny_llama_bundle, data, out, resume=True, **opts)
+
+
+def test_resume_keeps_the_checkpoint_cadence(tmp_path, tiny_llama_bundle, data):
+    """--resume without --save-every went on without checkpoints and recorded save_every None."""
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    out = tmp_path / "run"
+    train(tiny_llama_bundle, data, out, max_steps=6, save_every=2, progress=False, callbacks=[StopAt()], **FAST)
+    train(tiny_llama_bundle, data, out, max_steps=6, resume=True, progress=False, **FAST)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    assert json.loads((out / "run.json").read_text())["options"]["save_every"] == 2
 
 
 def test_trained_run_exports_exactly(tmp_path, full_run, tiny_llama_bundle, tiny_llama):

@@ -356,8 +356,10 @@ def _last_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _check_resume(out: Path, bundle: Bundle, data: Path, options: TrainOptions, world: int) -> Path:
-    """The checkpoint to resume from, after checking the run was started with the same settings."""
+def _check_resume(out: Path, bundle: Bundle, data: Path, options: TrainOptions,
+                  world: int) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from, after checking the run was started with the same settings, and the
+    cadence options (:data:`_RESUME_FREE`) not given now that the run was started with (it keeps them)."""
     record_path = out / run_format.RECORD
     if not record_path.is_file():
         raise InvalidOptionsError("cannot resume", [f"{out} is not a run folder (no {run_format.RECORD})"],
@@ -382,7 +384,12 @@ def _check_resume(out: Path, bundle: Bundle, data: Path, options: TrainOptions, 
     if problems:
         raise InvalidOptionsError(f"cannot resume {out}", problems, fix="resume with the run's original settings")
     assert checkpoint is not None
-    return checkpoint
+    if options.max_steps and int(checkpoint.name.split("-")[-1]) >= options.max_steps:
+        # Trainer would run one more step (at learning rate 0) and call the run longer than it is.
+        raise InvalidOptionsError("nothing to resume", [f"{out} has trained all {options.max_steps} steps"],
+                                  fix="start a new run (another --out, or --overwrite)")
+    kept = {k: before[k] for k in _RESUME_FREE if getattr(options, k) is None and before.get(k) is not None}
+    return checkpoint, kept
 
 
 def _encode(tokenizer: Any, path: Path, options: TrainOptions) -> tuple[list[Example], DataStats]:
@@ -444,7 +451,10 @@ def train(
     checkpoint: Path | None = None
     check_not_an_input(out_path, [bundle, data, options.eval_data])  # --overwrite would delete it
     if resume:
-        checkpoint = _check_resume(out_path, b, data_path, options, world)
+        checkpoint, kept = _check_resume(out_path, b, data_path, options, world)
+        if kept:  # a resumed run keeps its checkpoint (and eval, log) cadence unless a new one is given
+            options = options.with_overrides(**kept).validate()
+            args = _training_arguments(out_path, options, options.eval_data is not None)
     elif out_path.exists() and not out_path.is_dir():
         raise OutputExistsError(str(out_path), problem=f"--out {out_path} is a file",
                                 fix="give a folder for the run (it is created)")
