@@ -47,6 +47,7 @@ from pissa.core.errors import (
     PissaError,
     StoppedError,
     TargetError,
+    UnsupportedCheckpointError,
 )
 from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as B
@@ -98,7 +99,7 @@ def staging_path(out: Path) -> Path:
 
 def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(str(out))
+        raise OutputExistsError(str(out), problem=f"output {out} is a file", fix="give a folder (it is created)")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         if resume and (out / B.RECORD).exists():
             return  # already finished: resume is a no-op
@@ -730,6 +731,10 @@ def _prepare(
         log.info("%s is already complete", out)
         return report_from_record(out, record, shards_reused=-1)
     source_resolved = resolve_source(str(source), revision=options.revision)
+    if B.is_bundle(source_resolved.folder):
+        raise UnsupportedCheckpointError(
+            f"{source} is a PiSSA bundle: its weights are the residual W − s·BA, not the model",
+            fix="convert the original model (pissa.json's source names it)")
     ckpt = open_checkpoint(source_resolved.folder, allow_pickle=options.allow_pickle)
     digests = None
     if options.workers <= 1 and not resume:

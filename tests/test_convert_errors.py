@@ -303,3 +303,11 @@ def test_resume_of_a_finished_bundle_with_other_options_is_refused(tiny_llama, t
     assert code == 2 and any("rank was 4, now 8" in e for e in err) and "--overwrite" in err[-1], err
     assert (out / "pissa.json").read_text() == record
     assert run(["convert", "-q", str(tiny_llama), str(out), "--rank", "4", "--resume"]) == 0  # same options: a no-op
+
+
+def test_a_bundle_as_source_is_refused(tiny_llama, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    assert run(["convert", "-q", str(tiny_llama), str(bundle), "--rank", "4"]) == 0
+    code, err = _cli_error(capsys, ["convert", "-q", str(bundle), str(tmp_path / "again")])
+    _assert_one_line_error(code, err, "is a PiSSA bundle", "convert the original model")
+    assert not (tmp_path / "again").exists()

@@ -234,7 +234,7 @@ def encode_records(
         raise TrainingDataError(
             f"{path}: no usable examples",
             [f"{path}: all {len(records)} records are longer than --max-length {max_length} or have no response tokens"],
-            fix="raise --max-length or use --overlong truncate",
+            fix="raise --max-length" + (" or use --overlong truncate" if overlong == "drop" else ""),
         )
     return examples, stats
 

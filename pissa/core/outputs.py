@@ -44,7 +44,7 @@ def prepare_output(out: Path, *, overwrite: bool) -> Path:
         OutputExistsError: ``out`` exists, is not empty, and ``overwrite`` is false.
     """
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(str(out))
+        raise OutputExistsError(str(out), problem=f"output {out} is a file", fix="give a folder (it is created)")
     if is_nonempty_dir(out) and not overwrite:
         raise OutputExistsError(str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
