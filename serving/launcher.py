@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from pissa.core.errors import ServingError
+from pissa.core.errors import InvalidOptionsError, ServingError
 from serving.command import LaunchPlan, build_command
 from serving.kv_cache import NodeMemory, cuda_available, decide_kv_cache, read_node_memory, weights_bytes
 from serving.manifest import ServeManifest
@@ -344,9 +344,13 @@ def serve(
 
     Raises:
         AdapterValidationError: adapters refused before launch.
+        InvalidOptionsError: ``log_path``'s folder does not exist.
         MissingDependencyError: vLLM (or the openai client) is not installed.
         ServingError: the server failed to start, or died while serving (tail of its log).
     """
+    if log_path is not None and not Path(log_path).expanduser().absolute().parent.is_dir():
+        raise InvalidOptionsError("invalid serve options", [f"--log-file {log_path}: its folder does not exist"],
+                                  fix="create the folder, or give another --log-file")
     if manifest.routed:  # replicas and/or upstreams behind vllm-router
         from serving.replicas import serve_replicas
 

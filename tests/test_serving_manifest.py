@@ -275,3 +275,9 @@ def test_empty_or_spaced_host_is_refused(tmp_path):
     for host in ("", "not a host"):
         with pytest.raises(InvalidOptionsError, match="--host"):
             resolve_manifest(None, base="org/base", host=host)
+
+
+def test_log_file_in_a_missing_folder_is_refused(tiny_llama, tmp_path, capsys):
+    code = run(["serve", "--base", str(tiny_llama), "--kv-cache", "64M", "--log-file", str(tmp_path / "no" / "log"),
+                "--dry-run"])
+    assert code == 2 and "its folder does not exist" in capsys.readouterr().err
