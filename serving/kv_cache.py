@@ -16,7 +16,9 @@ to the rest of the machine, so the check vLLM makes after loading the model pass
 gives: vLLM then shortens the context to what the cache holds instead of refusing a model whose full
 context does not fit (with a given size on a GPU this was not run).
 
-Left to vLLM: a GPU (CUDA available), the size of an explicit one, ``VLLM_CPU_KVCACHE_SPACE`` in the environment
+A size given is passed as is, after two checks: at least :data:`SMALLEST_SET`, and on CPU at most the free
+memory (vLLM's own check comes only after the model is loaded). Left to vLLM: a GPU (CUDA available),
+``VLLM_CPU_KVCACHE_SPACE`` in the environment
 (vLLM's legacy setting, which overrides the flag), or ``--gpu-memory-utilization`` in ``extra_args``.
 
 The rule is :func:`choose_kv_cache_bytes` (pure); :func:`decide_kv_cache` applies it to a manifest;
