@@ -91,8 +91,10 @@ def run(args: list[str] | None = None, **kwargs: Any) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # a usage error: one line too, not Click's usage block
+        ctx = getattr(exc, "ctx", None)
+        hint = f" — see `{ctx.command_path} --help`" if isinstance(exc, click.UsageError) and ctx else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

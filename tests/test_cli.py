@@ -39,6 +39,19 @@ def test_unknown_command(capsys):
     assert "No such command" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["verify", "/nonexistent/bundle"], "does not exist"),
+    (["serve", "--port", "abc"], "'abc' is not a valid integer"),
+    (["convert"], "Missing argument 'SOURCE'"),
+    (["train", "--bogus"], "No such option '--bogus'"),
+])
+def test_usage_errors_are_one_line(args, fragment, capsys):
+    # Click's own form is four lines (usage, hint, blank, error); a review found it (2026-12-08).
+    assert run(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0] and "--help`" in err[0], err
+
+
 def test_errors_are_one_line_each_with_the_fix():
     single = PissaError("the thing is broken", fix="repair it")
     assert format_problems(single) == ["error: the thing is broken — repair it"]
