@@ -259,22 +259,22 @@ def host_problem(host: str) -> str | None:
     return None
 
 
-def _host(value: str) -> str:
-    problem = host_problem(value)
-    if problem:
-        raise ValueError(problem)
-    return value
+def refusing(problem: Callable[[str], str | None]) -> Callable[[str], str]:
+    """The pydantic after-validator of a ``*_problem`` function: raises its message, else passes the value."""
+
+    def check(value: str) -> str:
+        found = problem(value)
+        if found:
+            raise ValueError(found)
+        return value
+
+    return check
 
 
-Host = Annotated[str, AfterValidator(_host)]
-
-
-def check_name(name: str) -> str:
-    """Pydantic after-validator form of :func:`name_problem`."""
-    problem = name_problem(name)
-    if problem:
-        raise ValueError(problem)
-    return name
+#: A listen address: not empty (that would be every interface), no spaces.
+Host = Annotated[str, AfterValidator(refusing(host_problem))]
+#: Pydantic after-validator form of :func:`name_problem`.
+check_name = refusing(name_problem)
 
 
 def one_of(*choices: str) -> Callable[[str], str]:
