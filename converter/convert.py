@@ -130,13 +130,18 @@ def _plan(source: ResolvedSource, ckpt: Checkpoint, options: ConvertOptions, sta
     all_linear, left_out = convertible_layers(ckpt)
     targets = select_targets(all_linear, options.targets, left_out)
     problems = []
+    too_small = []
     for t in targets:
         info = ckpt.tensors[t.key]
         if not info.is_float:
             problems.append(f"{t.key} has dtype {info.dtype}, not a float: dequantize the checkpoint first")
-        out_f, in_f = t.out_in
-        if options.rank > min(out_f, in_f):
-            problems.append(f"--rank {options.rank} exceeds min(out, in) = {min(out_f, in_f)} of {t.key} {[out_f, in_f]}")
+        if options.rank > min(t.out_in):
+            too_small.append(t)
+    if too_small:  # one line for all of them (a model has hundreds of targets)
+        t = min(too_small, key=lambda x: min(x.out_in))
+        others = f" and {len(too_small) - 1} other target(s)" if len(too_small) > 1 else ""
+        problems.append(f"--rank {options.rank} exceeds min(out, in) = {min(t.out_in)} of {t.key} "
+                        f"{list(t.out_in)}{others}")
     if problems:
         raise TargetError(
             "targets cannot be converted", problems, fix="lower --rank, or leave these layers out with --targets"

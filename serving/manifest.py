@@ -71,6 +71,7 @@ from pissa.core.manifests import (
     parse_size,
 )
 from serving.gateway.config import GatewayConfig, GatewaySection, TenantSection, resolve_gateway
+from serving.validate import ALLOWED_MAX_LORA_RANKS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # Flags the launcher sets from the manifest: giving them again in extra_args is a conflict.
@@ -153,7 +154,7 @@ class VllmSettings(ManifestModel):
     dtype: Annotated[str, AfterValidator(one_of(*DTYPES))] = "auto"
     max_loras: Count | None = None
     max_cpu_loras: Count | None = None
-    max_lora_rank: Count | None = None
+    max_lora_rank: Annotated[int, Field(ge=1, le=ALLOWED_MAX_LORA_RANKS[-1])] | None = None  # vLLM's largest
     max_model_len: Count | None = None
     kv_cache_memory_bytes: Size | None = None
     tensor_parallel_size: Count = 1

@@ -281,3 +281,10 @@ def test_log_file_in_a_missing_folder_is_refused(tiny_llama, tmp_path, capsys):
     code = run(["serve", "--base", str(tiny_llama), "--kv-cache", "64M", "--log-file", str(tmp_path / "no" / "log"),
                 "--dry-run"])
     assert code == 2 and "its folder does not exist" in capsys.readouterr().err
+
+
+def test_max_lora_rank_above_vllms_largest_is_a_manifest_error(tmp_path):
+    # It was reported as an adapter problem without a line (a review, 2026-12-08).
+    with pytest.raises(ManifestError) as exc:
+        load_serve_manifest(write(tmp_path, "base: {path: org/base}\nvllm:\n  max_lora_rank: 9999\n"))
+    assert exc.value.problems() == [f"{tmp_path / 'serve.yaml'}: line 3: vllm.max_lora_rank: must be <= 512, got 9999"]
