@@ -179,6 +179,9 @@ def _pairs(tensors: dict[str, Any], what: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+SHAPE_PROBLEMS_LISTED = 5  # more shape mismatches than this are counted, not listed
+
+
 def check_compatible(trained: TrainedAdapter) -> tuple[dict[str, Any], dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Load the trained and initial adapters and check they belong together (every problem at once).
 
@@ -234,17 +237,21 @@ def check_compatible(trained: TrainedAdapter) -> tuple[dict[str, Any], dict[str,
     if extra:
         problems.append(f"trained modules not in pissa_init: {', '.join(extra[:5])}")
     records = bundle.matrices()
+    shape_problems: list[str] = []  # one per tensor: listed when a few, counted when many (a wrong bundle)
     for module in sorted(set(pairs) & set(init_pairs)):
         for part in ("lora_A", "lora_B"):
             got, want = tuple(pairs[module][part].shape), tuple(init_pairs[module][part].shape)
             if got != want:
-                problems.append(f"{module}.{part}: trained shape {list(got)} != initial shape {list(want)}")
+                shape_problems.append(f"{module}.{part}: trained shape {list(got)} != initial shape {list(want)}")
         rec = records.get(module)
         if rec is not None and "shape" in rec:
             out_f, in_f = (int(x) for x in rec["shape"])
             a_in, b_out = pairs[module]["lora_A"].shape[1], pairs[module]["lora_B"].shape[0]
             if (b_out, a_in) != (out_f, in_f):
-                problems.append(f"{module}: adapter is [{b_out}, {a_in}], pissa.json records [{out_f}, {in_f}]")
+                shape_problems.append(f"{module}: adapter is [{b_out}, {a_in}], pissa.json records [{out_f}, {in_f}]")
+    if len(shape_problems) > SHAPE_PROBLEMS_LISTED:
+        shape_problems = [*shape_problems[:2], f"… and {len(shape_problems) - 2} more shapes that differ"]
+    problems += shape_problems
     if problems:
         raise AdapterMismatchError(
             f"{trained.path} does not match the bundle {bundle.path}", problems,
