@@ -127,6 +127,9 @@ def check_files(bundle: Path, record: dict[str, Any]) -> list[str]:
 
 def check_adapter_config(bundle: Path, record: dict[str, Any]) -> list[str]:
     adapter = record["adapter"]
+    rel = f"{B.INIT_DIR}/{adapter_format.CONFIG}"
+    if not (bundle / rel).is_file() and rel in (record.get("files") or {}):
+        return []  # check_files reports it missing
     try:
         cfg = read_json(bundle / B.INIT_DIR / adapter_format.CONFIG)
     except (OSError, ValueError) as exc:

@@ -133,3 +133,11 @@ def test_another_model_as_source_is_one_line(bundle, tiny_qwen2, capsys):
     assert run(["verify", str(bundle), "--source", str(tiny_qwen2)]) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "is not the source" in err[0] and "differ from pissa.json's source.files" in err[0], err
+
+
+def test_missing_adapter_folder_is_reported_once_per_file(bundle, capsys):
+    shutil.rmtree(bundle / "pissa_init")
+    assert run(["verify", str(bundle)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[:2] == ["error: pissa_init/adapter_config.json: missing", "error: pissa_init/adapter_model.safetensors: missing"]
+    assert len(err) == 3, err  # and the summary; "unreadable" was a third line for the same missing file
