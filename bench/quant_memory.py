@@ -230,7 +230,8 @@ def main() -> None:
             inner = json.loads([line for line in run.log.splitlines() if line.startswith("{")][-1])
             growth = inner["steps_peak_mib"] - inner["rss_before_steps_mib"]
             row["steps_growth_mib"] = max(row.get("steps_growth_mib", 0.0), growth)
-            row["steps_live_growth_mib"] = inner["live_after_steps_mib"] - inner["live_before_steps_mib"]
+            row["steps_live_growth_mib"] = max(row.get("steps_live_growth_mib", 0.0),
+                                               inner["live_after_steps_mib"] - inner["live_before_steps_mib"])
             row.setdefault("steps_s", []).append(inner["steps_s"])
             print(f"[{time.strftime('%H:%M:%S')}] #{rep + 1} steps {name}: peak {growth:.0f} MiB above the loaded "
                   f"RSS {inner['rss_before_steps_mib']:.0f} (live tensors {inner['live_before_steps_mib']:.0f} → "

@@ -732,7 +732,8 @@ def _prepare(
         if changes:
             raise InvalidOptionsError(f"{out} is a finished bundle made with other options",
                                       [f"--resume: {c}" for c in changes],
-                                      fix="pass --overwrite (without --resume) to convert it again with these options")
+                                      fix="resume with the options it was made with (pissa.json's options), or pass "
+                                          "--overwrite (without --resume) to convert it again with these")
         log.info("%s is already complete", out)
         return report_from_record(out, record, shards_reused=-1)
     source_resolved = resolve_source(str(source), revision=options.revision)

@@ -93,10 +93,28 @@ def record_problems(record: dict[str, Any]) -> list[str]:
     if not isinstance(adapter, dict) or any(k not in adapter for k in _ADAPTER_FIELDS):
         p.append(f"adapter must be an object with {', '.join(_ADAPTER_FIELDS)}")
     matrices = record.get("matrices")
-    if not isinstance(matrices, list) or not matrices or not all(
-            isinstance(m, dict) and all(k in m for k in _MATRIX_FIELDS) for m in matrices):
-        p.append(f"matrices must list every converted matrix with {', '.join(_MATRIX_FIELDS)}")
+    quantized = B.QUANT_KEY in record
+    if not isinstance(matrices, list) or not matrices or not all(_matrix_ok(m, quantized) for m in matrices):
+        fields_ = (*_MATRIX_FIELDS, "rel_error") if quantized else _MATRIX_FIELDS
+        p.append(f"matrices must list every converted matrix with {', '.join(fields_)} (shape: two integers, "
+                 "energy a number)")
+    quant = record.get(B.QUANT_KEY)
+    if quantized and (not isinstance(quant, dict) or any(k not in quant for k in _QUANT_FIELDS)):
+        p.append(f"quantization must be an object with {', '.join(_QUANT_FIELDS)}")
     return p
+
+
+_QUANT_FIELDS = ("quant_type", "double_quant", "storage")
+
+
+def _matrix_ok(m: Any, quantized: bool) -> bool:
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    shape = m.get("shape") if isinstance(m, dict) else None
+    return (isinstance(m, dict) and all(k in m for k in _MATRIX_FIELDS) and isinstance(shape, list)
+            and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+            and number(m["energy"]) and (not quantized or number(m.get("rel_error"))))
 
 
 def _must_be_recorded(bundle: Path) -> list[str]:

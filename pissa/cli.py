@@ -91,6 +91,9 @@ def run(args: list[str] | None = None, **kwargs: Any) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except click.exceptions.NoArgsIsHelpError as exc:  # `pissa`, `pissa tenants` alone: the help, as always
+        exc.show()
+        return exc.exit_code
     except click.ClickException as exc:  # a usage error: one line too, not Click's usage block
         ctx = getattr(exc, "ctx", None)
         hint = f" — see `{ctx.command_path} --help`" if isinstance(exc, click.UsageError) and ctx else ""

@@ -39,19 +39,17 @@ class ServedModel:
 
 
 def server_url(url: str) -> str:
-    """``url`` as the server's root: ``http(s)://host[:port]`` (a trailing ``/`` or ``/v1``, which OpenAI
-    clients' base URLs end in, is dropped).
+    """``url`` as the server's root: ``http(s)://host[:port][/prefix]`` (a trailing ``/`` or ``/v1``, which
+    OpenAI clients' base URLs end in, is dropped; a prefix, e.g. behind a reverse proxy, is kept).
 
     Raises:
-        InvalidOptionsError: not such an address (no scheme, bad port, credentials, another path), in one line.
+        InvalidOptionsError: not such an address (no scheme, bad port, credentials, a query), in one line.
     """
     import urllib.parse
 
-    root = url.strip().rstrip("/")
-    root = root[: -len("/v1")] if root.endswith("/v1") else root
     fix = "give --url as http://HOST:PORT, e.g. http://127.0.0.1:8000"
     try:
-        parts = urllib.parse.urlsplit(root)
+        parts = urllib.parse.urlsplit(url.strip())
         parts.port  # noqa: B018 - raises ValueError for a port out of range
     except ValueError as exc:
         raise InvalidOptionsError(f"--url {url!r} is not a server address ({exc})", [], fix=fix) from None
@@ -61,10 +59,12 @@ def server_url(url: str) -> str:
     if parts.username is not None or parts.password is not None:
         raise InvalidOptionsError("--url must not hold credentials (user:password@)", [],
                                   fix="pass the API key with --api-key-env instead")
-    if parts.path or parts.query or parts.fragment:
-        raise InvalidOptionsError(f"--url {url!r} has a path, query or fragment; the server's root is needed", [],
+    if parts.query or parts.fragment:
+        raise InvalidOptionsError(f"--url {url!r} has a query or fragment; the server's address is needed", [],
                                   fix=fix)
-    return root
+    path = parts.path.rstrip("/")
+    path = path[: -len("/v1")] if path.endswith("/v1") else path
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", "")).rstrip("/")
 
 
 def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, api_key: str | None = None,

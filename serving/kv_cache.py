@@ -172,7 +172,7 @@ def decide_kv_cache(
         if kv_cache_memory_bytes < SMALLEST_SET:
             raise ServingError(f"a KV cache of {kv_cache_memory_bytes} bytes cannot hold a block of any model",
                                fix="set vllm.kv_cache_memory_bytes (--kv-cache) to e.g. 64M")
-        if not on_gpu():
+        if not environ.get(LEGACY_ENV) and not on_gpu():  # with the legacy variable vLLM ignores this size
             mem = memory()
             if kv_cache_memory_bytes > mem.available:
                 # vLLM's CPU worker checks this too, but only after loading the model (~40 s in).

@@ -339,16 +339,15 @@ def _check_gateway_files(checked: Checked[ServeFile], root: Path, manifest: Path
     seen: dict[Path, str] = {}
     for key in ("keys_file", "usage_db", "access_log"):
         value = checked.clean_value(("gateway", key))
+        if key == "access_log" and not value:  # unset or empty: the log (stderr)
+            continue
         if value is None:
-            if key == "access_log":
-                continue
             value = getattr(GatewaySection(), key)
         at = ("gateway", key)
         if not str(value).strip():
             checked.add(at, "is empty; name a file (relative to the manifest)")
             continue
-        path = Path(value).expanduser()
-        path = path if path.is_absolute() else (root / path).resolve()
+        path = (root / Path(value).expanduser()).resolve()  # an absolute value replaces root
         if path == manifest:
             checked.add(at, "is this manifest itself; name another file")
         elif path.is_dir():

@@ -379,6 +379,8 @@ def read_base(
         raise AdapterValidationError("base unreadable", [f"base {location!r} is not a folder"],
                                      fix="give the model's folder (config.json and *.safetensors), or a hub id")
     config = _read_json(folder / model_format.CONFIG)
+    if config is None and not (folder / model_format.CONFIG).exists() and (folder / "params.json").is_file():
+        config = {}  # Mistral's own format (params.json), which vLLM reads with --config-format mistral
     if config is None:
         problem = "has no config.json" if not (folder / model_format.CONFIG).exists() else "has a config.json that " \
             "is not a JSON object"

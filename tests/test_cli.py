@@ -63,3 +63,9 @@ def test_debug_env_shows_traceback(monkeypatch, tmp_path):
     monkeypatch.setenv("PISSA_DEBUG", "1")
     with pytest.raises(PissaError):
         run(["verify", str(tmp_path)])
+
+
+def test_no_arguments_still_show_the_help(capsys):
+    assert run([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Usage:") and "Commands:" in err and "error:" not in err

@@ -243,6 +243,17 @@ def test_gateway_files_must_be_distinct_files(tmp_path: Path) -> None:
         assert "line 9" in exc.value.problems()[0]  # the gateway: line, after HEAD
 
 
+def test_keys_file_without_a_version_is_not_one(tmp_path: Path) -> None:
+    (tmp_path / "k.keys").write_text('{"keys": []}')
+    with pytest.raises(Exception, match="is not a pissa keys file"):
+        keys.read_keys(tmp_path / "k.keys")
+
+
+def test_empty_access_log_means_the_log(tmp_path: Path) -> None:
+    gw = load_serve_manifest(write(tmp_path, 'gateway: {access_log: ""}\ntenants:\n  - name: acme\n    models: [a1]\n')).gateway
+    assert gw is not None and gw.access_log is None
+
+
 def test_unwritable_keys_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "afile").write_text("x")
     p = write(tmp_path, "gateway: {keys_file: afile/tenants.keys}\ntenants:\n  - name: acme\n    models: [a1]\n")

@@ -166,7 +166,7 @@ def test_session_without_vllm(monkeypatch, tiny_llama):
     ("127.0.0.1:9", "needs http:// or https://"),
     ("http://[::1", "Invalid IPv6 URL"),
     ("http://127.0.0.1:99999", "Port out of range"),
-    ("http://127.0.0.1:9/x", "has a path"),
+    ("http://127.0.0.1:9/x?y=1", "has a query"),
     ("http://user:pw@127.0.0.1:9", "must not hold credentials"),
 ])
 def test_bad_url_is_one_line(url: str, message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -180,6 +180,8 @@ def test_url_with_the_openai_v1_suffix_means_the_server(capsys: pytest.CaptureFi
 
     assert server_url("http://127.0.0.1:9/v1") == server_url("http://127.0.0.1:9/v1/") == "http://127.0.0.1:9"
     assert server_url("https://gw.example/") == "https://gw.example"
+    assert server_url("https://gw.example/pissa/v1") == "https://gw.example/pissa"  # a reverse proxy's prefix
+    assert server_url("http://v1:8000/v1") == "http://v1:8000"  # a host named v1
     assert run(["adapters", "list", "--url", "http://127.0.0.1:9/v1"]) == 1
     assert "http://127.0.0.1:9/v1/models" in capsys.readouterr().err  # not /v1/v1/models
 

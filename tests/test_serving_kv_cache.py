@@ -149,6 +149,9 @@ def test_a_given_size_that_cannot_work_is_refused_before_starting():
     assert "--kv-cache" in (exc.value.fix or "")
     assert decide(MIB).kv_bytes == MIB and decide(8 * GIB).kv_bytes == 8 * GIB  # the bounds themselves pass
     assert decide(2**40, gpu=True).kv_bytes == 2**40  # a GPU's cache is not in this memory: vLLM's to check
+    legacy = decide_kv_cache(2**40, max_model_len=None, extra_args=(), environ={"VLLM_CPU_KVCACHE_SPACE": "1"},
+                             on_gpu=lambda: False, memory=_never, weights=_never)
+    assert legacy.kv_bytes == 2**40  # vLLM ignores the flag when its own variable is set: nothing to check
 
 
 def test_too_little_memory_is_one_clear_error_before_starting():

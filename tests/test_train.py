@@ -79,8 +79,9 @@ def test_resume_continues_the_same_trajectory(tmp_path, full_run, tiny_llama_bun
     with pytest.raises(OutputExistsError):
         train(tiny_llama_bundle, data, out, **opts)
     # All 8 steps are trained: resuming again would run a 9th at learning rate 0 (a review, 2026-12-08).
-    with pytest.raises(InvalidOptionsError, match="has trained all 8 steps"):
+    with pytest.raises(InvalidOptionsError, match="has trained all 8 steps") as exc:
         train(tiny_llama_bundle, data, out, resume=True, **opts)
+    assert exc.value.fix == f"export it: `pissa export {out}`"
 
 
 def test_resume_keeps_the_checkpoint_cadence(tmp_path, tiny_llama_bundle, data):

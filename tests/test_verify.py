@@ -121,7 +121,10 @@ def _edit_record(bundle: Path, edit) -> None:
     (lambda r: r.pop("adapter"), "adapter must be an object"),
     (lambda r: r.update(adapter="x"), "adapter must be an object"),
     (lambda r: r.update(matrices=r["matrices"][1:]), "adapter tensor of a matrix pissa.json does not record"),
-], ids=["unrecorded-weights", "no-files", "no-matrices", "version", "no-adapter", "adapter-string", "one-matrix-less"])
+    (lambda r: r["matrices"][0].update(shape="x"), "shape: two integers"),
+    (lambda r: r["matrices"][0].update(energy="x"), "energy a number"),
+], ids=["unrecorded-weights", "no-files", "no-matrices", "version", "no-adapter", "adapter-string", "one-matrix-less",
+        "shape-string", "energy-string"])
 def test_an_edited_record_does_not_verify(bundle, edit, fragment, capsys):
     _edit_record(bundle, edit)
     assert run(["verify", str(bundle)]) == 1

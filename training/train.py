@@ -386,8 +386,10 @@ def _check_resume(out: Path, bundle: Bundle, data: Path, options: TrainOptions,
     assert checkpoint is not None
     if options.max_steps and int(checkpoint.name.split("-")[-1]) >= options.max_steps:
         # Trainer would run one more step (at learning rate 0) and call the run longer than it is.
+        done = record.get("status") == "finished" and (out / ADAPTER).is_dir()
         raise InvalidOptionsError("nothing to resume", [f"{out} has trained all {options.max_steps} steps"],
-                                  fix="start a new run (another --out, or --overwrite)")
+                                  fix=f"export it: `pissa export {out}`" if done else
+                                  f"its last checkpoint holds the trained adapter: `pissa export {checkpoint}`")
     kept = {k: before[k] for k in _RESUME_FREE if getattr(options, k) is None and before.get(k) is not None}
     return checkpoint, kept
 
@@ -449,10 +451,11 @@ def train(
     # Every rank checks the run folder before any rank writes to it (the barrier below), so all ranks
     # see the same folder and fail alike; only rank 0 then deletes or writes anything.
     checkpoint: Path | None = None
-    check_not_an_input(out_path, [bundle, data, options.eval_data])  # --overwrite would delete it
+    if not resume:  # --overwrite would delete it (--resume deletes nothing)
+        check_not_an_input(out_path, [bundle, data, options.eval_data])
     if resume:
         checkpoint, kept = _check_resume(out_path, b, data_path, options, world)
-        if kept:  # a resumed run keeps its checkpoint (and eval, log) cadence unless a new one is given
+        if kept:  # a resumed run keeps its checkpoint and eval cadence unless a new one is given
             options = options.with_overrides(**kept).validate()
             args = _training_arguments(out_path, options, options.eval_data is not None)
     elif out_path.exists() and not out_path.is_dir():
@@ -552,6 +555,8 @@ def _load_checked(bundle: Bundle, options: TrainOptions) -> Any:
     except PissaError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever transformers, safetensors or PEFT raise for a broken bundle
+        if isinstance(exc, (MemoryError, ImportError)) or "OutOfMemory" in type(exc).__name__:
+            raise  # not the bundle's fault
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CorruptCheckpointError(f"cannot load the bundle {bundle.path}: {type(exc).__name__}: {first}",
                                      path=str(bundle.path),

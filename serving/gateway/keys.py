@@ -86,6 +86,8 @@ def _read_body(path: Path) -> dict[str, Any]:
         data = read_json(path, fix=_fix(path))
     except SourceNotFoundError:
         return {"version": FORMAT_VERSION, "keys": []}
+    if "version" not in data:
+        raise CorruptCheckpointError(f"{path} is not a pissa keys file (no version)", path=str(path), fix=_fix(path))
     if data.get("version") != FORMAT_VERSION:
         raise CorruptCheckpointError(
             f"{path} is a keys file of format version {data.get('version')!r}; this pissa reads version "

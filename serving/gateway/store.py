@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pissa.core.errors import CorruptCheckpointError
+from pissa.core.errors import CorruptCheckpointError, OutputWriteError
 
 logger = logging.getLogger(__name__)
 
@@ -49,23 +49,32 @@ def connect(path: Path) -> Iterator[sqlite3.Connection]:
     """A connection with the schema in place; commits on success, always closes.
 
     Raises:
-        CorruptCheckpointError: ``path`` cannot be opened or is not an SQLite database (one line).
+        OutputWriteError: ``path`` cannot be opened or written; CorruptCheckpointError: it is not an SQLite
+        database (one line each).
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(path, timeout=30)
     except (OSError, sqlite3.Error) as exc:
-        raise _unusable(path, exc) from None
+        raise _unopenable(path, exc) from None
     try:
         try:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
+        except sqlite3.OperationalError as exc:  # cannot open or write it (permissions, a folder, locked)
+            raise _unopenable(path, exc) from None
+        except sqlite3.DatabaseError as exc:  # not an SQLite database
             raise _unusable(path, exc) from None
         with conn:
             yield conn
     finally:
         conn.close()
+
+
+def _unopenable(path: Path, exc: Exception) -> OutputWriteError:
+    return OutputWriteError(f"cannot open the usage database {path}: {exc}",
+                            fix="check its folder and permissions (and that no other program holds it locked), "
+                                "or set gateway.usage_db to another file")
 
 
 def _unusable(path: Path, exc: Exception) -> CorruptCheckpointError:
@@ -192,7 +201,7 @@ class UsageWriter:
             if batch:
                 try:
                     self._write(batch)
-                except (sqlite3.Error, CorruptCheckpointError) as exc:  # keep serving; the counts in memory hold
+                except (sqlite3.Error, CorruptCheckpointError, OutputWriteError) as exc:  # keep serving; counts in memory hold
                     logger.error("could not write usage to %s: %s", self.path, exc)
 
     def _write(self, batch: list[tuple[str, str, str, int, int]]) -> None:
