@@ -38,6 +38,7 @@ from pissa.core.formats import adapter as adapter_format
 from pissa.core.formats import bundle as bundle_format
 from pissa.core.formats import export as export_format
 from pissa.core.formats import model as model_format
+from pissa.core.formats import run as run_format
 from pissa.core.formats.safetensors import tensor_shapes
 from pissa.core.hashing import git_blob_sha1, sha256_file
 from pissa.core.jsonio import read_json
@@ -107,6 +108,9 @@ def detect_kind(path: Path) -> str:
                 return "merged"
         except (OSError, ValueError):
             pass
+    if (path / run_format.RECORD).is_file():  # a run folder of `pissa train`
+        raise VerificationError(f"{path} is a training run, not something to publish", [],
+                                fix=f"export it first (`pissa export {path} --out LORA`), then push LORA")
     raise VerificationError(
         f"{path} is neither a PiSSA bundle (pissa.json), a LoRA adapter (adapter_config.json) "
         "nor a merged export (pissa_export.json)",
@@ -330,7 +334,7 @@ def push(
     except (VerificationError, SourceNotFoundError):
         raise
     except Exception as exc:  # noqa: BLE001 - every client failure becomes one HubError
-        raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=branch) from exc
+        raise hub_error(exc, repo_id=repo_id, action=action, endpoint=endpoint, revision=branch, upload=True) from exc
 
     uploaded = [op.path_in_repo for op in changed]
     unchanged = sorted({op.path_in_repo for op in operations} - set(uploaded))

@@ -265,6 +265,25 @@ def test_offline_without_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert "unset HF_HUB_OFFLINE" in str(err.value)
 
 
+def test_push_offline_and_push_of_a_run_say_what_to_do(monkeypatch: pytest.MonkeyPatch, bundle: Path,
+                                                        tmp_path: Path) -> None:
+    # A push offline was told "unset HF_HUB_OFFLINE to download it"; a run folder got no hint to export it
+    # (a review, 2026-12-08).
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(HubError, match="pushing needs the Hub") as err:
+        push(bundle, "alice/offline")
+    assert err.value.fix == "unset HF_HUB_OFFLINE to push"
+    runs = tmp_path / "run"
+    runs.mkdir()
+    (runs / "run.json").write_text("{}")
+    with pytest.raises(VerificationError, match="is a training run") as verr:
+        push(runs, "alice/run")
+    assert "pissa export" in (verr.value.fix or "")
+
+
 @pytest.mark.parametrize("repo_id", ["no-namespace", "a/b/c", "alice/a--b", "alice/x.", "alice/-x"])
 def test_invalid_repo_id_rejected_before_any_request(hub, bundle: Path, repo_id: str) -> None:
     """huggingface_hub's own rule (validate_repo_id): e.g. no ``--`` and no trailing ``.``."""

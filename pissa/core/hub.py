@@ -280,7 +280,8 @@ def _server_message(exc: BaseException) -> str:
 
 
 def hub_error(
-    exc: BaseException, *, repo_id: str, action: str, endpoint: str | None = None, revision: str | None = None
+    exc: BaseException, *, repo_id: str, action: str, endpoint: str | None = None, revision: str | None = None,
+    upload: bool = False,
 ) -> HubError:
     """Map any exception raised by huggingface_hub to a :class:`HubError` with a fix line.
 
@@ -290,6 +291,7 @@ def hub_error(
         action: what was being done, e.g. ``"pushing to ORG/NAME"`` (used in the message).
         endpoint: the Hub URL (default: :func:`hub_endpoint`).
         revision: the revision concerned, for "revision not found".
+        upload: the action sends files (offline mode then has no cache to fall back on).
 
     Returns:
         the error to raise (``status`` is the HTTP status when there was one).
@@ -305,6 +307,9 @@ def hub_error(
         from huggingface_hub import constants
 
         offline = isinstance(exc, hf_errors.OfflineModeIsEnabled) or bool(constants.HF_HUB_OFFLINE)
+        if offline and upload:
+            return HubError(f"{where}: offline mode is on (HF_HUB_OFFLINE), and pushing needs the Hub",
+                            repo_id=repo_id, fix="unset HF_HUB_OFFLINE to push")
         if offline:
             return HubError(
                 f"{where}: offline mode is on (HF_HUB_OFFLINE) and {repo_id} is not in the cache",
