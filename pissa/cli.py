@@ -67,6 +67,17 @@ def _setup_logging(verbose: int) -> None:
     # Our own loggers report at INFO by default; libraries stay at WARNING unless -vv.
     for name in ("pissa", "converter", "training", "serving"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.INFO)
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if verbose < 2:
+        bnb.addFilter(_no_hub_kernel_warning)  # a set: adding it twice keeps one
+    else:
+        bnb.removeFilter(_no_hub_kernel_warning)
+
+
+def _no_hub_kernel_warning(record: logging.LogRecord) -> bool:
+    """bitsandbytes warns at import, on AVX512-BF16 CPUs, that it cannot fetch an optional kernel from the Hub
+    (the ``kernels`` package): nothing a user of this tool should act on; its own CPU path is used (-vv shows it)."""
+    return "from kernels-community" not in str(record.msg)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

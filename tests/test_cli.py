@@ -69,3 +69,21 @@ def test_no_arguments_still_show_the_help(capsys):
     assert run([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("Usage:") and "Commands:" in err and "error:" not in err
+
+
+def test_bitsandbytes_hub_kernel_warning_is_hidden_unless_debugging():
+    import logging
+
+    from pissa.cli import _setup_logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(msg):
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    hub = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip install kernels`"
+    _setup_logging(0)
+    assert not logger.filter(record(hub)) and logger.filter(record("another warning"))
+    _setup_logging(2)
+    assert logger.filter(record(hub))
+    _setup_logging(0)
