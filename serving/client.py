@@ -10,8 +10,10 @@ never reaches the engine.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pissa.core.errors import InvalidOptionsError, ServingError, SourceNotFoundError
+from pissa.core.manifests import name_problem
 from serving.validate import ValidationReport, read_base, validate_adapters
 
 logger = logging.getLogger(__name__)
@@ -80,10 +83,20 @@ def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, 
             return r.status, r.read().decode("utf-8", errors="replace"), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode("utf-8", errors="replace"), {k.lower(): v for k, v in exc.headers.items()}
+    except TimeoutError:
+        unknown = "; whether it acted on the request is unknown" if method != "GET" else ""
+        raise ServingError(f"{url} did not answer within {timeout:.0f} s{unknown}",
+                           fix="check the server's log (`pissa adapters list` shows what it serves)") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            raise ServingError(f"{url} did not answer within {timeout:.0f} s",
+                               fix="check the server's log and --url") from None
         raise ServingError(f"cannot reach {url}: {reason}",
                            fix="check --url and that `pissa serve` is running") from None
+    except http.client.HTTPException as exc:  # not HTTP at all, or a body cut short
+        raise ServingError(f"{url} did not answer HTTP ({type(exc).__name__})",
+                           fix="check --url: is this `pissa serve` (vLLM)?") from None
 
 
 @dataclass(frozen=True)
@@ -112,21 +125,34 @@ def replica_answers(text: str) -> list[ReplicaAnswer]:
 
 
 def _server_message(text: str) -> str:
-    """vLLM's error text from a JSON body (``{"error": {"message"}}`` or ``{"message"}``), else the body."""
+    """vLLM's error text from a JSON body (``{"error": {"message"}}`` or ``{"message"}``), else the body; on one
+    line, at most :data:`MESSAGE_CHARS` characters (an HTML error page is not worth printing)."""
+    return _one_line(_message_of(text))
+
+
+MESSAGE_CHARS = 300
+
+
+def _one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= MESSAGE_CHARS else flat[: MESSAGE_CHARS - 1] + "…"
+
+
+def _message_of(text: str) -> str:
     try:
         data = json.loads(text)
     except ValueError:
-        return text.strip()[:500]
+        return "(an HTML page)" if text.lstrip()[:1] == "<" else text
     if isinstance(data, dict):
         per_replica = replica_answers(text)
         if per_replica:
             return f"{data.get('message')}: " + "; ".join(map(str, per_replica))
         err = data.get("error", data)
         if isinstance(err, dict) and "message" in err:
-            return str(err["message"])[:500]
+            return str(err["message"])
         if "message" in data:
-            return str(data["message"])[:500]
-    return text.strip()[:500]
+            return str(data["message"])
+    return text
 
 
 def list_models(url: str, *, api_key: str | None = None) -> list[ServedModel]:
@@ -139,8 +165,14 @@ def list_models(url: str, *, api_key: str | None = None) -> list[ServedModel]:
     if status != 200:
         raise ServingError(f"GET /v1/models failed with HTTP {status}: {_server_message(text)}",
                            fix="check --url and --api-key-env")
-    items = json.loads(text).get("data", [])
-    models = [ServedModel(m["id"], str(m.get("root") or ""), m.get("parent")) for m in items]
+    try:
+        data = json.loads(text)
+        items = data["data"]
+        models = [ServedModel(str(m["id"]), str(m.get("root") or ""), m.get("parent")) for m in items]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        raise ServingError(f"{url} is not a vLLM server: /v1/models did not answer a model list "
+                           f"({_one_line(text)[:80] or 'an empty body'})",
+                           fix="check --url: is this `pissa serve` (vLLM)?") from None
     return sorted(models, key=lambda m: (m.is_adapter, m.name))
 
 
@@ -168,6 +200,9 @@ def check_runtime_adapter(url: str, name: str, path: str | Path, *, api_key: str
         raise ServingError(f"{name!r} is already served at {url}",
                            fix="pick another name, or `pissa adapters remove` it first")
     root = bases[0].root
+    if not root:
+        raise ServingError(f"{url} reports no path for its base {bases[0].name!r}, so the adapter cannot be checked "
+                           "against it", fix="check --url: is this `pissa serve` (vLLM)?")
     base = read_base(root, is_local=Path(root).is_dir(), aliases=aliases)
     return validate_adapters(base, [(name, str(folder.resolve()), True)])
 
@@ -189,6 +224,9 @@ def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = 
         AdapterValidationError: refused before loading (nothing sent to the engine).
         ServingError: the server refused it (its message included) or is unreachable.
     """
+    problem = name_problem(name)
+    if problem:  # a served name goes into vLLM's --lora-modules at the next start: "x=y" or "a,b" would break it
+        raise InvalidOptionsError(f"adapter name {problem}", [], fix="rename it")
     report = check_runtime_adapter(url, name, path, api_key=api_key, aliases=aliases) if validate else None
     lora_path = str(Path(path).expanduser().resolve())
     body: dict[str, Any] = {"lora_name": name, "lora_path": lora_path}
@@ -201,8 +239,10 @@ def add_adapter(url: str, name: str, path: str | Path, *, api_key: str | None = 
                 if status == 404 and "Not Found" in text else "read the server's message")
         raise ServingError(f"server refused adapter {name!r} (HTTP {status}): {_server_message(text)}", fix=hint)
     if tenants and headers.get("x-pissa-granted") is None:
-        raise ServingError(f"loaded {name!r}, but {url} is not a pissa gateway, so no tenant was granted it",
-                           fix="give --url of `pissa serve` with tenants:, or drop --tenant")
+        # Not a gateway: nobody is granted it, and the server serves it to every caller. Take it back.
+        _request(server_url(url) + "/v1/unload_lora_adapter", "POST", {"lora_name": name}, api_key=api_key)
+        raise ServingError(f"{url} is not a pissa gateway, so no tenant could be granted {name!r}; it was unloaded "
+                           "again", fix="give --url of `pissa serve` with tenants:, or drop --tenant")
     for answer in replica_answers(text):
         if on_replica is not None:
             on_replica(answer)

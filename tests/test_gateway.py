@@ -102,6 +102,11 @@ def test_admin_paths(tmp_path: Path) -> None:
         bad = httpx.post(g.url + "/v1/load_lora_adapter", headers=admin,
                          json={"lora_name": "n2", "lora_path": "/x", "tenants": ["nobody"]})
         assert bad.status_code == 400
+        seen = len(g.fake.seen)
+        for name in ("x=y", "a,b", "my adapter"):  # vLLM's --lora-modules at the next start could not take them
+            refused = httpx.post(g.url + "/v1/load_lora_adapter", headers=admin, json={"lora_name": name, "lora_path": "/x"})
+            assert refused.status_code == 400 and "lora_name" in refused.text
+        assert len(g.fake.seen) == seen and "x=y" not in store.runtime_adapters(g.config.usage_db)
         # removing a manifest adapter takes it off every list
         assert httpx.post(g.url + "/v1/unload_lora_adapter", headers=admin, json={"lora_name": "a1"}).status_code == 200
         assert [m.id for m in client(g.url, g.keys["acme"]).models.list()] == ["base"]

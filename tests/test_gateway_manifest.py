@@ -276,3 +276,17 @@ def test_dry_run_refuses_a_broken_keys_file(tiny_llama: Path, tmp_path: Path,
     assert len(err) == 1 and "tenants.keys is not valid JSON" in err[0], err
     (tmp_path / "tenants.keys").write_text(whole)
     assert run(["serve", str(p), "--dry-run"]) == 0
+
+
+def test_a_stored_runtime_name_vllm_cannot_take_is_not_served_again(tmp_path: Path) -> None:
+    # Recorded before the gateway checked names, it would have broken every restart (vLLM's --lora-modules).
+    from serving.gateway.run import upstream_manifest
+
+    p = write(tmp_path, "tenants:\n  - name: acme\n    models: [a1]\n")
+    m = load_serve_manifest(p)
+    assert m.gateway is not None
+    (tmp_path / "ad").mkdir()
+    store.record_runtime_adapter(m.gateway.usage_db, "x=y", str(tmp_path / "ad"), ["acme"])
+    store.record_runtime_adapter(m.gateway.usage_db, "fine", str(tmp_path / "ad"), ["acme"])
+    names = [a.name for a in upstream_manifest(m, port=8123).adapters]
+    assert "fine" in names and "x=y" not in names

@@ -14,7 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from pissa.cli import run
-from pissa.core.errors import AdapterValidationError, MissingDependencyError, ServingError
+from pissa.core.errors import (
+    AdapterValidationError,
+    InvalidOptionsError,
+    MissingDependencyError,
+    ServingError,
+)
 from serving.client import add_adapter, list_models, remove_adapter
 
 KEY = "s3cret"
@@ -190,3 +195,68 @@ def test_unset_api_key_env_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: p
     monkeypatch.delenv("PISSA_TEST_NO_SUCH_KEY", raising=False)
     assert run(["adapters", "list", "--url", "http://127.0.0.1:9", "--api-key-env", "PISSA_TEST_NO_SUCH_KEY"]) == 2
     assert "'PISSA_TEST_NO_SUCH_KEY', which is not set" in capsys.readouterr().err
+
+
+# --- a second review (2026-12-08): odd servers and names ------------------------------------------------------------
+def test_names_vllm_cannot_start_with_are_refused_before_sending(standin, adapters):
+    # "x=y" or "a,b" would be written into vLLM's --lora-modules NAME=PATH at the next start and break it.
+    url, state = standin
+    for name in ("x=y", "a,b", "my adapter", ""):
+        with pytest.raises(InvalidOptionsError, match="adapter name"):
+            add_adapter(url, name, adapters["good"], api_key=KEY)
+    assert state["loads"] == []
+
+
+def test_tenant_against_a_plain_server_unloads_again(standin, adapters):
+    url, state = standin
+    with pytest.raises(ServingError, match="not a pissa gateway.*unloaded again"):
+        add_adapter(url, "t1", adapters["good"], api_key=KEY, tenants=["acme"])
+    assert state["loads"] and state["adapters"] == {}  # loaded, then taken back: not served ungated
+
+
+def _serve_once(answer: bytes):
+    """A server that answers every request with ``answer`` (raw bytes, status line included)."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def loop():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+def _http(body: bytes, status: str = "200 OK", ctype: str = "application/json") -> bytes:
+    return (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            .encode() + body)
+
+
+@pytest.mark.parametrize("answer, fragment", [
+    (_http(b"garbage"), "is not a vLLM server"),
+    (_http(b"<html><body>hi</body></html>", ctype="text/html"), "is not a vLLM server"),
+    (_http(b"[1, 2, 3]"), "is not a vLLM server"),
+    (_http(b'{"data": [{"root": "x"}]}'), "is not a vLLM server"),
+    (_http(b'{"data": {"id": "base"}}'), "is not a vLLM server"),
+    (b"NOT HTTP AT ALL\r\n\r\n", "did not answer HTTP"),
+    (_http(b"<html>" + b"Internal Server Error\n" * 40 + b"</html>", "500 Internal Server Error", "text/html"),
+     "HTTP 500: (an HTML page)"),
+    (_http(b'{"data": [{"id": "base", "root": null, "parent": null}]}'), "reports no path for its base"),
+])
+def test_odd_servers_are_one_line(answer, fragment, adapters, capsys):
+    server, url = _serve_once(answer)
+    try:
+        code = run(["adapters", "add", "t1", str(adapters["good"]), "--url", url])
+    finally:
+        server.close()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code != 0 and len(err) == 1 and fragment in err[0] and "internal error" not in err[0], err

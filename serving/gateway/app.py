@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from pissa.core.manifests import name_problem
 from serving.gateway import store
 from serving.gateway.config import GatewayConfig, Tenant
 from serving.gateway.keys import KeyStore
@@ -421,6 +422,8 @@ class Gateway:
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not isinstance(path, str):
             return self._answer(ex, error(400, "`lora_name` and `lora_path` must be strings"))
+        if name_problem(name):  # it is served again at the next start, in vLLM's --lora-modules NAME=PATH
+            return self._answer(ex, error(400, f"`lora_name` {name_problem(name)}", param="lora_name"))
         ex.model = name
         if name in self.config.served:
             return self._answer(ex, error(400, f"`{name}` is served from the manifest; load the new adapter under "

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pissa.core.errors import InvalidOptionsError
+from pissa.core.manifests import name_problem
 from serving.command import LaunchPlan, client_url
 from serving.gateway import keys, store
 from serving.launcher import ServeResult, plan_serving, run_plan
@@ -43,6 +44,10 @@ def upstream_manifest(manifest: ServeManifest, port: int | None = None) -> Serve
             continue
         if not Path(path).exists():
             logger.warning("adapter %s (loaded at run time) is gone from %s: not serving it", name, path)
+            continue
+        if name_problem(name):  # recorded by an older version, which did not check: it would break vLLM's start
+            logger.warning("adapter %r (loaded at run time) has a name vLLM cannot be started with: not serving it",
+                           name)
             continue
         extra.append(AdapterSpec(name, ModelRef(path, True)))
     settings = manifest.vllm.model_copy(update={"host": LOOPBACK, "port": port or free_port(),
