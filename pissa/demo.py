@@ -297,6 +297,8 @@ def _never_a_workdir(path: Path) -> str | None:
         return "is the file-system root"
     if path == home or path in home.parents:
         return "is your home folder" if path == home else "contains your home folder"
+    if any(part == ".git" for part in path.parts):
+        return "is inside a git repository's .git folder"
     return None
 
 
@@ -319,7 +321,7 @@ def prepare_workdir(workdir: str | Path) -> Path:
 
     Raises:
         OutputExistsError: ``workdir`` is a file, a non-empty folder without the marker, the home folder (or
-            one containing it), or the file-system root (exit code 2).
+            one containing it), the file-system root, inside a ``.git`` folder, or cannot be created (exit code 2).
     """
     path = Path(workdir).expanduser().absolute()
     resolved = path.resolve()
@@ -346,8 +348,12 @@ def prepare_workdir(workdir: str | Path) -> Path:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-    path.mkdir(parents=True, exist_ok=True)
-    write_json(path / MARKER, {"tool": MARKER_TOOL, "version": __version__})
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        write_json(path / MARKER, {"tool": MARKER_TOOL, "version": __version__})
+    except OSError as exc:  # under a file, in /proc, read-only, ...
+        raise OutputExistsError(str(path), problem=f"--workdir {path} cannot be created: {exc.strerror or exc}",
+                                fix=fix) from None
     return path
 
 

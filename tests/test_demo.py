@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,20 @@ def test_a_file_as_workdir_is_refused(quick, tmp_path):
     f.write_text("x")
     assert run(["demo", "--workdir", str(f)]) == 2
     assert f.read_text() == "x"
+
+
+def test_workdirs_that_cannot_be_or_must_not_be_made(quick, tmp_path, capsys):
+    # A second review (2026-12-08): inside .git the demo wrote a 279 MB bundle; under a file or in /proc it was an
+    # internal error.
+    (tmp_path / "repo" / ".git").mkdir(parents=True)
+    (tmp_path / "file").write_text("x")
+    for workdir, fragment in ((tmp_path / "repo" / ".git" / "demo", "inside a git repository's .git folder"),
+                              (tmp_path / "file" / "sub", "cannot be created"),
+                              (Path("/proc/pissa-demo-test"), "cannot be created")):
+        assert run(["demo", "--workdir", str(workdir)]) == 2, workdir
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and fragment in err[0], err
+        assert not workdir.exists()
 
 
 def test_serve_step_without_vllm_is_skipped_with_the_reason(quick, tmp_path, monkeypatch, capsys):

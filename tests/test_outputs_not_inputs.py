@@ -85,6 +85,14 @@ def test_plot_writes_only_png_files(tmp_path: Path, capsys: pytest.CaptureFixtur
     (runs / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\nnot json\n{"step": 3, "loss": 1.0}\n')
     assert run(["plot", str(runs), "--out", str(tmp_path / "loss.png")]) == 1
     assert "line 2 is not a JSON object" in capsys.readouterr().err
+    (runs / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": "x"}\n{"step": 3, "loss": 1.0}\n')
+    assert run(["plot", str(runs), "--out", str(tmp_path / "loss.png")]) == 1
+    assert "metrics line 2 has a loss that is not a number" in capsys.readouterr().err
+    (runs / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    _plot_error = ["plot", str(runs), "--out", str(data / "x.png")]  # under a file
+    assert run(_plot_error) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "cannot write" in err[0] and "internal error" not in err[0], err
 
 
 def test_train_on_a_broken_bundle_leaves_no_run_folder(tiny_llama_bundle: Path, arith_data: Path, tmp_path: Path,

@@ -74,7 +74,17 @@ class Curves:
 
 
 def curves(path: Path) -> Curves:
+    """The run's curves.
+
+    Raises:
+        CorruptCheckpointError: a line's step or loss is not a number (one line, naming the first such line).
+    """
     lines = read_metrics(path)
+    for n, m in enumerate(lines, 1):
+        bad = [k for k in ("step", "loss", "eval_loss", "tokens_per_s") if m.get(k) is not None and not _number(m[k])]
+        if bad or (("loss" in m or "eval_loss" in m) and not _number(m.get("step"))):
+            raise CorruptCheckpointError(f"{path}: metrics line {n} has a {(bad or ['step'])[0]} that is not a number",
+                                         path=str(path), fix="delete or repair that line")
     train = [m for m in lines if "loss" in m]
     ev = [m for m in lines if "eval_loss" in m]
     return Curves(
@@ -84,3 +94,7 @@ def curves(path: Path) -> Curves:
         eval_loss=tuple(float(m["eval_loss"]) for m in ev),
         tokens_per_s=tuple(float(m["tokens_per_s"]) for m in train if m.get("tokens_per_s") is not None),
     )
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
-from pissa.core.errors import InvalidOptionsError, SourceNotFoundError, TrainingDataError
+from pissa.core.errors import InvalidOptionsError, OutputWriteError, SourceNotFoundError, TrainingDataError
 from pissa.core.formats import run as run_format
 from pissa.core.jsonio import read_json
 from training.metrics import METRICS_FILE, curves
@@ -68,9 +69,16 @@ def plot_runs(runs: list[str | os.PathLike[str]], out: str | os.PathLike[str], *
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out_path)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp)
+        tmp.replace(out_path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise OutputWriteError(f"cannot write {out_path}: {exc.strerror or exc}",
+                               fix="give --out a .png path in a writable folder") from None
+    finally:
+        plt.close(fig)
     return out_path
