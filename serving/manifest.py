@@ -357,20 +357,42 @@ def _check_gateway_files(checked: Checked[ServeFile], root: Path, manifest: Path
         seen.setdefault(path, key)
 
 
+_THIS_MACHINE = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"})
+
+
+def _address(url: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of a checked upstream URL, case- and spelling-insensitive (``HTTP://LocalHost:08000``
+    is ``http://localhost:8000``). Pure."""
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
+def _own_ports(checked: Checked[ServeFile]) -> set[int]:
+    """The ports this manifest's own listeners take: the router's (``vllm.port``) or, with tenants, the gateway's."""
+    ports = {checked.clean_value(("vllm", "port")) or VllmSettings().port}
+    if checked.doc.value(("tenants",)):
+        ports.add(checked.clean_value(("gateway", "port")) or GatewaySection().port)
+    return {p for p in ports if isinstance(p, int)}
+
+
 def _check_upstreams(checked: Checked[ServeFile]) -> None:
     """Upstream URLs are distinct, and all upstreams use one key: vllm-router forwards the caller's
     ``Authorization`` unchanged to whichever server it picks, so every server must accept the same key."""
     items = checked.doc.value(("upstreams",))
-    seen: dict[str, int] = {}
+    seen: dict[tuple[str, str, int | None], int] = {}
     envs: dict[str | None, int] = {}
+    own = _own_ports(checked)
     for i in range(len(items) if isinstance(items, list) else 0):
         at = ("upstreams", i)
         url = checked.clean_value((*at, "url"))
         if url is not None:
             url = url.rstrip("/")
-            if url in seen:
-                checked.add((*at, "url"), f"{url} is listed twice (first on line {seen[url]})")
-            seen.setdefault(url, checked.doc.line(at) or 0)
+            key = _address(url)
+            if key in seen:
+                checked.add((*at, "url"), f"{url} is listed twice (first on line {seen[key]})")
+            elif key[1] in _THIS_MACHINE and key[2] in own:
+                checked.add((*at, "url"), f"{url} is this server's own public address: it would route to itself")
+            seen.setdefault(key, checked.doc.line(at) or 0)
         env = checked.clean_value((*at, "api_key_env"))
         if env is not None:  # a server without a key accepts any
             envs.setdefault(env, i)

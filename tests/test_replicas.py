@@ -416,3 +416,16 @@ def test_vllm_router_keeps_each_model_on_one_server_and_fails_over(tmp_path: Pat
         for s in servers:
             if s.thread.is_alive():
                 s.__exit__(None, None, None)
+
+
+def test_upstreams_compared_as_addresses_and_not_this_server(tmp_path: Path) -> None:
+    # A second review (2026-12-08): other spellings of one address, and the router's own port, were accepted.
+    p = tmp_path / "serve.yaml"
+    p.write_text("base: {path: org/base}\nvllm: {port: 8000}\nupstreams:\n  - url: http://localhost:8100\n"
+                 "  - url: HTTP://LOCALHOST:08100\n  - url: http://127.0.0.1:8000\n")
+    with pytest.raises(ManifestError) as exc:
+        load_serve_manifest(p)
+    problems = exc.value.problems()
+    assert len(problems) == 2, problems
+    assert "line 5" in problems[0] and "is listed twice (first on line 4)" in problems[0]
+    assert "line 6" in problems[1] and "this server's own public address" in problems[1]
