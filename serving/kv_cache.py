@@ -64,9 +64,11 @@ class NodeMemory:
     node: int | None
     total: int
     available: int
+    share: int = 1  # the memory is this many replicas' (``available`` is one replica's part)
 
     def where(self) -> str:
-        return f"NUMA node {self.node}" if self.node is not None else "this machine"
+        place = f"NUMA node {self.node}" if self.node is not None else "this machine"
+        return place if self.share == 1 else f"{place}, for each of {self.share} replicas"
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def plan_replica_commands(
 
     def share() -> NodeMemory:
         m = memory()
-        return dataclasses.replace(m, available=m.available // n)
+        return dataclasses.replace(m, available=m.available // n, share=n)
 
     kv = decide_kv_cache(
         s.kv_cache_memory_bytes, max_model_len=s.max_model_len, extra_args=manifest.extra_args, environ=environ,

@@ -429,3 +429,11 @@ def test_upstreams_compared_as_addresses_and_not_this_server(tmp_path: Path) -> 
     assert len(problems) == 2, problems
     assert "line 5" in problems[0] and "is listed twice (first on line 4)" in problems[0]
     assert "line 6" in problems[1] and "this server's own public address" in problems[1]
+
+
+def test_memory_errors_with_replicas_say_the_memory_was_split(local_manifest: Path, tiny_llama: Path) -> None:
+    # 4 GiB free over 100 replicas: 40 MiB each, less than the 64 MiB asked for (the message did not say why).
+    from pissa.core.errors import ServingError
+
+    with pytest.raises(ServingError, match="free on this machine, for each of 100 replicas"):
+        _plan(local_manifest, _manifest(tiny_llama, local_manifest, vllm="replicas: 100"))
