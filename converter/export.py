@@ -424,6 +424,8 @@ def _write_adapter(
 
     tensors: dict[str, torch.Tensor] = {}
     layers: list[LayerError] = []
+    if rank is not None and rank > 2 * r:
+        logger.info("--rank %d is above the exact rank %d: exporting exactly, at rank %d", rank, 2 * r, 2 * r)
     if rank is None or rank >= 2 * r:
         # Exact: ΔW = s·[B′, −B₀][A′; A₀], the same tensors PEFT's subtract_mutated_init writes.
         mode, out_rank, out_alpha, out_rslora = "exact", 2 * r, exported_alpha(alpha, rslora), rslora

@@ -51,6 +51,9 @@ def plot_runs(runs: list[str | os.PathLike[str]], out: str | os.PathLike[str], *
     import matplotlib.pyplot as plt
 
     paths = [Path(r) for r in runs]
+    absent = [str(p) for p in paths if not p.exists()]
+    if absent:
+        raise SourceNotFoundError(f"{', '.join(absent)} does not exist", fix="pass run folders of `pissa train`")
     missing = [str(p) for p in paths if not (p / METRICS_FILE).is_file()]
     if missing:
         raise SourceNotFoundError(f"no {METRICS_FILE} in {', '.join(missing)}", fix="pass run folders of `pissa train`")
