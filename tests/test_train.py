@@ -151,6 +151,9 @@ def test_cli_train_and_plot(tmp_path, full_run, tiny_llama_bundle, data, capsys)
     assert run(["plot", str(full_run[0]), str(out), "--out", str(tmp_path / "cmp.png")]) == 0
     assert (tmp_path / "cmp.png").stat().st_size > 1000
     assert run(["plot", str(tmp_path / "nope")]) == 1
+    assert "nope does not exist" in capsys.readouterr().err
+    (tmp_path / "empty-run").mkdir()
+    assert run(["plot", str(tmp_path / "empty-run")]) == 1
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
