@@ -57,7 +57,7 @@ from pissa.core.formats.bundle import PARTS, STORAGE_DEQUANTIZED, STORAGE_PACKED
 from pissa.core.formats.dtypes import torch_dtype
 from pissa.core.hashing import BackgroundDigests, sha256_file
 from pissa.core.jsonio import read_json, write_json
-from pissa.core.outputs import check_not_an_input
+from pissa.core.outputs import check_not_a_file, check_not_an_input, is_nonempty_dir
 
 if TYPE_CHECKING:
     from converter.shard import ShardJob, StopFlag
@@ -98,9 +98,8 @@ def staging_path(out: Path) -> Path:
 
 
 def _check_out(out: Path, overwrite: bool, resume: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(str(out), problem=f"output {out} is a file", fix="give a folder (it is created)")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    check_not_a_file(out)
+    if is_nonempty_dir(out) and not overwrite:
         if resume and (out / B.RECORD).exists():
             return  # already finished: resume is a no-op
         raise OutputExistsError(str(out))

@@ -5,7 +5,8 @@
    of the bundle is recorded;
 2. the adapter config agrees with the record (rank, alpha, rsLoRA, targets, init_lora_weights true);
 3. every recorded matrix has ``lora_A [r, in]`` / ``lora_B [out, r]`` and a residual of the recorded
-   shape (and no adapter tensor lacks a record), and the adapter's energy share ``‖s·BA‖² / ‖W_res + s·BA‖²`` equals the recorded one;
+   shape (and no adapter tensor lacks a record), and the adapter's energy share
+   ``‖s·BA‖² / ‖W_res + s·BA‖²`` equals the recorded one;
 4. with ``source``: ``‖W − (W_res + s·BA)‖ / ‖W‖`` is within the residual dtype's rounding for every
    matrix (float32 1e-5, float16 2e-3, bfloat16 1e-2) and every other tensor equals the source's
    (after the recorded dtype cast); for a QPiSSA bundle (``quantization`` in pissa.json, residual
@@ -36,7 +37,7 @@ from pissa.core.formats import model as model_format
 from pissa.core.formats.dtypes import torch_dtype
 from pissa.core.formats.safetensors import tensor_shapes
 from pissa.core.hashing import sha256_file
-from pissa.core.jsonio import read_json
+from pissa.core.jsonio import is_number, read_json
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +109,11 @@ _QUANT_FIELDS = ("quant_type", "double_quant", "storage")
 
 
 def _matrix_ok(m: Any, quantized: bool) -> bool:
-    def number(x: Any) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-    shape = m.get("shape") if isinstance(m, dict) else None
-    return (isinstance(m, dict) and all(k in m for k in _MATRIX_FIELDS) and isinstance(shape, list)
-            and len(shape) == 2 and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-            and number(m["energy"]) and (not quantized or number(m.get("rel_error"))))
+    if not isinstance(m, dict) or any(k not in m for k in _MATRIX_FIELDS):
+        return False
+    shape = m["shape"]
+    return (isinstance(shape, list) and len(shape) == 2 and all(is_number(d) and isinstance(d, int) for d in shape)
+            and is_number(m["energy"]) and (not quantized or is_number(m.get("rel_error"))))
 
 
 def _must_be_recorded(bundle: Path) -> list[str]:
@@ -149,7 +148,7 @@ def check_adapter_config(bundle: Path, record: dict[str, Any]) -> list[str]:
     if not (bundle / rel).is_file() and rel in (record.get("files") or {}):
         return []  # check_files reports it missing
     try:
-        cfg = read_json(bundle / B.INIT_DIR / adapter_format.CONFIG)
+        cfg = read_json(bundle / rel)
     except (OSError, ValueError) as exc:
         return [f"{B.INIT_DIR}/{adapter_format.CONFIG}: unreadable ({exc})"]
     problems = []

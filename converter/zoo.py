@@ -44,13 +44,13 @@ from converter.zoo_report import CONVERTED, FAILED, RESUMED, SKIPPED, JobResult,
 from pissa.core.errors import (
     InvalidOptionsError,
     OutputBusyError,
-    OutputExistsError,
     PissaError,
     StoppedError,
     VerificationError,
     format_problems,
 )
 from pissa.core.formats import bundle as B
+from pissa.core.outputs import check_not_a_file
 
 logger = logging.getLogger(__name__)
 
@@ -348,9 +348,7 @@ def run_zoo(
         raise InvalidOptionsError("invalid --workers", [f"--workers must be >= 1, got {workers}"])
     zoo = load_zoo_manifest(manifest)
     root = Path(out or zoo.out or DEFAULT_ROOT).expanduser().absolute()
-    if root.exists() and not root.is_dir():
-        raise OutputExistsError(str(root), problem=f"the zoo's output {root} is a file",
-                                fix="give --out (or the manifest's out:) a folder")
+    check_not_a_file(root)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = max(1, (os.cpu_count() or 1) // (workers * local_world)) if workers * local_world > 1 else 0
     jobs = plan_jobs(zoo, root, only=only, push=push, threads=threads)

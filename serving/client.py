@@ -13,8 +13,8 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,8 +48,6 @@ def server_url(url: str) -> str:
     Raises:
         InvalidOptionsError: not such an address (no scheme, bad port, credentials, a query), in one line.
     """
-    import urllib.parse
-
     fix = "give --url as http://HOST:PORT, e.g. http://127.0.0.1:8000"
     try:
         parts = urllib.parse.urlsplit(url.strip())
@@ -83,13 +81,13 @@ def _request(url: str, method: str = "GET", body: dict[str, Any] | None = None, 
             return r.status, r.read().decode("utf-8", errors="replace"), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode("utf-8", errors="replace"), {k.lower(): v for k, v in exc.headers.items()}
-    except TimeoutError:
-        unknown = "; whether it acted on the request is unknown" if method != "GET" else ""
-        raise ServingError(f"{url} did not answer within {timeout:.0f} s{unknown}",
-                           fix="check the server's log (`pissa adapters list` shows what it serves)") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError) as exc:  # OSError includes TimeoutError (socket.timeout)
+        if isinstance(exc, TimeoutError):  # the request was sent, its answer did not come
+            unknown = "; whether it acted on the request is unknown" if method != "GET" else ""
+            raise ServingError(f"{url} did not answer within {timeout:.0f} s{unknown}",
+                               fix="check the server's log (`pissa adapters list` shows what it serves)") from None
         reason = getattr(exc, "reason", exc)
-        if isinstance(reason, (TimeoutError, socket.timeout)):
+        if isinstance(reason, TimeoutError):  # while connecting (wrapped in URLError)
             raise ServingError(f"{url} did not answer within {timeout:.0f} s",
                                fix="check the server's log and --url") from None
         raise ServingError(f"cannot reach {url}: {reason}",

@@ -70,7 +70,7 @@ from pissa.core.manifests import (
     one_of,
     parse_size,
 )
-from serving.gateway.config import GatewayConfig, GatewaySection, TenantSection, resolve_gateway
+from serving.gateway.config import GatewayConfig, GatewaySection, TenantSection, gateway_path, resolve_gateway
 from serving.validate import ALLOWED_MAX_LORA_RANKS
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -347,7 +347,7 @@ def _check_gateway_files(checked: Checked[ServeFile], root: Path, manifest: Path
         if not str(value).strip():
             checked.add(at, "is empty; name a file (relative to the manifest)")
             continue
-        path = (root / Path(value).expanduser()).resolve()  # an absolute value replaces root
+        path = gateway_path(value, root).resolve()  # resolved to compare spellings of one file
         if path == manifest:
             checked.add(at, "is this manifest itself; name another file")
         elif path.is_dir():
@@ -510,8 +510,8 @@ def resolve_manifest(
         problems.append("give a MANIFEST file or --base PATH (with --adapter NAME=PATH ...)")
     if path is not None and (base is not None or served_name is not None):
         problems.append("--base/--served-name cannot be combined with a MANIFEST (edit its base: section)")
-    if host is not None and host_problem(host):
-        problems.append(f"--host: {host_problem(host)}")
+    if host is not None and (problem := host_problem(host)):
+        problems.append(f"--host: {problem}")
     kv = None
     if kv_cache is not None:
         kv = parse_size(kv_cache)

@@ -378,12 +378,12 @@ def read_base(
     if not folder.is_dir():
         raise AdapterValidationError("base unreadable", [f"base {location!r} is not a folder"],
                                      fix="give the model's folder (config.json and *.safetensors), or a hub id")
-    config = _read_json(folder / model_format.CONFIG)
-    if config is None and not (folder / model_format.CONFIG).exists() and (folder / "params.json").is_file():
-        config = {}  # Mistral's own format (params.json), which vLLM reads with --config-format mistral
+    config_path = folder / model_format.CONFIG
+    # Mistral's own format (params.json, no config.json) is served by vLLM with --config-format mistral.
+    mistral = not config_path.exists() and (folder / "params.json").is_file()
+    config = {} if mistral else _read_json(config_path)
     if config is None:
-        problem = "has no config.json" if not (folder / model_format.CONFIG).exists() else "has a config.json that " \
-            "is not a JSON object"
+        problem = "has a config.json that is not a JSON object" if config_path.exists() else "has no config.json"
         raise AdapterValidationError("base unreadable", [f"base {location!r} {problem}, so it is not a model folder "
                                                          "vLLM can serve"],
                                      fix="give the model's folder as transformers saves it (save_pretrained)")

@@ -15,6 +15,7 @@ from typing import Any
 
 from pissa.core.errors import CorruptCheckpointError
 from pissa.core.formats.run import METRICS as METRICS_FILE
+from pissa.core.jsonio import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,8 @@ def curves(path: Path) -> Curves:
     """
     lines = read_metrics(path)
     for n, m in enumerate(lines, 1):
-        bad = [k for k in ("step", "loss", "eval_loss", "tokens_per_s") if m.get(k) is not None and not _number(m[k])]
-        if bad or (("loss" in m or "eval_loss" in m) and not _number(m.get("step"))):
+        bad = [k for k in ("step", "loss", "eval_loss", "tokens_per_s") if m.get(k) is not None and not is_number(m[k])]
+        if bad or (("loss" in m or "eval_loss" in m) and not is_number(m.get("step"))):
             raise CorruptCheckpointError(f"{path}: metrics line {n} has a {(bad or ['step'])[0]} that is not a number",
                                          path=str(path), fix="delete or repair that line")
     train = [m for m in lines if "loss" in m]
@@ -94,7 +95,3 @@ def curves(path: Path) -> Curves:
         eval_loss=tuple(float(m["eval_loss"]) for m in ev),
         tokens_per_s=tuple(float(m["tokens_per_s"]) for m in train if m.get("tokens_per_s") is not None),
     )
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)

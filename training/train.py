@@ -53,7 +53,7 @@ from pissa.core.formats import run as run_format
 from pissa.core.formats.bundle import INIT_DIR, Bundle, open_bundle
 from pissa.core.formats.run import write_training_record
 from pissa.core.jsonio import read_json, write_json
-from pissa.core.outputs import check_not_an_input
+from pissa.core.outputs import check_not_a_file, check_not_an_input, is_nonempty_dir
 from training.data import Collator, DataStats, Example, encode_records, read_records
 from training.metrics import append_metrics, read_metrics, truncate_metrics
 from training.options import TrainOptions
@@ -451,18 +451,16 @@ def train(
     # Every rank checks the run folder before any rank writes to it (the barrier below), so all ranks
     # see the same folder and fail alike; only rank 0 then deletes or writes anything.
     checkpoint: Path | None = None
-    if not resume:  # --overwrite would delete it (--resume deletes nothing)
-        check_not_an_input(out_path, [bundle, data, options.eval_data])
     if resume:
         checkpoint, kept = _check_resume(out_path, b, data_path, options, world)
         if kept:  # a resumed run keeps its checkpoint and eval cadence unless a new one is given
             options = options.with_overrides(**kept).validate()
             args = _training_arguments(out_path, options, options.eval_data is not None)
-    elif out_path.exists() and not out_path.is_dir():
-        raise OutputExistsError(str(out_path), problem=f"--out {out_path} is a file",
-                                fix="give a folder for the run (it is created)")
-    elif out_path.exists() and any(out_path.iterdir()) and not overwrite:
-        raise OutputExistsError(str(out_path))
+    else:
+        check_not_an_input(out_path, [bundle, data, options.eval_data])  # --overwrite would delete it
+        check_not_a_file(out_path)
+        if is_nonempty_dir(out_path) and not overwrite:
+            raise OutputExistsError(str(out_path))
 
     tokenizer = load_tokenizer(b)
     train_examples, train_stats = _encode(tokenizer, data_path, options)

@@ -29,6 +29,11 @@ def read_json(path: str | os.PathLike[str], *, fix: str | None = None) -> dict[s
     return data
 
 
+def is_number(value: Any) -> bool:
+    """A JSON number as ``json`` reads it: an int or float, not a bool (which Python counts as an int)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def write_json(path: str | os.PathLike[str], data: Any, *, mode: int | None = None) -> None:
     """Write JSON atomically (see :func:`write_text`), indented, with a final newline."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n", mode=mode)

@@ -33,6 +33,16 @@ def check_not_an_input(out: Path, inputs: Iterable[str | os.PathLike[str] | None
                                     "delete", fix="choose an output outside the command's inputs")
 
 
+def check_not_a_file(out: Path) -> None:
+    """Refuse an output folder that exists as a file.
+
+    Raises:
+        OutputExistsError: one line.
+    """
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(str(out), problem=f"output {out} is a file", fix="give a folder (it is created)")
+
+
 def is_nonempty_dir(path: Path) -> bool:
     return path.is_dir() and any(path.iterdir())
 
@@ -43,8 +53,7 @@ def prepare_output(out: Path, *, overwrite: bool) -> Path:
     Raises:
         OutputExistsError: ``out`` exists, is not empty, and ``overwrite`` is false.
     """
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(str(out), problem=f"output {out} is a file", fix="give a folder (it is created)")
+    check_not_a_file(out)
     if is_nonempty_dir(out) and not overwrite:
         raise OutputExistsError(str(out))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -422,8 +422,8 @@ class Gateway:
         name, path = body.get("lora_name"), body.get("lora_path")
         if not isinstance(name, str) or not isinstance(path, str):
             return self._answer(ex, error(400, "`lora_name` and `lora_path` must be strings"))
-        if name_problem(name):  # it is served again at the next start, in vLLM's --lora-modules NAME=PATH
-            return self._answer(ex, error(400, f"`lora_name` {name_problem(name)}", param="lora_name"))
+        if problem := name_problem(name):  # it is served again at the next start, in vLLM's --lora-modules NAME=PATH
+            return self._answer(ex, error(400, f"`lora_name` {problem}", param="lora_name"))
         ex.model = name
         if name in self.config.served:
             return self._answer(ex, error(400, f"`{name}` is served from the manifest; load the new adapter under "

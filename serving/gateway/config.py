@@ -83,14 +83,16 @@ class GatewayConfig:
 def resolve_gateway(section: GatewaySection, tenants: tuple[TenantSection, ...], root: Path,
                     served: tuple[str, ...] = ()) -> GatewayConfig:
     """Resolve ``section``'s paths against the manifest's folder ``root``."""
-
-    def at(p: str) -> Path:
-        path = Path(p).expanduser()
-        return path if path.is_absolute() else (root / path).resolve()
-
     return GatewayConfig(
-        host=section.host, port=section.port, keys_file=at(section.keys_file), usage_db=at(section.usage_db),
+        host=section.host, port=section.port, keys_file=gateway_path(section.keys_file, root),
+        usage_db=gateway_path(section.usage_db, root),
         tenants=tuple(Tenant(t.name, tuple(t.models), t.limits) for t in tenants),
-        access_log=at(section.access_log) if section.access_log else None, max_body_bytes=section.max_body_bytes,
-        served=served,
+        access_log=gateway_path(section.access_log, root) if section.access_log else None,
+        max_body_bytes=section.max_body_bytes, served=served,
     )
+
+
+def gateway_path(value: str, root: Path) -> Path:
+    """A gateway file of the manifest: absolute as given, or relative to the manifest's folder ``root``."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (root / path).resolve()
